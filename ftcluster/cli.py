@@ -1,0 +1,141 @@
+"""The `ftcluster` command line. Every user error is one line per problem and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ftcluster.errors import FtError
+
+app = typer.Typer(
+    help="Fine-tune pretrained language models from one YAML job spec, locally or on a Ray cluster.\n\n"
+    "Example: ftcluster train jobs/quickstart.yaml training.lr=1e-4",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+JobArg = Annotated[Path, typer.Argument(help="Job spec YAML file, e.g. jobs/quickstart.yaml.", show_default=False)]
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Dotted overrides KEY=VALUE applied to the spec, e.g. training.lr=1e-4 method.lora.rank=16.",
+                   show_default=False),
+]
+RunArg = Annotated[Path, typer.Argument(help="A run folder written by `ftcluster train` (its output.dir).", show_default=False)]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@app.command(epilog="Examples:\n\n  ftcluster validate jobs/quickstart.yaml\n\n  ftcluster validate jobs/quickstart.yaml training.lr=-1   # shows the error")
+def validate(job: JobArg, overrides: OverridesArg = None) -> None:
+    """Check a job spec without running it: every problem at once, with its dotted key."""
+    from ftcluster.models.load import locate_model
+    from ftcluster.spec import check_files, load_spec
+
+    spec = load_spec(job, overrides or [])
+    problems = check_files(spec, str(job))
+    try:
+        locate_model(spec.model.path)
+    except FtError as exc:
+        problems.append(f"{job}: {exc}")
+    if problems:
+        raise FtError("\n".join(problems))
+    console.print(f"[green]✓[/] {job}: valid ({spec.method.name} on {spec.model.path}, data {spec.data.train})")
+
+
+@app.command(epilog="Examples:\n\n  ftcluster train jobs/quickstart.yaml\n\n"
+             "  ftcluster train jobs/quickstart.yaml training.max_steps=20 output.dir=runs/try\n\n"
+             "  ftcluster train jobs/quickstart.yaml --resume\n\n"
+             "  ftcluster train jobs/classify-minilm.yaml --no-ray")
+def train(
+    job: JobArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in output.dir.")] = False,
+    no_ray: Annotated[bool, typer.Option("--no-ray", help="Run the loop in this process without Ray (1 worker).")] = False,
+    address: Annotated[Optional[str], typer.Option(
+        "--address", envvar="RAY_ADDRESS",
+        help="Ray cluster to run on (ray://HOST:10001); default: embedded local Ray on 127.0.0.1.")] = None,
+    samples: Annotated[int, typer.Option(help="Held-out generations to show at the end (default: eval.generation.show).")] = -1,
+) -> None:
+    """Fine-tune a model as the job spec says, then print the summary and the base-vs-fine-tuned table."""
+    from ftcluster.spec import check_files, load_spec
+
+    spec = load_spec(job, overrides or [])
+    problems = check_files(spec, str(job))
+    if problems:
+        raise FtError("\n".join(problems))
+    from ftcluster.launch import run_in_process, run_with_ray
+    from ftcluster.runs import prepare_output
+    from ftcluster.tables import print_run_tables
+
+    out = prepare_output(spec, resume)
+    console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {out}")
+    if no_ray:
+        if spec.scaling.num_workers > 1:
+            raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
+        summary = run_in_process(spec, resume)
+    else:
+        summary = run_with_ray(spec, resume, address)
+    show = samples if samples >= 0 else (spec.eval.generation.show if spec.eval.generation else 0)
+    print_run_tables(summary, show, console)
+    console.print(f"Outputs in {out} (metrics.jsonl, summary.json, final/). "
+                  f"Export: ftcluster export {out} --merge --out {out}/merged")
+
+
+@app.command("eval", epilog="Example:\n\n  ftcluster eval runs/quickstart")
+def eval_run(run: RunArg) -> None:
+    """Evaluate a finished run's base model and fine-tuned model on its validation data, side by side."""
+    from ftcluster.compare import compare_run
+    from ftcluster.tables import before_after_table, samples_table
+
+    result = compare_run(run)
+    console.print(before_after_table(result["before"], result["after"]))
+    table = samples_table(result["samples_before"], result["samples_after"], 3)
+    if table is not None:
+        console.print(table)
+
+
+@app.command(epilog="Examples:\n\n  ftcluster export runs/quickstart --out exported/adapter\n\n"
+             "  ftcluster export runs/quickstart --merge --out exported/merged")
+def export(
+    run: RunArg,
+    out: Annotated[Optional[Path], typer.Option(help="Destination folder (default: RUN/export or RUN/merged).")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Merge adapters into the base weights: a plain transformers folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty destination folder.")] = False,
+) -> None:
+    """Export fine-tuned weights: an adapter folder plain `peft` loads, or (--merge) a full model folder."""
+    from ftcluster.export import export_run
+
+    destination = out or run / ("merged" if merge else "export")
+    path = export_run(run, destination, merge=merge, force=force)
+    console.print(f"[green]✓[/] exported to {path}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line per problem on stderr and exit code 2."""
+    _quiet_libraries()
+    try:
+        app()
+    except FtError as exc:
+        for line in str(exc).splitlines():
+            err_console.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; resume with `ftcluster train JOB --resume` if checkpoints were written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Batches: a deterministic, resumable order over examples, and padding into tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from ftcluster.data.render import Encoded
+
+IGNORE = -100  # label value that cross-entropy skips
+
+
+class StepOrder:
+    """Which examples each optimizer step reads, derived from (seed, step) alone.
+
+    Every step takes ``per_step = micro_batch * grad_accum * world_size`` examples from a seeded
+    permutation of the epoch, so a run resumed at step k reads exactly what an uninterrupted run
+    would, and batch 8 x accumulation 1 reads the same examples as batch 4 x accumulation 2.
+    The tail of an epoch that does not fill a whole step is left out of that epoch.
+    """
+
+    def __init__(self, num_examples: int, micro_batch: int, grad_accum: int, world_size: int, seed: int):
+        self.num_examples = num_examples
+        self.micro_batch = micro_batch
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.seed = seed
+        self.per_step = micro_batch * grad_accum * world_size
+        self.steps_per_epoch = num_examples // self.per_step
+        self._cached_epoch: tuple[int, list[int]] | None = None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._cached_epoch = (epoch, torch.randperm(self.num_examples, generator=generator).tolist())
+        return self._cached_epoch[1]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Example indices of each micro batch this rank runs at ``step`` (0-based)."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        chunk = self._permutation(epoch)[offset * self.per_step : (offset + 1) * self.per_step]
+        mine = chunk[rank :: self.world_size]
+        return [mine[i * self.micro_batch : (i + 1) * self.micro_batch] for i in range(self.grad_accum)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def _packed_attention_mask(positions: torch.Tensor, padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask: causal, and no attention across examples packed in one sequence."""
+    document = (positions == 0).cumsum(-1)
+    length = positions.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal[None] & (document[:, :, None] == document[:, None, :]) & padding[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def collate(items: list[Encoded], pad_id: int, mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into model inputs; labels hold IGNORE where not trained."""
+    length = max(len(item.input_ids) for item in items)
+    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(items), length), dtype=torch.bool)
+    labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        input_ids[row, :n] = torch.tensor(item.input_ids)
+        attention[row, :n] = True
+        labels[row, :n] = torch.where(torch.tensor(item.trained), input_ids[row, :n], IGNORE)
+    batch = {"input_ids": input_ids, "attention_mask": attention.long()}
+    if items[0].label is not None:
+        batch["labels"] = torch.tensor([item.label for item in items])
+    else:
+        batch["labels"] = labels
+    if items[0].positions is not None:
+        positions = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            positions[row, : len(item.positions)] = torch.tensor(item.positions)
+        batch["position_ids"] = positions
+        batch["attention_mask"] = _packed_attention_mask(positions, attention, mask_dtype)
+    return batch
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Number of loss terms in a batch: predicted tokens (LM) or examples (classification)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.numel()
+    return int((labels[:, 1:] != IGNORE).sum())

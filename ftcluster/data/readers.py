@@ -1,0 +1,96 @@
+"""Read local data files into rows, each tagged with where it came from (for error messages)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftcluster.errors import DataError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record and its origin: ``file:line`` (jsonl/csv) or ``file:row`` (json/parquet)."""
+
+    where: str
+    values: Any
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Read a .jsonl, .json, .csv or .parquet file; unreadable files are a one-line DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return list(_read_jsonl(path))
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(f"{path}: unsupported data file type {suffix!r} (use {', '.join(SUFFIXES)})")
+
+
+def rows_from_records(records: Iterable[Any], name: str = "<python>") -> list[Row]:
+    """Rows from Python objects: a list of dicts or a `datasets.Dataset` (which iterates dicts)."""
+    return [Row(f"{name}:{index}", record) for index, record in enumerate(records)]
+
+
+def _read_jsonl(path: Path) -> Iterable[Row]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield Row(f"{path}:{number}", json.loads(line))
+            except json.JSONDecodeError as exc:
+                # A broken line is a bad row, not a broken file: the caller decides skip/fail.
+                yield Row(f"{path}:{number}", _Unparsable(f"invalid JSON: {exc.msg}"))
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+    return [Row(f"{path}:record {index}", item) for index, item in enumerate(data)]
+
+
+def _read_csv(path: Path) -> list[Row]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty CSV file (no header row)")
+        # Line 1 is the header, so data rows start at line 2.
+        return [Row(f"{path}:{reader.line_num}", dict(record)) for record in reader]
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several error types for corrupt files
+        raise DataError(f"{path}: cannot read parquet: {str(exc).splitlines()[0]}") from None
+    return [Row(f"{path}:row {index}", record) for index, record in enumerate(table.to_pylist())]
+
+
+@dataclass(frozen=True)
+class _Unparsable:
+    reason: str
+
+
+def unparsable_reason(values: Any) -> str | None:
+    return values.reason if isinstance(values, _Unparsable) else None

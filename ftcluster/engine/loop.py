@@ -1,0 +1,362 @@
+"""The per-worker training loop: a plain function that Ray Train launches, or you call directly.
+
+Read it top to bottom: set-up (device, data, model, method, optimizer), the base-model
+evaluation, the step loop (accumulate → clip → step → log → evaluate → checkpoint), and the
+wrap-up (final evaluation, saving the fine-tuned weights, the summary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ftcluster.data import build_data
+from ftcluster.data.batches import StepOrder, collate, count_targets
+from ftcluster.data.render import Renderer
+from ftcluster.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from ftcluster.engine.context import WorkerContext
+from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
+from ftcluster.engine.optim import build_optimizer, lr_lambda, param_groups
+from ftcluster.engine.progress import Progress
+from ftcluster.errors import FtError
+from ftcluster.layout import CHECKPOINTS, EVAL_AFTER, EVAL_BEFORE, FINAL, LABELS, METRICS, SUMMARY
+from ftcluster.evaluate import base_model_view, loss_sum, run_eval, scalar_metrics
+from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model, torch_dtype
+from ftcluster.models.methods import (
+    PEFT_METHODS,
+    UnfreezeSchedule,
+    apply_method,
+    count_params,
+    quantization_config,
+)
+from ftcluster.spec import JobSpec
+
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(spec: JobSpec, ctx: WorkerContext) -> torch.device:
+    if spec.scaling.use_gpu:
+        if not torch.cuda.is_available():
+            raise FtError("scaling.use_gpu is true but this worker sees no CUDA GPU (set scaling.use_gpu=false)")
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def autocast_factory(precision: str, device: torch.device):
+    """A no-argument context factory for the forward pass: bf16/fp16 autocast, or nothing."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext, precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), precision
+
+
+def set_dropout(model: torch.nn.Module, probability: float) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLog:
+    """Appends one JSON object per line to OUTPUT/metrics.jsonl (main worker only)."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path = path
+        self.enabled = enabled
+        if enabled and resume_step is not None and path.is_file():
+            # Drop what the interrupted run logged after the checkpoint we resume from.
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+        elif enabled and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def save_final_model(model, tokenizer, out_dir: Path, is_peft: bool, label_names: list[str] | None) -> Path:
+    """Write the fine-tuned weights (adapter or full model) + tokenizer atomically to OUT/final."""
+    import shutil
+    import tempfile
+
+    final = out_dir / FINAL
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out_dir))
+    try:
+        model.save_pretrained(staging / ("adapter" if is_peft else "model"))
+        tokenizer.save_pretrained(staging / "tokenizer")
+        if label_names is not None:
+            (staging / LABELS).write_text(json.dumps(label_names))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def train(
+    spec: JobSpec,
+    ctx: WorkerContext | None = None,
+    *,
+    resume: bool = False,
+    train_records=None,
+    val_records=None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune as the spec says; returns the run summary (also written to OUTPUT/summary.json)."""
+    ctx = ctx or WorkerContext()
+    main = ctx.is_main
+    say = print if (verbose and main) else (lambda *a, **k: None)
+    out_dir = spec.output_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = spec.training
+
+    torch.set_num_threads(cfg.threads or max(1, int(spec.scaling.cpus_per_worker)))
+    seed_everything(cfg.seed)
+    device = pick_device(spec, ctx)
+    autocast, precision = autocast_factory(cfg.precision, device)
+
+    # --- data first: a bad file fails in a second, before any model loads ---------------------
+    resolved = resolve_model(spec.model.path)
+    tokenizer = load_tokenizer(resolved, spec.model.revision)
+    bundle = build_data(spec.data, tokenizer, train_records, val_records)
+    for line in bundle.report.lines():
+        say(line)
+    order = StepOrder(len(bundle.train), cfg.batch_size, cfg.grad_accum, ctx.world_size, cfg.seed)
+    if order.steps_per_epoch == 0:
+        raise FtError(
+            f"data.train: {len(bundle.train)} training examples cannot fill one step of "
+            f"{order.per_step} (batch_size x grad_accum x workers); lower training.batch_size"
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.steps_per_epoch))
+
+    # --- model and method --------------------------------------------------------------------
+    dtype = torch_dtype(spec.model.dtype, device.type)
+    quant = quantization_config(spec.method, dtype)
+    model = load_pretrained(
+        resolved, spec.model.task, dtype=dtype, label_names=bundle.label_names,
+        pad_token_id=tokenizer.pad_token_id, quantization_config=quant, revision=spec.model.revision,
+    )
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_method(model, spec.method, spec.model.task, cfg.gradient_checkpointing)
+    if quant is None:
+        model.to(device)
+    is_peft = spec.method.name in PEFT_METHODS
+    schedule = None
+    if spec.method.unfreeze is not None:
+        base = {n for n, p in model.named_parameters() if p.requires_grad}
+        schedule = UnfreezeSchedule(model, spec.method, order.steps_per_epoch, base)
+        include = lambda name, p: True  # every block may unfreeze later: all get optimizer slots
+    else:
+        include = lambda name, p: p.requires_grad
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, spec.method.layerwise_lr_decay, include)
+    optimizer = build_optimizer(groups, cfg.betas, device.type)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps))
+    if schedule is not None:
+        schedule.apply(0)
+    counts = count_params(model)
+    trained_model = model
+    if ctx.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    renderer = Renderer(tokenizer, spec.data.max_length, spec.data.train_on_prompt)
+    eval_batch = cfg.batch_size
+    pad_id = tokenizer.pad_token_id
+
+    def evaluate(generation: bool = True) -> dict:
+        return run_eval(trained_model, tokenizer, bundle, renderer, spec.eval, eval_batch, device, autocast, generation)
+
+    # --- resume -------------------------------------------------------------------------------
+    start_step = 0
+    state: dict[str, Any] = {}
+    checkpoint_root = out_dir / CHECKPOINTS
+    if resume:
+        checkpoint = latest_checkpoint(checkpoint_root)
+        if checkpoint is None:
+            raise FtError(f"--resume: no checkpoint in {checkpoint_root}")
+        if schedule is not None:
+            schedule.apply(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+        state = load_checkpoint(checkpoint, trained_model, optimizer, scheduler)
+        start_step = state["step"]
+        say(f"Resumed from {checkpoint} at step {start_step}")
+    log = MetricsLog(out_dir / METRICS, main, start_step if resume else None)
+
+    # --- the base model, evaluated the same way as the fine-tuned one later ------------------
+    before: dict = {}
+    before_path = out_dir / EVAL_BEFORE
+    if spec.eval.before_after and main:
+        if resume and before_path.is_file():
+            before = json.loads(before_path.read_text())
+        else:
+            say("Evaluating the base model ...")
+            with base_model_view(trained_model):
+                before = evaluate()
+            write_text_atomic(before_path, json.dumps(before, indent=1))
+
+    say(f"Training {total_steps} steps: {counts.trainable:,} of {counts.total:,} parameters "
+        f"({counts.percent:.2f}%), {order.per_step} examples/step "
+        f"(batch {cfg.batch_size} x accum {cfg.grad_accum} x {ctx.world_size} workers), precision {precision}")
+
+    # --- the loop -----------------------------------------------------------------------------
+    stopper = EarlyStopper(spec.eval.metric, spec.eval.mode, spec.eval.early_stopping_patience, state.get("stopper"))
+    overfit = OverfitDetector(spec.eval.overfit_evals, state.get("overfit"))
+    tokens_seen = state.get("tokens_seen", 0)
+    train_seconds = state.get("train_seconds", 0.0)
+    progress = Progress(total_steps, start_step, enabled=verbose and main)
+    model.train()
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    since_eval_loss, since_eval_steps = 0.0, 0
+    stop_reason = "completed"
+    last_eval: dict = {}
+    step = start_step
+    while step < total_steps:
+        if schedule is not None and schedule.apply(step):
+            progress.message(f"step {step}: unfroze block group {schedule.current} "
+                             f"({count_params(trained_model).trainable:,} trainable)")
+        micro = [collate([bundle.train[i] for i in ids], pad_id) for ids in order.micro_batches(step, ctx.rank)]
+        micro = [{k: v.to(device) for k, v in batch.items()} for batch in micro]
+        targets = torch.tensor(float(sum(count_targets(b) for b in micro)), device=device)
+        if ctx.world_size > 1:
+            torch.distributed.all_reduce(targets)
+        step_loss = torch.zeros((), device=device)
+        for index, batch in enumerate(micro):
+            sync = index == len(micro) - 1 or ctx.world_size == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with autocast():
+                    loss = loss_sum(model, batch) / targets
+                # DDP averages gradients over workers; scale so the step sees the global sum / targets.
+                (loss * ctx.world_size).backward()
+            step_loss += loss.detach() * ctx.world_size
+            window_tokens += int(batch["input_ids"].numel() if "position_ids" in batch else batch["attention_mask"].sum())
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_loss += step_loss
+        window_steps += 1
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            if ctx.world_size > 1:
+                torch.distributed.all_reduce(window_loss)
+                window_loss /= ctx.world_size
+            elapsed = time.perf_counter() - window_start
+            train_seconds += elapsed
+            tokens_seen += window_tokens * ctx.world_size
+            train_loss = float(window_loss) / window_steps
+            record = {
+                "step": step,
+                "epoch": round(order.epoch_of(step), 4),
+                "train_loss": train_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": window_tokens * ctx.world_size / elapsed,
+                "step_time_s": elapsed / window_steps,
+                "tokens": tokens_seen,
+                "peak_memory_mb": peak_memory_mb(device),
+            }
+            log.write(record)
+            progress.update(step, record)
+            since_eval_loss += train_loss * window_steps
+            since_eval_steps += window_steps
+            window_loss.zero_()
+            window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+
+        at_eval = spec.eval.every is not None and step % spec.eval.every == 0 and step < total_steps
+        if at_eval:
+            last_eval = evaluate(generation=False)
+            scores = scalar_metrics(last_eval)
+            train_avg = since_eval_loss / max(since_eval_steps, 1)
+            since_eval_loss, since_eval_steps = 0.0, 0
+            diverging = overfit.update(train_avg, scores.get("val_loss"))
+            improved = stopper.update(scores, step)
+            record = {"step": step, **{k: v for k, v in scores.items()}, "overfitting": int(diverging)}
+            log.write(record)
+            ctx.report({k: v for k, v in record.items()})
+            progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                             + (" (best)" if improved else "") + (" [overfitting]" if diverging else ""))
+            if stopper.should_stop:
+                stop_reason = f"early stopping: no {spec.eval.metric} improvement in {stopper.patience} evaluations"
+            elif diverging and spec.eval.stop_on_overfit:
+                stop_reason = "overfitting: validation loss rising while training loss falls"
+            window_start = time.perf_counter()  # evaluation time is not training time
+
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps and main:
+            trainer_state = {
+                "tokens_seen": tokens_seen,
+                "train_seconds": train_seconds,
+                "stopper": stopper.state(),
+                "overfit": overfit.state(),
+            }
+            save_checkpoint(checkpoint_root, step, trained_model, optimizer, scheduler, trainer_state, cfg.keep_checkpoints)
+            window_start = time.perf_counter()
+        if stop_reason != "completed":
+            progress.message(f"Stopping at step {step}: {stop_reason}")
+            break
+    progress.close()
+
+    # --- wrap-up ------------------------------------------------------------------------------
+    after = evaluate() if main else {}
+    final_scores = scalar_metrics(after)
+    if main:
+        log.write({"step": step, **final_scores})
+    ctx.report({"step": step, **final_scores})
+    summary: dict[str, Any] = {
+        "name": spec.name,
+        "method": spec.method.name,
+        "model": spec.model.path,
+        "steps": step,
+        "total_steps": total_steps,
+        "epochs": round(order.epoch_of(step), 4),
+        "stop_reason": stop_reason,
+        "tokens": tokens_seen,
+        "train_seconds": round(train_seconds, 3),
+        "tokens_per_s": tokens_seen / train_seconds if train_seconds else 0.0,
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "world_size": ctx.world_size,
+        "precision": precision,
+        "device": str(device),
+        "peak_memory_mb": peak_memory_mb(device),
+        "before": scalar_metrics(before),
+        "after": final_scores,
+        "samples": {"before": before.get("samples", []), "after": after.get("samples", [])},
+        "best": stopper.best_record(),
+    }
+    if main:
+        final = save_final_model(trained_model, tokenizer, out_dir, is_peft, bundle.label_names)
+        summary["final"] = str(final)
+        write_text_atomic(out_dir / EVAL_AFTER, json.dumps(after, indent=1))
+        write_text_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,108 @@
+"""Launching the training loop: in this process (``--no-ray``), or under Ray Train.
+
+With no address, Ray starts embedded in this process's machine and listens on 127.0.0.1 only
+(an exposed Ray dashboard or GCS lets anyone on the network run code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ftcluster.engine.context import WorkerContext, ray_context
+from ftcluster.engine.loop import train
+from ftcluster.layout import SUMMARY
+from ftcluster.errors import FtError
+from ftcluster.models.load import ALIASES
+from ftcluster.spec import JobSpec
+
+LOOPBACK = "127.0.0.1"
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """Ray workers may start in another directory: make every local path absolute."""
+    spec = spec.model_copy(deep=True)
+    spec.data.train = str(Path(spec.data.train).resolve())
+    if spec.data.validation:
+        spec.data.validation = str(Path(spec.data.validation).resolve())
+    spec.output.dir = str(spec.output_dir.resolve())
+    model_path = Path(spec.model.path).expanduser()
+    if spec.model.path not in ALIASES and model_path.exists():
+        spec.model.path = str(model_path.resolve())
+    return spec
+
+
+def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
+    """One worker, this process, no Ray: what `--no-ray`, benchmarks and GPU scripts use."""
+    return train(spec, WorkerContext(), resume=resume)
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    spec = JobSpec.model_validate(config["spec"])
+    train(spec, ray_context(), resume=config["resume"])
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster, or start Ray locally on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def user_error_in(exc: BaseException) -> FtError | None:
+    """The FtError a worker raised, if that is what ended training (Ray wraps worker errors)."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, FtError):
+            return current
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+        pending += list(getattr(current, "worker_failures", {}).values())
+    return None
+
+
+def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Run the loop under Ray Train's TorchTrainer (`scaling.num_workers` workers)."""
+    # Ray Train polls workers every 2 s by default, which makes every report wait that long.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    init_ray(address)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = absolute_paths(spec)
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume},
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=str(spec.output_dir / "ray"),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        user_error = user_error_in(exc)
+        if user_error is not None:
+            raise FtError(str(user_error)) from None
+        raise
+    return json.loads((spec.output_dir / SUMMARY).read_text())

@@ -1,0 +1,1 @@
+"""Loading pretrained models and applying fine-tuning methods to them."""

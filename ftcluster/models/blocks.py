@@ -1,0 +1,36 @@
+"""Find a model's stack of transformer blocks and its head, whatever the architecture."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+HEAD_NAMES = ("lm_head", "classifier", "score")
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The largest ModuleList whose children are all the same class: the transformer blocks."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return best
+
+
+def is_head_param(name: str) -> bool:
+    """Output head, pooler and final norm: depth 0 from the top."""
+    parts = name.split(".")
+    return any(p in HEAD_NAMES or p in FINAL_NORM_NAMES or p == "pooler" for p in parts)
+
+
+def depth_from_top(name: str, blocks_prefix: str, num_blocks: int) -> int:
+    """0 for the head, 1 for the top block, ..., num_blocks + 1 for embeddings and the rest below."""
+    if is_head_param(name) and not name.startswith(blocks_prefix + "."):
+        return 0
+    if name.startswith(blocks_prefix + "."):
+        index = int(name[len(blocks_prefix) + 1 :].split(".")[0])
+        return num_blocks - index
+    return num_blocks + 1

@@ -1,0 +1,147 @@
+"""Fine-tuning methods: decide which weights train (full, freeze), or add adapters (PEFT)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ftcluster.models.blocks import depth_from_top, find_blocks, is_head_param
+from ftcluster.spec import MethodSpec
+
+PEFT_METHODS = ("lora", "dora", "qlora", "prefix")
+
+
+def quantization_config(method: MethodSpec, compute_dtype):
+    """bitsandbytes 4-bit settings for qlora (None for other methods)."""
+    if method.name != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.quant.quant_type,
+        bnb_4bit_use_double_quant=method.quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,
+    )
+
+
+def _peft_task(task: str) -> str:
+    return "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
+
+
+def _apply_peft(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool) -> nn.Module:
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method.name == "prefix":
+        config = PrefixTuningConfig(task_type=_peft_task(task), num_virtual_tokens=method.prefix.num_virtual_tokens)
+        return get_peft_model(model, config)
+    if method.name == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora = method.lora
+    config = LoraConfig(
+        task_type=_peft_task(task),
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_dora=method.name == "dora",
+    )
+    return get_peft_model(model, config)
+
+
+def _freeze_plan(model: nn.Module, method: MethodSpec, task: str) -> set[str]:
+    """Names of the parameters that the `freeze` method trains."""
+    prefix, blocks = find_blocks(model)
+    patterns = [re.compile(p) for p in method.freeze.modules]
+    chosen = set()
+    for name, _ in model.named_parameters():
+        depth = depth_from_top(name, prefix, len(blocks))
+        head = depth == 0 and is_head_param(name)
+        if (
+            (head and (method.freeze.train_head or task == "classification"))  # a fresh head must train
+            or 1 <= depth <= method.freeze.top_blocks
+            or any(p.fullmatch(name) for p in patterns)
+        ):
+            chosen.add(name)
+    return chosen
+
+
+def apply_method(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool = False) -> nn.Module:
+    """Return the model to train, with requires_grad set for exactly what the method trains."""
+    if method.name in PEFT_METHODS:
+        return _apply_peft(model, method, task, gradient_checkpointing)
+    if method.name == "full" and method.unfreeze is None:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    trained = _freeze_plan(model, method, task) if method.name == "freeze" else {
+        name for name, _ in model.named_parameters() if is_head_param(name)
+    }
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in trained)
+    return model
+
+
+@dataclass
+class ParamCounts:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+
+def count_params(model: nn.Module) -> ParamCounts:
+    """Trainable vs total parameters (4-bit weights count as their logical size)."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        n = parameter.numel()
+        if hasattr(parameter, "quant_state") or type(parameter).__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        trainable += n if parameter.requires_grad else 0
+    return ParamCounts(trainable, total)
+
+
+class UnfreezeSchedule:
+    """ULMFiT gradual unfreezing: groups of blocks become trainable from the top, one per period.
+
+    Group 0 is the head (always trainable); group g >= 1 holds the g-th `blocks_per_group` blocks
+    counted from the top; the last group is everything below the blocks (embeddings).
+    """
+
+    def __init__(self, model: nn.Module, method: MethodSpec, steps_per_epoch: int, base_trainable: set[str]):
+        spec = method.unfreeze
+        prefix, blocks = find_blocks(model)
+        self.period_steps = spec.every * (steps_per_epoch if spec.unit == "epochs" else 1)
+        self.initial_groups = spec.initial_groups
+        self.base = base_trainable
+        self.group_of: dict[str, int] = {}
+        for name, _ in model.named_parameters():
+            depth = depth_from_top(name, prefix, len(blocks))
+            self.group_of[name] = 0 if depth == 0 else (depth - 1) // spec.blocks_per_group + 1
+        self.num_groups = max(self.group_of.values()) + 1
+        self.model = model
+        self.current = -1
+
+    def may_train(self, name: str) -> bool:
+        return name in self.group_of
+
+    def groups_at(self, step: int) -> int:
+        """How many groups below the head are trainable at this step."""
+        return min(self.initial_groups + step // self.period_steps, self.num_groups - 1)
+
+    def apply(self, step: int) -> bool:
+        """Set requires_grad for this step; True when something was newly unfrozen."""
+        groups = self.groups_at(step)
+        if groups == self.current:
+            return False
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(name in self.base or self.group_of[name] <= groups)
+        changed = self.current >= 0
+        self.current = groups
+        return changed

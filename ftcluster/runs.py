@@ -1,0 +1,62 @@
+"""A run folder: what `train` writes there, and how `eval` / `export` read it back.
+
+    OUTPUT/run.yaml          the resolved job spec the run used
+    OUTPUT/metrics.jsonl     one JSON object per log / evaluation step
+    OUTPUT/checkpoints/      resumable checkpoints (step-N/, latest)
+    OUTPUT/final/            adapter/ (PEFT) or model/ (full, freeze), and tokenizer/
+    OUTPUT/eval_before.json, eval_after.json, summary.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ftcluster.engine.checkpoint import latest_checkpoint, write_text_atomic
+from ftcluster.layout import CHECKPOINTS, FINAL, RUN_SPEC, SUMMARY
+from ftcluster.errors import FtError
+from ftcluster.spec import JobSpec, dump_spec, load_spec
+
+
+
+def prepare_output(spec: JobSpec, resume: bool) -> Path:
+    """Check the run folder may be written, and record the spec in it.
+
+    A fresh run never writes over a folder that holds another run's results or checkpoints,
+    unless ``output.overwrite`` is set.
+    """
+    out = spec.output_dir
+    if resume:
+        if latest_checkpoint(out / CHECKPOINTS) is None:
+            raise FtError(f"--resume: {out}/checkpoints has no complete checkpoint to resume from")
+    elif not spec.output.overwrite and ((out / SUMMARY).exists() or (out / CHECKPOINTS).exists()):
+        raise FtError(
+            f"output.dir: {out} already holds a run; use --resume to continue it, "
+            f"output.overwrite=true to replace it, or another output.dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / RUN_SPEC, dump_spec(spec))
+    return out
+
+
+def load_run(run_dir: str | Path) -> tuple[Path, JobSpec, dict[str, Any]]:
+    """The spec and summary of a finished run."""
+    run = Path(run_dir)
+    if not (run / RUN_SPEC).is_file():
+        raise FtError(f"{run}: not a run folder (no {RUN_SPEC}); pass the output.dir of a `ftcluster train` run")
+    spec = load_spec(run / RUN_SPEC)
+    summary_path = run / SUMMARY
+    if not summary_path.is_file():
+        raise FtError(f"{run}: the run has not finished (no {SUMMARY}); resume it with `ftcluster train --resume`")
+    return run, spec, json.loads(summary_path.read_text())
+
+
+def final_weights(run: Path) -> tuple[Path, bool]:
+    """The fine-tuned weights folder and whether it is a PEFT adapter."""
+    adapter, model = run / FINAL / "adapter", run / FINAL / "model"
+    if adapter.is_dir():
+        return adapter, True
+    if model.is_dir():
+        return model, False
+    raise FtError(f"{run}/final: no adapter/ or model/ folder; the run did not save its weights")

@@ -1,0 +1,378 @@
+"""The job spec: one YAML file that says what to fine-tune, how, on what data, and where.
+
+Every field is documented where it is defined (``Field(description=...)``); ``--help``, the
+docs and validation hints all come from here. Models are strict: an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftcluster.errors import SpecError
+
+
+class Section(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ModelSpec(Section):
+    path: str = Field(
+        description="What to fine-tune: a local Hugging Face folder, a .gguf file (dequantized once "
+        "and cached as safetensors), an alias (smollm2-135m-instruct, minilm-l6), or a hub id "
+        "(needs network). Example: smollm2-135m-instruct"
+    )
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm",
+        description="Head to train: causal_lm (next-token prediction) or classification "
+        "(a fresh sequence-classification head, num_labels taken from the data).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of the loaded weights. auto: float32 on CPU, bfloat16 on GPUs that support it.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+
+
+class LoraSpec(Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r: width of the low-rank update.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules that get adapters: a list of names (e.g. [q_proj, v_proj]) or all-linear.",
+    )
+
+
+class FreezeSpec(Section):
+    top_blocks: int = Field(
+        0, ge=0, description="Train the top N transformer blocks (counted from the output side)."
+    )
+    train_head: bool = Field(True, description="Train the output head (lm_head / classifier) and final norm.")
+    modules: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions of parameter names to train as well, e.g. ['.*embed_tokens.*'].",
+    )
+
+
+class PrefixSpec(Section):
+    num_virtual_tokens: int = Field(16, ge=1, description="Number of trainable virtual prefix tokens per layer.")
+
+
+class QuantSpec(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+
+
+class UnfreezeSpec(Section):
+    """ULMFiT-style gradual unfreezing: start with the head (and top groups) trainable, then
+    unfreeze one more group of blocks from the top every ``every`` steps or epochs."""
+
+    every: int = Field(ge=1, description="Unfreeze the next group after this many units.")
+    unit: Literal["steps", "epochs"] = Field("steps", description="Unit of `every`: steps or epochs.")
+    blocks_per_group: int = Field(1, ge=1, description="Transformer blocks unfrozen together.")
+    initial_groups: int = Field(0, ge=0, description="Groups already trainable at step 0 (the head always is).")
+
+
+class MethodSpec(Section):
+    name: Literal["full", "freeze", "lora", "dora", "prefix", "qlora"] = Field(
+        "lora",
+        description="Fine-tuning method: full (all weights), freeze (only chosen blocks/head), lora, "
+        "dora (weight-decomposed LoRA), prefix (prefix tuning), qlora (4-bit NF4 base + LoRA).",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora, dora, qlora).")
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="What `freeze` trains.")
+    prefix: PrefixSpec = Field(default_factory=PrefixSpec, description="Prefix tuning settings.")
+    quant: QuantSpec = Field(default_factory=QuantSpec, description="4-bit quantization for qlora.")
+    unfreeze: UnfreezeSpec | None = Field(
+        None, description="Gradual unfreezing schedule (full and freeze methods only)."
+    )
+    layerwise_lr_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Discriminative learning rates: block at depth d from the top trains at "
+        "lr * decay**d (head d=0, embeddings deepest). None: one lr for all.",
+    )
+
+    @model_validator(mode="after")
+    def _schedules_need_whole_blocks(self) -> MethodSpec:
+        if self.unfreeze is not None and self.name not in ("full", "freeze"):
+            raise ValueError(f"unfreeze schedules apply to full and freeze, not {self.name}")
+        return self
+
+
+class ColumnSpec(Section):
+    """Column names in the data files, for files whose names differ from the defaults."""
+
+    instruction: str = Field("instruction", description="instruction format: the task text.")
+    input: str = Field("input", description="instruction format: optional extra input.")
+    output: str = Field("output", description="instruction format: the expected response.")
+    messages: str = Field("messages", description="chat format: list of {role, content}.")
+    text: str = Field("text", description="text and classification formats: the text.")
+    label: str = Field("label", description="classification format: the class label.")
+    prompt: str = Field("prompt", description="preference format: the prompt.")
+    chosen: str = Field("chosen", description="preference format: the preferred response.")
+    rejected: str = Field("rejected", description="preference format: the dispreferred response.")
+
+
+class DataSpec(Section):
+    train: str = Field(description="Training data file: .jsonl, .json, .csv or .parquet.")
+    validation: str | None = Field(
+        None, description="Separate validation file. None: split `val_fraction` off the training data."
+    )
+    format: Literal["instruction", "chat", "text", "classification", "preference"] = Field(
+        "instruction", description="Row format of the files."
+    )
+    columns: ColumnSpec = Field(default_factory=ColumnSpec, description="Column names, if not the defaults.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share held out for validation (no validation file).")
+    max_length: int = Field(512, ge=8, description="Tokens per example; longer ones are truncated and counted.")
+    packing: bool = Field(
+        False, description="Pack several examples into each sequence (no cross-example attention)."
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also compute the loss on prompt tokens (default: response tokens only)."
+    )
+    labels: list[str | int] | None = Field(
+        None, description="classification: the label set (rows with other labels are bad). None: from the data."
+    )
+    balance_classes: bool = Field(
+        False, description="classification: oversample minority classes to the majority count."
+    )
+    on_bad_row: Literal["skip", "fail"] = Field(
+        "skip", description="Bad rows (missing/empty field, wrong type, unknown label): skip and report, or fail."
+    )
+    seed: int = Field(0, description="Seed of the train/validation split.")
+    system_prompt: str | None = Field(None, description="System message added to every chat/instruction example.")
+
+
+class TrainingSpec(Section):
+    epochs: float = Field(1, gt=0, description="Passes over the training data (may be fractional).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(8, ge=1, description="Micro batch per worker (examples per forward pass).")
+    grad_accum: int = Field(1, ge=1, description="Micro batches accumulated per optimizer step.")
+    lr: PositiveFloat = Field(2e-4, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled AdamW weight decay (never on norms or biases).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; None: no clipping.")
+    dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout probabilities.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
+    log_every: int = Field(10, ge=1, description="Log train metrics every N steps.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep on disk.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: CPUs per worker).")
+
+
+class GenerationEvalSpec(Section):
+    num_prompts: int = Field(32, ge=1, description="Held-out prompts to generate for.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt (greedy).")
+    show: int = Field(3, ge=0, description="Examples printed in the before/after table.")
+
+
+class EvalSpec(Section):
+    every: int | None = Field(None, ge=1, description="Evaluate on validation data every N steps (and at the end).")
+    max_batches: int | None = Field(None, ge=1, description="Cap validation batches per evaluation.")
+    metric: str = Field("val_loss", description="Metric for early stopping and model selection.")
+    mode: Literal["min", "max"] = Field("min", description="Whether `metric` should go down or up.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement."
+    )
+    stop_on_overfit: bool = Field(
+        False, description="Stop when validation loss rises while training loss falls (`overfit_evals` times)."
+    )
+    overfit_evals: int = Field(2, ge=1, description="Consecutive evaluations of divergence that signal overfitting.")
+    before_after: bool = Field(True, description="Evaluate the base model too and print both side by side.")
+    generation: GenerationEvalSpec | None = Field(
+        None, description="Generate on held-out prompts and score exact match against references."
+    )
+
+
+class ScalingSpec(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch threads).")
+    gpus_per_worker: float = Field(1, ge=0, description="GPUs per worker when use_gpu (fractions allowed).")
+
+
+class WandbSpec(Section):
+    project: str = Field("ftcluster", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user).")
+    group: str | None = Field(None, description="W&B group.")
+    tags: list[str] = Field(default_factory=list, description="W&B tags.")
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="offline writes runs locally (`wandb sync` later); online needs WANDB_API_KEY."
+    )
+
+
+class TrackingSpec(Section):
+    wandb: WandbSpec | None = Field(None, description="Log to Weights & Biases. None: local metrics only.")
+
+
+class OutputSpec(Section):
+    dir: str = Field("runs/{name}", description="Run folder; {name} is the job name.")
+    overwrite: bool = Field(
+        False, description="Allow a fresh run into a folder that holds a finished run (else an error)."
+    )
+
+
+class JobSpec(Section):
+    name: str = Field(description="Job name, used in the output folder and trackers.", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> JobSpec:
+        if self.model.task == "classification" and self.data.format != "classification":
+            raise ValueError("model.task classification needs data.format: classification")
+        if self.data.format == "classification" and self.model.task != "classification":
+            raise ValueError("data.format classification needs model.task: classification")
+        if self.method.name == "prefix" and self.model.task == "classification":
+            raise ValueError("method prefix supports causal_lm only; use lora for classification")
+        if self.data.format == "preference":
+            raise ValueError("data.format preference is for preference tuning (DPO), not supported yet")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``training.lr=1e-4`` → (["training", "lr"], 1e-4). The value is parsed as YAML."""
+    if "=" not in text:
+        raise SpecError(f"override {text!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
+    key, _, raw = text.partition("=")
+    if not key.strip():
+        raise SpecError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a raw spec dict (creating sections as needed)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing file or bad syntax."""
+    if not path.is_file():
+        raise SpecError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of sections (model:, data:, ...) at the top level")
+    return raw
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the section at ``loc`` accepts, for 'unknown key' hints."""
+    model: Any = JobSpec
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            break
+        candidates = [a for a in getattr(field.annotation, "__args__", ()) or (field.annotation,)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def format_validation_errors(source: str, exc: ValidationError) -> list[str]:
+    """One line per problem: ``FILE: dotted.path: message (hint)``."""
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            keys = _valid_keys(loc[:-1])
+            message = "unknown key" + (f" (valid keys: {', '.join(keys)})" if keys else "")
+        elif error["type"] == "missing":
+            message = "missing required key"
+        lines.append(f"{source}: {path}: {message}")
+    return lines
+
+
+def build_spec(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
+    """Validate a raw dict; every problem is reported at once in one SpecError."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError("\n".join(format_validation_errors(source, exc))) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load a job spec file, apply ``a.b=c`` overrides, validate, and resolve data paths."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    spec = build_spec(raw, str(path))
+    spec.data.train = resolve_data_path(spec.data.train, path)
+    if spec.data.validation:
+        spec.data.validation = resolve_data_path(spec.data.validation, path)
+    return spec
+
+
+def resolve_data_path(value: str, spec_file: Path) -> str:
+    """Data paths are relative to the working directory, or else to the spec file's folder."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    beside_spec = spec_file.parent / candidate
+    return str(beside_spec) if beside_spec.exists() else str(candidate)
+
+
+def check_files(spec: JobSpec, source: str) -> list[str]:
+    """Problems a schema cannot see: data files that do not exist."""
+    problems = []
+    for key in ("train", "validation"):
+        value = getattr(spec.data, key)
+        if value and not Path(value).is_file():
+            problems.append(f"{source}: data.{key}: file not found: {value}")
+    return problems
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

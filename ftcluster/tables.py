@@ -1,0 +1,92 @@
+"""Terminal tables: parameter counts, the end-of-run summary, before/after comparisons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ftcluster.engine.progress import format_duration
+
+# Metrics where lower is better (for the arrow in the change column).
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"Run summary: {summary['name']}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    rows = [
+        ("method", summary["method"]),
+        ("trainable params", f"{summary['trainable_params']:,} of {summary['total_params']:,} "
+                             f"({100 * summary['trainable_params'] / max(summary['total_params'], 1):.2f}%)"),
+        ("steps", f"{summary['steps']} of {summary['total_steps']} ({summary['epochs']} epochs)"),
+        ("stopped", summary["stop_reason"]),
+        ("tokens", summary["tokens"]),
+        ("train time", format_duration(summary["train_seconds"])),
+        ("tokens/s", summary["tokens_per_s"]),
+        ("peak memory (MB)", summary["peak_memory_mb"]),
+        ("workers x device", f"{summary['world_size']} x {summary['device']} ({summary['precision']})"),
+    ]
+    if summary.get("best", {}).get("value") is not None:
+        best = summary["best"]
+        rows.append((f"best {best['metric']}", f"{best['value']:.4f} at step {best['step']}"))
+    for key, value in rows:
+        table.add_row(key, _fmt(value))
+    return table
+
+
+def before_after_table(before: dict[str, float], after: dict[str, float], title: str = "Base model vs fine-tuned") -> Table:
+    table = Table(title=title)
+    table.add_column("metric", style="bold")
+    table.add_column("base", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    table.add_column("change", justify="right")
+    for key in after:
+        if key not in before:
+            continue
+        change = after[key] - before[key]
+        better = change < 0 if any(word in key for word in LOWER_IS_BETTER) else change > 0
+        style = "green" if better else ("red" if change else "")
+        table.add_row(key, _fmt(before[key]), _fmt(after[key]), f"[{style}]{change:+.4f}[/]" if style else "0")
+    return table
+
+
+def samples_table(before: list[dict], after: list[dict], show: int) -> Table | None:
+    if not after or show <= 0:
+        return None
+    table = Table(title="Held-out generations", show_lines=True)
+    table.add_column("reference")
+    table.add_column("base")
+    table.add_column("fine-tuned")
+    old = {s["prompt"]: s for s in before}
+    for sample in after[:show]:
+        base = old.get(sample["prompt"], {})
+        table.add_row(sample["reference"], _mark(base), _mark(sample))
+    return table
+
+
+def _mark(sample: dict) -> str:
+    if not sample:
+        return ""
+    text = sample["output"].strip().replace("\n", " ")[:120]
+    return f"{'[green]✓[/]' if sample['match'] else '[red]✗[/]'} {text}"
+
+
+def print_run_tables(summary: dict[str, Any], show_samples: int = 3, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(summary_table(summary))
+    if summary.get("before"):
+        console.print(before_after_table(summary["before"], summary["after"]))
+    samples = samples_table(summary["samples"]["before"], summary["samples"]["after"], show_samples)
+    if samples is not None:
+        console.print(samples)
