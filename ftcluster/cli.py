@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,6 +10,7 @@ import typer
 from rich.console import Console
 
 from ftcluster.errors import FtError
+from ftcluster.quiet import quiet_libraries
 
 app = typer.Typer(
     help="Fine-tune pretrained language models from one YAML job spec, locally or on a Ray cluster.\n\n"
@@ -29,13 +29,6 @@ OverridesArg = Annotated[
                    show_default=False),
 ]
 RunArg = Annotated[Path, typer.Argument(help="A run folder written by `ftcluster train` (its output.dir).", show_default=False)]
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @app.command(epilog="Examples:\n\n  ftcluster validate jobs/quickstart.yaml\n\n  ftcluster validate jobs/quickstart.yaml training.lr=-1   # shows the error")
@@ -125,7 +118,7 @@ def export(
 
 def main() -> None:
     """Console entry point: user errors become one line per problem on stderr and exit code 2."""
-    _quiet_libraries()
+    quiet_libraries()
     try:
         app()
     except FtError as exc:

@@ -16,6 +16,7 @@ from ftcluster.engine.loop import train
 from ftcluster.layout import SUMMARY
 from ftcluster.errors import FtError
 from ftcluster.models.load import ALIASES
+from ftcluster.quiet import quiet_libraries
 from ftcluster.spec import JobSpec
 
 LOOPBACK = "127.0.0.1"
@@ -40,6 +41,7 @@ def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
+    quiet_libraries()
     spec = JobSpec.model_validate(config["spec"])
     train(spec, ray_context(), resume=config["resume"])
 
@@ -54,7 +56,8 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # The dashboard (loopback only) serves the state API that Ray Train uses to clean up after runs.
+    ray.init(_node_ip_address=LOOPBACK, include_dashboard=True, dashboard_host=LOOPBACK, log_to_driver=True)
 
 
 def user_error_in(exc: BaseException) -> FtError | None:
