@@ -99,9 +99,9 @@ def count_params(model: nn.Module) -> ParamCounts:
     """Trainable vs total parameters (4-bit weights count as their logical size)."""
     trainable = total = 0
     for parameter in model.parameters():
-        n = parameter.numel()
-        if hasattr(parameter, "quant_state") or type(parameter).__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
+        quant_state = getattr(parameter, "quant_state", None)
+        # 4-bit weights are stored packed; count the logical weight shape.
+        n = quant_state.shape.numel() if quant_state is not None else parameter.numel()
         total += n
         trainable += n if parameter.requires_grad else 0
     return ParamCounts(trainable, total)

@@ -1,0 +1,111 @@
+"""The job spec: strict validation, every problem at once, dotted overrides, shipped jobs."""
+
+from pathlib import Path
+
+import pytest
+
+from ftcluster.errors import SpecError
+from ftcluster.spec import JobSpec, apply_overrides, load_spec
+
+from conftest import REPO
+
+JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+
+
+def test_jobs_folder_is_not_empty():
+    assert len(JOBS) >= 2
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_every_shipped_job_validates(job, cli):
+    spec = load_spec(job)
+    assert isinstance(spec, JobSpec)
+    result = cli("validate", job)
+    assert result.code == 0, result
+
+
+def test_every_problem_is_reported_at_once_with_its_path(tmp_path, cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: x\nmodel: {path: minilm-l6}\n"
+        "data: {train: d.jsonl, formt: text}\n"
+        "training: {lr: -1, batch_size: many}\n"
+    )
+    result = cli("validate", bad)
+    assert result.code == 2
+    lines = [l for l in result.err.splitlines() if l.strip()]
+    joined = "\n".join(lines)
+    assert "data.formt: unknown key (valid keys:" in joined
+    assert "training.lr: Input should be greater than 0" in joined
+    assert "training.batch_size: Input should be a valid integer" in joined
+    assert len(lines) == 3
+    assert "Traceback" not in result.err + result.out
+
+
+def test_missing_required_sections(tmp_path, cli):
+    bad = tmp_path / "empty.yaml"
+    bad.write_text("name: x\n")
+    result = cli("validate", bad)
+    assert result.code == 2
+    assert f"{bad}: model: missing required key" in result.err
+    assert f"{bad}: data: missing required key" in result.err
+
+
+def test_malformed_yaml_is_one_line(tmp_path, cli):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    result = cli("validate", bad)
+    assert result.code == 2
+    assert "invalid YAML" in result.err and str(bad) in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_missing_spec_file(cli, tmp_path):
+    result = cli("validate", tmp_path / "nope.yaml")
+    assert result.code == 2 and "file not found" in result.err
+
+
+def test_missing_data_file_and_model(tmp_path, cli):
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\nmodel: {path: ./no/such/model}\ndata: {train: no-such.jsonl}\n")
+    result = cli("validate", job)
+    assert result.code == 2
+    assert "data.train: file not found: no-such.jsonl" in result.err
+    assert "model.path: not found: ./no/such/model" in result.err
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(make_job, cli):
+    job = make_job()
+    spec = load_spec(job, ["training.lr=3e-4", "method.lora.target_modules=[q_proj, v_proj]", "eval.every=5"])
+    assert spec.training.lr == 3e-4
+    assert spec.method.lora.target_modules == ["q_proj", "v_proj"]
+    assert spec.eval.every == 5
+    result = cli("validate", job, "training.lr=zero", "training.nope=1")
+    assert result.code == 2
+    assert "training.lr: Input should be a valid number" in result.err
+    assert "training.nope: unknown key" in result.err
+
+
+def test_override_needs_key_and_value():
+    with pytest.raises(SpecError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["training.lr"])
+
+
+def test_cross_field_rules(make_job):
+    with pytest.raises(SpecError, match="unfreeze schedules apply to full and freeze"):
+        load_spec(make_job(), ["method.unfreeze={every: 2}"])
+    with pytest.raises(SpecError, match="needs data.format: classification"):
+        load_spec(make_job(), ["model.task=classification"])
+
+
+def test_every_field_is_documented():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            nested = [a for a in getattr(annotation, "__args__", ()) or (annotation,) if isinstance(a, type) and hasattr(a, "model_fields")]
+            if not nested:
+                assert field.description, f"{prefix}{name} has no description"
+            for sub in nested:
+                walk(sub, f"{prefix}{name}.")
+
+    walk(JobSpec)
