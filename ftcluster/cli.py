@@ -31,13 +31,11 @@ OverridesArg = Annotated[
 RunArg = Annotated[Path, typer.Argument(help="A run folder written by `ftcluster train` (its output.dir).", show_default=False)]
 
 
-@app.command(epilog="Examples:\n\n  ftcluster validate jobs/quickstart.yaml\n\n  ftcluster validate jobs/quickstart.yaml training.lr=-1   # shows the error")
-def validate(job: JobArg, overrides: OverridesArg = None) -> None:
-    """Check a job spec without running it: every problem at once, with its dotted key."""
+def check_spec_inputs(spec, job: Path) -> None:
+    """Problems the schema cannot see, all at once: missing data files, a model that isn't there."""
     from ftcluster.models.load import locate_model
-    from ftcluster.spec import check_files, load_spec
+    from ftcluster.spec import check_files
 
-    spec = load_spec(job, overrides or [])
     problems = check_files(spec, str(job))
     try:
         locate_model(spec.model.path)
@@ -45,6 +43,15 @@ def validate(job: JobArg, overrides: OverridesArg = None) -> None:
         problems.append(f"{job}: {exc}")
     if problems:
         raise FtError("\n".join(problems))
+
+
+@app.command(epilog="Examples:\n\n  ftcluster validate jobs/quickstart.yaml\n\n  ftcluster validate jobs/quickstart.yaml training.lr=-1   # shows the error")
+def validate(job: JobArg, overrides: OverridesArg = None) -> None:
+    """Check a job spec without running it: every problem at once, with its dotted key."""
+    from ftcluster.spec import load_spec
+
+    spec = load_spec(job, overrides or [])
+    check_spec_inputs(spec, job)
     console.print(f"[green]✓[/] {job}: valid ({spec.method.name} on {spec.model.path}, data {spec.data.train})")
 
 
@@ -63,17 +70,15 @@ def train(
     samples: Annotated[int, typer.Option(help="Held-out generations to show at the end (default: eval.generation.show).")] = -1,
 ) -> None:
     """Fine-tune a model as the job spec says, then print the summary and the base-vs-fine-tuned table."""
-    from ftcluster.spec import check_files, load_spec
+    from ftcluster.spec import load_spec
 
     spec = load_spec(job, overrides or [])
-    problems = check_files(spec, str(job))
-    if problems:
-        raise FtError("\n".join(problems))
+    check_spec_inputs(spec, job)
     from ftcluster.launch import run_in_process, run_with_ray
-    from ftcluster.runs import prepare_output
+    from ftcluster.runs import check_output
     from ftcluster.tables import print_run_tables
 
-    out = prepare_output(spec, resume)
+    out = check_output(spec, resume)
     console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {out}")
     if no_ray:
         if spec.scaling.num_workers > 1:

@@ -10,18 +10,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from ftcluster.engine.checkpoint import latest_checkpoint, write_text_atomic
-from ftcluster.layout import CHECKPOINTS, FINAL, RUN_SPEC, SUMMARY
+from ftcluster.layout import CHECKPOINTS, EVAL_AFTER, EVAL_BEFORE, FINAL, METRICS, RUN_SPEC, SUMMARY
 from ftcluster.errors import FtError
 from ftcluster.spec import JobSpec, dump_spec, load_spec
 
 
 
-def prepare_output(spec: JobSpec, resume: bool) -> Path:
-    """Check the run folder may be written, and record the spec in it.
+def check_output(spec: JobSpec, resume: bool) -> Path:
+    """Check (without writing) that the run folder may be used.
 
     A fresh run never writes over a folder that holds another run's results or checkpoints,
     unless ``output.overwrite`` is set.
@@ -35,7 +36,21 @@ def prepare_output(spec: JobSpec, resume: bool) -> Path:
             f"output.dir: {out} already holds a run; use --resume to continue it, "
             f"output.overwrite=true to replace it, or another output.dir"
         )
+    return out
+
+
+def start_output(spec: JobSpec, resume: bool) -> Path:
+    """Called once data and model have loaded: clear a replaced run's results, record the spec.
+
+    Doing this only after the inputs proved good means a bad input never damages earlier outputs.
+    """
+    out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in (SUMMARY, EVAL_BEFORE, EVAL_AFTER, METRICS):
+            (out / name).unlink(missing_ok=True)
+        for name in (FINAL, CHECKPOINTS):
+            shutil.rmtree(out / name, ignore_errors=True)
     write_text_atomic(out / RUN_SPEC, dump_spec(spec))
     return out
 

@@ -39,6 +39,7 @@ from ftcluster.models.methods import (
     count_params,
     quantization_config,
 )
+from ftcluster.runs import start_output
 from ftcluster.spec import JobSpec
 
 
@@ -89,8 +90,6 @@ class MetricsLog:
             # Drop what the interrupted run logged after the checkpoint we resume from.
             kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
             write_text_atomic(path, "".join(line + "\n" for line in kept))
-        elif enabled and path.exists():
-            path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -209,6 +208,8 @@ def train(
         state = load_checkpoint(checkpoint, trained_model, optimizer, scheduler)
         start_step = state["step"]
         say(f"Resumed from {checkpoint} at step {start_step}")
+    if main:
+        start_output(spec, resume)
     log = MetricsLog(out_dir / METRICS, main, start_step if resume else None)
 
     # --- the base model, evaluated the same way as the fine-tuned one later ------------------
