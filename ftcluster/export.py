@@ -25,7 +25,9 @@ def load_finetuned(run_dir: str | Path, *, merged: bool = False):
 
     run, spec, summary = load_run(run_dir)
     weights, is_adapter = final_weights(run)
-    tokenizer = load_tokenizer(resolve_model(str(run / FINAL / "tokenizer")))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / FINAL / "tokenizer")
     if not is_adapter:
         return _auto_class(spec.model.task).from_pretrained(weights, dtype=torch.float32), tokenizer, spec
     from peft import PeftModel

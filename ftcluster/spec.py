@@ -191,6 +191,9 @@ class EvalSpec(Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improvement."
     )
+    min_delta: float = Field(
+        0.0, ge=0, description="Early stopping: an evaluation counts as better only by more than this."
+    )
     stop_on_overfit: bool = Field(
         False, description="Stop when validation loss rises while training loss falls (`overfit_evals` times)."
     )

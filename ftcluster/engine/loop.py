@@ -229,7 +229,8 @@ def train(
         f"(batch {cfg.batch_size} x accum {cfg.grad_accum} x {ctx.world_size} workers), precision {precision}")
 
     # --- the loop -----------------------------------------------------------------------------
-    stopper = EarlyStopper(spec.eval.metric, spec.eval.mode, spec.eval.early_stopping_patience, state.get("stopper"))
+    stopper = EarlyStopper(spec.eval.metric, spec.eval.mode, spec.eval.early_stopping_patience,
+                           state.get("stopper"), spec.eval.min_delta)
     overfit = OverfitDetector(spec.eval.overfit_evals, state.get("overfit"))
     tokens_seen = state.get("tokens_seen", 0)
     train_seconds = state.get("train_seconds", 0.0)

@@ -10,8 +10,10 @@ from ftcluster.errors import FtError
 class EarlyStopper:
     """Tracks the best value of one metric; `should_stop` after `patience` evaluations without improvement."""
 
-    def __init__(self, metric: str, mode: str, patience: int | None, state: dict[str, Any] | None = None):
+    def __init__(self, metric: str, mode: str, patience: int | None, state: dict[str, Any] | None = None,
+                 min_delta: float = 0.0):
         self.metric = metric
+        self.min_delta = min_delta
         self.mode = mode
         self.patience = patience
         state = state or {}
@@ -26,7 +28,9 @@ class EarlyStopper:
             raise FtError(f"eval.metric: {self.metric!r} is not computed by this job (available: {', '.join(sorted(scores))})")
         value = scores[self.metric]
         self.evals += 1
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
         if better:
             self.best, self.best_step, self.bad_evals = value, step, 0
         else:

@@ -1,0 +1,52 @@
+"""Under Ray Train (embedded local Ray): the same loop, on loopback only, same losses as --no-ray."""
+
+import json
+
+import pytest
+
+from conftest import train_losses
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from ftcluster.launch import init_ray
+
+    init_ray(None)
+    yield ray
+    ray.shutdown()
+
+
+def test_local_ray_listens_on_loopback_only(local_ray):
+    nodes = local_ray.nodes()
+    assert nodes and all(node["NodeManagerAddress"] == "127.0.0.1" for node in nodes)
+    assert local_ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    from ray._private.worker import global_worker
+
+    dashboard = global_worker.node.address_info.get("webui_url") or ""
+    assert dashboard == "" or dashboard.startswith("127.0.0.1:")
+
+
+def test_train_under_ray_matches_in_process(local_ray, make_job, tmp_path):
+    from ftcluster.launch import run_in_process, run_with_ray
+    from ftcluster.spec import load_spec
+
+    job = make_job("ray", training={"max_steps": 4}, eval={"every": 2, "before_after": True})
+    spec = load_spec(job)
+    summary = run_with_ray(spec)
+    assert summary["steps"] == 4 and summary["world_size"] == 1
+    assert summary["before"]["val_loss"] > summary["after"]["val_loss"]
+    local = load_spec(job, [f"output.dir={tmp_path / 'runs' / 'local'}"])
+    run_in_process(local)
+    assert train_losses(tmp_path / "runs" / "ray") == train_losses(tmp_path / "runs" / "local")
+
+
+def test_worker_user_error_reaches_the_driver_as_one_line(local_ray, make_job):
+    from ftcluster.errors import FtError
+    from ftcluster.launch import run_with_ray
+    from ftcluster.spec import load_spec
+
+    spec = load_spec(make_job("ray-bad", eval={"every": 2, "metric": "nope"}))
+    with pytest.raises(FtError, match="eval.metric: 'nope' is not computed"):
+        run_with_ray(spec)
