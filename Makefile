@@ -29,10 +29,10 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints-cpu.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ftcluster train jobs/quickstart.yaml
+	$(BIN)/ftcluster train jobs/quickstart.yaml output.overwrite=true
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow"

@@ -1,0 +1,21 @@
+"""The quickstart (`make demo`) end to end: under Ray, on CPU, in minutes, and it really learns."""
+
+import json
+import time
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_quickstart_learns_the_format(cli, tmp_path):
+    started = time.perf_counter()
+    result = cli("train", REPO / "jobs" / "quickstart.yaml", f"output.dir={tmp_path / 'qs'}")
+    elapsed = time.perf_counter() - started
+    assert result.code == 0, result
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["before"]["exact_match"] < 0.3
+    assert summary["after"]["exact_match"] > 0.7
+    assert "Base model vs fine-tuned" in result.out
+    assert elapsed < 300
