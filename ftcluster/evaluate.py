@@ -23,9 +23,9 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
         return F.cross_entropy(logits.float(), labels, reduction="sum")
     # Prefix tuning and similar methods may prepend virtual tokens; score only the real ones.
     logits = logits[:, -labels.shape[1] :]
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+    # Shift the labels, not the logits: slicing the logits would copy the whole (B, T, vocab) tensor.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def iter_batches(items: list[Encoded], batch_size: int, pad_id: int, device, limit: int | None = None) -> Iterator[dict]:

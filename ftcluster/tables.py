@@ -21,6 +21,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def param_table(parts: dict, method: str) -> Table:
+    """Trainable vs total parameters by model part, for the method in use."""
+    table = Table(title=f"Parameters ({method})")
+    table.add_column("part", style="bold")
+    table.add_column("trainable", justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("%", justify="right")
+    trainable = sum(c.trainable for c in parts.values())
+    total = sum(c.total for c in parts.values())
+    for name, counts in list(parts.items()) + [("all", type(next(iter(parts.values())))(trainable, total))]:
+        table.add_row(name, f"{counts.trainable:,}", f"{counts.total:,}", f"{counts.percent:.2f}")
+    return table
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"Run summary: {summary['name']}", show_header=False)
     table.add_column("what", style="bold")
@@ -75,6 +89,16 @@ def samples_table(before: list[dict], after: list[dict], show: int) -> Table | N
     return table
 
 
+def confusion_table(labels: list[str], matrix: list[list[int]]) -> Table:
+    table = Table(title="Confusion matrix (rows: actual, columns: predicted)")
+    table.add_column("actual \\ predicted", style="bold")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for label, row in zip(labels, matrix):
+        table.add_row(label, *[f"[green]{n}[/]" if i == labels.index(label) else str(n) for i, n in enumerate(row)])
+    return table
+
+
 def _mark(sample: dict) -> str:
     if not sample:
         return ""
@@ -87,6 +111,8 @@ def print_run_tables(summary: dict[str, Any], show_samples: int = 3, console: Co
     console.print(summary_table(summary))
     if summary.get("before"):
         console.print(before_after_table(summary["before"], summary["after"]))
+    if summary.get("confusion"):
+        console.print(confusion_table(summary["confusion"]["labels"], summary["confusion"]["matrix"]))
     samples = samples_table(summary["samples"]["before"], summary["samples"]["after"], show_samples)
     if samples is not None:
         console.print(samples)

@@ -67,3 +67,30 @@ def test_fresh_run_refuses_to_overwrite_a_finished_run(make_job, cli, tmp_path):
     assert result.code == 2
     assert "already holds a run" in result.err and len(result.err.strip().splitlines()) == 1
     assert (tmp_path / "runs" / "once" / "summary.json").read_bytes() == summary
+
+
+def test_gradient_checkpointing_does_not_change_the_curve(make_job, cli, tmp_path):
+    method = {"name": "lora", "lora": {"rank": 4, "dropout": 0.0}}
+    run(cli, make_job("plain", method=method))
+    run(cli, make_job("ckpt", method=method, training={"gradient_checkpointing": True}))
+    assert train_losses(tmp_path / "runs" / "plain") == pytest.approx(train_losses(tmp_path / "runs" / "ckpt"), rel=1e-5)
+
+
+def test_bf16_autocast_is_one_switch(make_job, cli, tmp_path):
+    run(cli, make_job("bf16", training={"precision": "bf16"}))
+    summary = json.loads((tmp_path / "runs" / "bf16" / "summary.json").read_text())
+    assert summary["precision"] == "bf16"
+    losses = train_losses(tmp_path / "runs" / "bf16")
+    assert losses[-1] < losses[0]
+
+
+def test_python_records_instead_of_files(make_job, tmp_path):
+    """The loop takes rows from Python (a list of dicts, or a `datasets.Dataset`)."""
+    from conftest import arithmetic_rows
+    from ftcluster.engine.loop import train
+    from ftcluster.spec import load_spec
+
+    spec = load_spec(make_job("records"))
+    summary = train(spec, train_records=arithmetic_rows(32, 3), val_records=arithmetic_rows(8, 4), verbose=False)
+    assert summary["steps"] == 4
+    assert read_metrics(tmp_path / "runs" / "records")[0]["step"] == 1

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from ftcluster.data import build_data
 from ftcluster.data.batches import StepOrder, collate, count_targets
@@ -37,8 +38,10 @@ from ftcluster.models.methods import (
     UnfreezeSchedule,
     apply_method,
     count_params,
+    param_breakdown,
     quantization_config,
 )
+from ftcluster.tables import param_table
 from ftcluster.runs import start_output
 from ftcluster.spec import JobSpec
 
@@ -182,6 +185,8 @@ def train(
     if schedule is not None:
         schedule.apply(0)
     counts = count_params(model)
+    if verbose and main:
+        Console().print(param_table(param_breakdown(model), spec.method.name))
     trained_model = model
     if ctx.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -235,6 +240,8 @@ def train(
     tokens_seen = state.get("tokens_seen", 0)
     train_seconds = state.get("train_seconds", 0.0)
     progress = Progress(total_steps, start_step, enabled=verbose and main)
+    # fp16 needs loss scaling against gradient underflow; for other precisions this is a pass-through.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     model.train()
     window_loss = torch.zeros((), device=device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -258,12 +265,14 @@ def train(
                 with autocast():
                     loss = loss_sum(model, batch) / targets
                 # DDP averages gradients over workers; scale so the step sees the global sum / targets.
-                (loss * ctx.world_size).backward()
+                scaler.scale(loss * ctx.world_size).backward()
             step_loss += loss.detach() * ctx.world_size
             window_tokens += int(batch["input_ids"].numel() if "position_ids" in batch else batch["attention_mask"].sum())
         if cfg.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -280,6 +289,7 @@ def train(
             train_loss = float(window_loss) / window_steps
             record = {
                 "step": step,
+                "time": time.time(),
                 "epoch": round(order.epoch_of(step), 4),
                 "train_loss": train_loss,
                 "lr": scheduler.get_last_lr()[0],
@@ -356,6 +366,8 @@ def train(
         "samples": {"before": before.get("samples", []), "after": after.get("samples", [])},
         "best": stopper.best_record(),
     }
+    if bundle.label_names is not None and "confusion_matrix" in after:
+        summary["confusion"] = {"labels": bundle.label_names, "matrix": after["confusion_matrix"]}
     if main:
         final = save_final_model(trained_model, tokenizer, out_dir, is_peft, bundle.label_names)
         summary["final"] = str(final)

@@ -163,3 +163,10 @@ def load_pretrained(
     except OSError as exc:
         where = "hub id (are you online?)" if not resolved.local else "folder"
         raise ModelError(f"model.path: cannot load {where} {resolved.source}: {str(exc).splitlines()[0]}") from None
+    except (ImportError, RuntimeError, ValueError) as exc:
+        if quantization_config is None:
+            raise
+        raise ModelError(
+            f"method qlora: bitsandbytes cannot load 4-bit weights on this device "
+            f"({str(exc).splitlines()[0]}); use method lora instead"
+        ) from None

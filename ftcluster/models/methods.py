@@ -95,13 +95,17 @@ class ParamCounts:
         return 100.0 * self.trainable / max(self.total, 1)
 
 
+def logical_size(parameter) -> int:
+    """Number of weights a parameter stands for (4-bit weights are stored packed)."""
+    quant_state = getattr(parameter, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+
+
 def count_params(model: nn.Module) -> ParamCounts:
-    """Trainable vs total parameters (4-bit weights count as their logical size)."""
+    """Trainable vs total parameters, counting 4-bit weights at their logical size."""
     trainable = total = 0
     for parameter in model.parameters():
-        quant_state = getattr(parameter, "quant_state", None)
-        # 4-bit weights are stored packed; count the logical weight shape.
-        n = quant_state.shape.numel() if quant_state is not None else parameter.numel()
+        n = logical_size(parameter)
         total += n
         trainable += n if parameter.requires_grad else 0
     return ParamCounts(trainable, total)
@@ -145,3 +149,23 @@ class UnfreezeSchedule:
         changed = self.current >= 0
         self.current = groups
         return changed
+
+
+ADAPTER_MARKERS = ("lora_", "prompt_encoder", "modules_to_save")
+
+
+def param_breakdown(model: nn.Module) -> dict[str, ParamCounts]:
+    """Trainable vs total parameters by part: embeddings, blocks, head, and added adapters."""
+    prefix, blocks = find_blocks(model)
+    parts: dict[str, ParamCounts] = {}
+    for name, parameter in model.named_parameters():
+        n = logical_size(parameter)
+        if any(marker in name for marker in ADAPTER_MARKERS):
+            part = "adapters (added)"
+        else:
+            depth = depth_from_top(name, prefix, len(blocks))
+            part = "head + final norm" if depth == 0 else ("blocks" if depth <= len(blocks) else "embeddings + other")
+        counts = parts.setdefault(part, ParamCounts(0, 0))
+        counts.total += n
+        counts.trainable += n if parameter.requires_grad else 0
+    return parts
