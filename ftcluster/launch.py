@@ -82,7 +82,7 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     init_ray(address)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = absolute_paths(spec)
     scaling = spec.scaling
@@ -92,13 +92,17 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume},
+        torch_config=TorchConfig(timeout_s=spec.distributed.timeout_s),
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=str(spec.output_dir / "ray"),
-            failure_config=FailureConfig(max_failures=0),
+            storage_path=scaling.storage_path or str(spec.output_dir / "ray"),
+            failure_config=FailureConfig(max_failures=spec.training.max_failures),
         ),
     )
     try:

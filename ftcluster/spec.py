@@ -175,6 +175,10 @@ class TrainingSpec(Section):
     checkpoint_every: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep on disk.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: CPUs per worker).")
+    max_failures: int = Field(
+        0, ge=0, description="Restart the worker group this many times after a worker dies, resuming from the "
+        "latest checkpoint (set checkpoint_every)."
+    )
 
 
 class GenerationEvalSpec(Section):
@@ -209,6 +213,56 @@ class ScalingSpec(Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch threads).")
     gpus_per_worker: float = Field(1, ge=0, description="GPUs per worker when use_gpu (fractions allowed).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places workers on nodes: PACK (fill nodes), SPREAD, STRICT_SPREAD (one per node).",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Where Ray Train persists reported checkpoints: a local/NFS path or an s3:// / gs:// URI "
+        "(multi-node runs need shared storage). None: OUTPUT/ray.",
+    )
+
+
+class DistributedSpec(Section):
+    backend: Literal["ddp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: torch DistributedDataParallel (gloo on CPU, nccl on GPU); deepspeed: ZeRO stages 1-3.",
+    )
+    zero_stage: Literal[1, 2, 3] = Field(2, description="deepspeed: ZeRO stage (1 optimizer, 2 +gradients, 3 +parameters).")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="deepspeed: keep optimizer states in CPU memory or on NVMe (stage >= 1)."
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="deepspeed: keep parameters in CPU memory or on NVMe (stage 3 only)."
+    )
+    nvme_path: str | None = Field(None, description="deepspeed: local NVMe folder for nvme offload.")
+    bucket_size_mb: int = Field(
+        25, ge=1, description="Gradient bucket size: DDP bucket_cap_mb; DeepSpeed reduce/allgather bucket sizes."
+    )
+    timeout_s: int = Field(
+        1800, ge=10, description="Collective operations time out after this long: a stuck peer ends the attempt."
+    )
+    deepspeed_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra DeepSpeed config keys passed through. A key that contradicts a value generated "
+        "from the spec is a validation error.",
+    )
+
+    @model_validator(mode="after")
+    def _offload_rules(self) -> DistributedSpec:
+        problems = []
+        if self.backend == "ddp" and (self.offload_optimizer != "none" or self.offload_params != "none"):
+            problems.append("offload needs backend: deepspeed")
+        if self.offload_params != "none" and self.zero_stage != 3:
+            problems.append("offload_params needs zero_stage: 3 (stages 1-2 keep parameters on the device)")
+        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
+            problems.append("nvme offload needs nvme_path")
+        if self.backend == "ddp" and self.deepspeed_overrides:
+            problems.append("deepspeed_overrides need backend: deepspeed")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class WandbSpec(Section):
@@ -240,6 +294,7 @@ class JobSpec(Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -251,6 +306,21 @@ class JobSpec(Section):
             raise ValueError("data.format classification needs model.task: classification")
         if self.method.name == "prefix" and self.model.task == "classification":
             raise ValueError("method prefix supports causal_lm only; use lora for classification")
+        if self.distributed.backend == "deepspeed":
+            if self.method.name == "prefix":
+                raise ValueError("method prefix is not supported with backend deepspeed; use lora")
+            if self.method.unfreeze is not None:
+                raise ValueError("unfreeze schedules are not supported with backend deepspeed (ZeRO fixes the "
+                                 "trainable set at start); use backend ddp")
+        if self.distributed.deepspeed_overrides:
+            from ftcluster.engine.ds_config import contradictions, generated_config
+
+            explicit = None if self.training.precision == "auto" else self.training.precision
+            clashes = contradictions(generated_config(self, explicit), self.distributed.deepspeed_overrides)
+            if clashes:
+                raise ValueError("distributed.deepspeed_overrides: " + "; ".join(clashes))
+        if self.training.max_failures and not self.training.checkpoint_every:
+            raise ValueError("training.max_failures needs training.checkpoint_every (restarts resume from a checkpoint)")
         if self.data.format == "preference":
             raise ValueError("data.format preference is for preference tuning (DPO), not supported yet")
         return self

@@ -24,8 +24,10 @@ from rich.console import Console
 from ftcluster.data import build_data
 from ftcluster.data.batches import StepOrder, collate, count_targets
 from ftcluster.data.render import Renderer
+from ftcluster.engine.backends import DeepSpeedStepper, TorchStepper, zero3_init_context
 from ftcluster.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from ftcluster.engine.context import WorkerContext
+from ftcluster.engine.ds_config import deepspeed_config
 from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
 from ftcluster.engine.optim import build_optimizer, lr_lambda, param_groups
 from ftcluster.engine.progress import Progress
@@ -100,7 +102,8 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
-def save_final_model(model, tokenizer, out_dir: Path, is_peft: bool, label_names: list[str] | None) -> Path:
+def save_final_model(model, tokenizer, out_dir: Path, is_peft: bool, label_names: list[str] | None,
+                     state_dict: dict | None = None) -> Path:
     """Write the fine-tuned weights (adapter or full model) + tokenizer atomically to OUT/final."""
     import shutil
     import tempfile
@@ -108,7 +111,7 @@ def save_final_model(model, tokenizer, out_dir: Path, is_peft: bool, label_names
     final = out_dir / FINAL
     staging = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out_dir))
     try:
-        model.save_pretrained(staging / ("adapter" if is_peft else "model"))
+        model.save_pretrained(staging / ("adapter" if is_peft else "model"), state_dict=state_dict)
         tokenizer.save_pretrained(staging / "tokenizer")
         if label_names is not None:
             (staging / LABELS).write_text(json.dumps(label_names))
@@ -160,6 +163,11 @@ def train(
     # --- model and method --------------------------------------------------------------------
     dtype = torch_dtype(spec.model.dtype, device.type)
     quant = quantization_config(spec.method, dtype)
+    use_deepspeed = spec.distributed.backend == "deepspeed"
+    ds_config = deepspeed_config(spec, precision) if use_deepspeed else None
+    if use_deepspeed:
+        autocast = contextlib.nullcontext  # DeepSpeed casts the model itself (bf16/fp16 sections)
+    zero3 = zero3_init_context(ds_config) if use_deepspeed and spec.distributed.zero_stage == 3 else None
     model = load_pretrained(
         resolved, spec.model.task, dtype=dtype, label_names=bundle.label_names,
         pad_token_id=tokenizer.pad_token_id, quantization_config=quant, revision=spec.model.revision,
@@ -169,7 +177,7 @@ def train(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(model, spec.method, spec.model.task, cfg.gradient_checkpointing)
-    if quant is None:
+    if quant is None and zero3 is None:
         model.to(device)
     is_peft = spec.method.name in PEFT_METHODS
     schedule = None
@@ -180,18 +188,19 @@ def train(
     else:
         include = lambda name, p: p.requires_grad
     groups = param_groups(model, cfg.lr, cfg.weight_decay, spec.method.layerwise_lr_decay, include)
-    optimizer = build_optimizer(groups, cfg.betas, device.type)
+    optimizer = build_optimizer(groups, cfg.betas, device.type, spec.distributed.offload_optimizer != "none")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps))
     if schedule is not None:
         schedule.apply(0)
     counts = count_params(model)
     if verbose and main:
         Console().print(param_table(param_breakdown(model), spec.method.name))
-    trained_model = model
-    if ctx.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if use_deepspeed:
+        stepper = DeepSpeedStepper(model, optimizer, ds_config)
+    else:
+        stepper = TorchStepper(model, optimizer, precision=precision, max_grad_norm=cfg.max_grad_norm,
+                               world_size=ctx.world_size, device=device, bucket_size_mb=spec.distributed.bucket_size_mb)
+    trained_model, model = stepper.module, stepper.forward_model
 
     renderer = Renderer(tokenizer, spec.data.max_length, spec.data.train_on_prompt)
     eval_batch = cfg.batch_size
@@ -220,14 +229,15 @@ def train(
     # --- the base model, evaluated the same way as the fine-tuned one later ------------------
     before: dict = {}
     before_path = out_dir / EVAL_BEFORE
-    if spec.eval.before_after and main:
+    if spec.eval.before_after:
         if resume and before_path.is_file():
             before = json.loads(before_path.read_text())
-        else:
+        else:  # every worker evaluates: under ZeRO-3 each forward pass is a collective
             say("Evaluating the base model ...")
             with base_model_view(trained_model):
                 before = evaluate()
-            write_text_atomic(before_path, json.dumps(before, indent=1))
+            if main:
+                write_text_atomic(before_path, json.dumps(before, indent=1))
 
     say(f"Training {total_steps} steps: {counts.trainable:,} of {counts.total:,} parameters "
         f"({counts.percent:.2f}%), {order.per_step} examples/step "
@@ -240,8 +250,6 @@ def train(
     tokens_seen = state.get("tokens_seen", 0)
     train_seconds = state.get("train_seconds", 0.0)
     progress = Progress(total_steps, start_step, enabled=verbose and main)
-    # fp16 needs loss scaling against gradient underflow; for other precisions this is a pass-through.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     model.train()
     window_loss = torch.zeros((), device=device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -260,21 +268,15 @@ def train(
             torch.distributed.all_reduce(targets)
         step_loss = torch.zeros((), device=device)
         for index, batch in enumerate(micro):
-            sync = index == len(micro) - 1 or ctx.world_size == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()):
+            with stepper.micro_context(last=index == len(micro) - 1):
                 with autocast():
                     loss = loss_sum(model, batch) / targets
-                # DDP averages gradients over workers; scale so the step sees the global sum / targets.
-                scaler.scale(loss * ctx.world_size).backward()
+                # Workers' gradients are averaged; scale so the step sees the global sum / targets.
+                stepper.backward(loss * ctx.world_size)
             step_loss += loss.detach() * ctx.world_size
             window_tokens += int(batch["input_ids"].numel() if "position_ids" in batch else batch["attention_mask"].sum())
-        if cfg.max_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        stepper.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         window_loss += step_loss
         window_steps += 1
@@ -339,7 +341,7 @@ def train(
     progress.close()
 
     # --- wrap-up ------------------------------------------------------------------------------
-    after = evaluate() if main else {}
+    after = evaluate()
     final_scores = scalar_metrics(after)
     if main:
         log.write({"step": step, **final_scores})
@@ -368,8 +370,9 @@ def train(
     }
     if bundle.label_names is not None and "confusion_matrix" in after:
         summary["confusion"] = {"labels": bundle.label_names, "matrix": after["confusion_matrix"]}
+    full_state = stepper.full_state_dict()  # collective under ZeRO-3
     if main:
-        final = save_final_model(trained_model, tokenizer, out_dir, is_peft, bundle.label_names)
+        final = save_final_model(trained_model, tokenizer, out_dir, is_peft, bundle.label_names, full_state)
         summary["final"] = str(final)
         write_text_atomic(out_dir / EVAL_AFTER, json.dumps(after, indent=1))
         write_text_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))

@@ -47,10 +47,15 @@ def param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
-def build_optimizer(groups: list[dict], betas: tuple[float, float], device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], betas: tuple[float, float], device_type: str,
+                    cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the groups: fused on GPU; DeepSpeed's CPU Adam when optimizer states live on CPU."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    fused = device_type == "cuda"
-    return torch.optim.AdamW(clean, betas=betas, fused=fused or None)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(clean, lr=clean[0]["lr"], betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(clean, betas=betas, fused=(device_type == "cuda") or None)
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:

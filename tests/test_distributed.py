@@ -1,0 +1,39 @@
+"""Several workers on CPU (gloo): DDP and DeepSpeed ZeRO give the curve of one big-batch worker."""
+
+import os
+
+import pytest
+
+from conftest import train_losses
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from ftcluster.launch import init_ray
+
+    init_ray(None)
+    yield ray
+    ray.shutdown()
+
+
+def two_worker_run(make_job, name, **sections):
+    from ftcluster.launch import run_with_ray
+    from ftcluster.spec import load_spec
+
+    job = make_job(name, scaling={"num_workers": 2, "cpus_per_worker": 1}, **sections)
+    return run_with_ray(load_spec(job))
+
+
+def test_ddp_two_workers_equal_one_worker_with_double_batch(local_ray, make_job, tmp_path):
+    from ftcluster.launch import run_in_process
+    from ftcluster.spec import load_spec
+
+    method = {"name": "full"}
+    summary = two_worker_run(make_job, "ddp", method=method, training={"batch_size": 4, "max_steps": 4})
+    assert summary["world_size"] == 2
+    run_in_process(load_spec(make_job("single", method=method, training={"batch_size": 8, "max_steps": 4})))
+    two, one = train_losses(tmp_path / "runs" / "ddp"), train_losses(tmp_path / "runs" / "single")
+    assert two == pytest.approx(one, rel=1e-4)
+    assert two[-1] < two[0]
