@@ -13,7 +13,7 @@ from typing import Any
 
 from ftcluster.engine.context import WorkerContext, ray_context
 from ftcluster.engine.loop import train
-from ftcluster.layout import SUMMARY
+from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.errors import FtError
 from ftcluster.models.load import ALIASES
 from ftcluster.quiet import quiet_libraries
@@ -43,7 +43,7 @@ def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
 def _ray_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
     spec = JobSpec.model_validate(config["spec"])
-    train(spec, ray_context(), resume=config["resume"])
+    train(spec, ray_context(spec.output_dir / CHECKPOINTS), resume=config["resume"])
 
 
 def init_ray(address: str | None) -> None:
@@ -76,12 +76,18 @@ def user_error_in(exc: BaseException) -> FtError | None:
     return None
 
 
+def forwarded_env() -> dict | None:
+    """ftcluster's own settings (FTCLUSTER_*) travel from this shell to the workers."""
+    env = {key: value for key, value in os.environ.items() if key.startswith("FTCLUSTER_")}
+    return {"env_vars": env} if env else None
+
+
 def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run the loop under Ray Train's TorchTrainer (`scaling.num_workers` workers)."""
     # Ray Train polls workers every 2 s by default, which makes every report wait that long.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     init_ray(address)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = absolute_paths(spec)
@@ -103,6 +109,8 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
             name=spec.name,
             storage_path=scaling.storage_path or str(spec.output_dir / "ray"),
             failure_config=FailureConfig(max_failures=spec.training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
+            worker_runtime_env=forwarded_env(),
         ),
     )
     try:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import train_losses
+from conftest import read_metrics, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +55,28 @@ def test_deepspeed_zero_two_workers_equal_one_worker_with_double_batch(stage, lo
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / f"zero{stage}" / "final" / "model")
+
+
+def kill_and_compare(make_job, monkeypatch, tmp_path, name, **sections):
+    """Rank 1 dies after step 5 on the first attempt; Ray restarts the group, which resumes from
+    the latest checkpoint Ray has registered; the final losses equal an uninterrupted run's."""
+    training = {"max_steps": 6, "checkpoint_every": 2, "max_failures": 1, "batch_size": 4}
+    two_worker_run(make_job, f"{name}-whole", training=training, **sections)
+    monkeypatch.setenv("FTCLUSTER_FAIL_AT", "1:5")
+    summary = two_worker_run(make_job, f"{name}-killed", training=training, **sections)
+    assert summary["steps"] == 6
+    assert summary["resumed_from_step"] in (2, 4)  # the group really restarted from a checkpoint
+    metrics_steps = [r["step"] for r in read_metrics(tmp_path / "runs" / f"{name}-killed") if "train_loss" in r]
+    assert metrics_steps == [1, 2, 3, 4, 5, 6]  # the failed attempt's extra steps were rolled back
+    whole = train_losses(tmp_path / "runs" / f"{name}-whole")
+    killed = train_losses(tmp_path / "runs" / f"{name}-killed")
+    assert killed == pytest.approx(whole, rel=1e-5)
+
+
+def test_worker_killed_mid_run_restarts_and_matches(local_ray, make_job, monkeypatch, tmp_path):
+    kill_and_compare(make_job, monkeypatch, tmp_path, "ddp-ft", method={"name": "full"})
+
+
+def test_lora_under_deepspeed_resumes_after_a_worker_dies(local_ray, make_job, monkeypatch, tmp_path):
+    kill_and_compare(make_job, monkeypatch, tmp_path, "ds-lora",
+                     distributed={"backend": "deepspeed", "zero_stage": 2})

@@ -19,6 +19,7 @@ class TorchStepper:
                  device: torch.device, bucket_size_mb: int):
         self.module = model
         self.optimizer = optimizer
+        self.engine = None
         self.max_grad_norm = max_grad_norm
         self.forward_model = model
         if world_size > 1:

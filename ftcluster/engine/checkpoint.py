@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's ZeRO shards
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -95,33 +96,56 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainer_state: dict[str, Any],
     keep: int,
+    *,
+    engine=None,
+    is_main: bool = True,
+    barrier=lambda: None,
 ) -> Path:
-    """Write ``root/step-N`` atomically, point ``root/latest`` at it, prune old ones."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write ``root/step-N`` atomically, point ``root/latest`` at it, prune old ones.
+
+    Every worker calls this. Under DeepSpeed each worker writes its own ZeRO shard (DeepSpeed's
+    sharded format) into the staging folder; the main worker adds the trainer state and moves it
+    into place.
+    """
     final = root / f"step-{step:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=root))
-    try:
-        save_file(trainable_state(model), str(staging / "model.safetensors"))
-        optim_tensors, optim_meta = _optimizer_tensors(optimizer)
-        save_file(optim_tensors, str(staging / "optimizer.safetensors"))
-        rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, str(staging / "rng.safetensors"))
-        meta = {
-            **trainer_state,
-            "step": step,
-            "optimizer": optim_meta,
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_meta,
-        }
-        (staging / "trainer_state.json").write_text(json.dumps(meta, default=_jsonable))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
+    staging = root / f".tmp-step-{step:07d}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    barrier()
+    try:
+        if engine is not None:
+            engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG)
+        barrier()
+        if is_main:
+            if engine is None:
+                save_file(trainable_state(model), str(staging / "model.safetensors"))
+                optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+                save_file(optim_tensors, str(staging / "optimizer.safetensors"))
+            else:
+                optim_meta = None
+            rng_tensors, rng_meta = rng_state()
+            save_file(rng_tensors, str(staging / "rng.safetensors"))
+            meta = {
+                **trainer_state,
+                "step": step,
+                "optimizer": optim_meta,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_meta,
+            }
+            (staging / "trainer_state.json").write_text(json.dumps(meta, default=_jsonable))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    write_text_atomic(root / LATEST, final.name + "\n")
-    _prune(root, keep)
+    if is_main:
+        write_text_atomic(root / LATEST, final.name + "\n")
+        _prune(root, keep)
+    barrier()
     return final
 
 
@@ -152,15 +176,19 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    engine=None,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG; return the trainer state (step, ...)."""
     meta = json.loads((path / "trainer_state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            parameters[name].copy_(value)
-    _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    if engine is not None:
+        engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
+    else:
+        weights = load_file(str(path / "model.safetensors"))
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                parameters[name].copy_(value)
+        _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     restore_rng(load_file(str(path / "rng.safetensors")), meta["rng"])
     return meta

@@ -213,13 +213,14 @@ def train(
     start_step = 0
     state: dict[str, Any] = {}
     checkpoint_root = out_dir / CHECKPOINTS
+    resume = resume or ctx.restored is not None  # a restarted worker group continues its run
     if resume:
-        checkpoint = latest_checkpoint(checkpoint_root)
+        checkpoint = ctx.restored or latest_checkpoint(checkpoint_root)
         if checkpoint is None:
             raise FtError(f"--resume: no checkpoint in {checkpoint_root}")
         if schedule is not None:
             schedule.apply(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
-        state = load_checkpoint(checkpoint, trained_model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, trained_model, optimizer, scheduler, engine=stepper.engine)
         start_step = state["step"]
         say(f"Resumed from {checkpoint} at step {start_step}")
     if main:
@@ -326,15 +327,18 @@ def train(
                 stop_reason = "overfitting: validation loss rising while training loss falls"
             window_start = time.perf_counter()  # evaluation time is not training time
 
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps and main:
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
             trainer_state = {
                 "tokens_seen": tokens_seen,
                 "train_seconds": train_seconds,
                 "stopper": stopper.state(),
                 "overfit": overfit.state(),
             }
-            save_checkpoint(checkpoint_root, step, trained_model, optimizer, scheduler, trainer_state, cfg.keep_checkpoints)
+            saved = save_checkpoint(checkpoint_root, step, trained_model, optimizer, scheduler, trainer_state,
+                                    cfg.keep_checkpoints, engine=stepper.engine, is_main=main, barrier=ctx.barrier)
+            ctx.report({"step": step}, saved if main else None)
             window_start = time.perf_counter()
+        ctx.maybe_fail(step)
         if stop_reason != "completed":
             progress.message(f"Stopping at step {step}: {stop_reason}")
             break
@@ -367,6 +371,7 @@ def train(
         "after": final_scores,
         "samples": {"before": before.get("samples", []), "after": after.get("samples", [])},
         "best": stopper.best_record(),
+        "resumed_from_step": start_step if resume else None,
     }
     if bundle.label_names is not None and "confusion_matrix" in after:
         summary["confusion"] = {"labels": bundle.label_names, "matrix": after["confusion_matrix"]}
