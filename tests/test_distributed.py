@@ -80,3 +80,13 @@ def test_worker_killed_mid_run_restarts_and_matches(local_ray, make_job, monkeyp
 def test_lora_under_deepspeed_resumes_after_a_worker_dies(local_ray, make_job, monkeypatch, tmp_path):
     kill_and_compare(make_job, monkeypatch, tmp_path, "ds-lora",
                      distributed={"backend": "deepspeed", "zero_stage": 2})
+
+
+def test_stuck_peer_ends_the_attempt_with_rank_and_operation(local_ray, make_job, monkeypatch):
+    from ftcluster.errors import FtError
+
+    monkeypatch.setenv("FTCLUSTER_STALL_AT", "1:2")
+    with pytest.raises(FtError, match=r"worker 0 of 2: all_reduce of the step's target count at step 3 failed "
+                                      r"after waiting up to distributed.timeout_s=10s"):
+        two_worker_run(make_job, "stuck", method={"name": "full"}, training={"max_steps": 4},
+                       distributed={"timeout_s": 10})

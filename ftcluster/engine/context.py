@@ -6,16 +6,27 @@ torch.distributed, or as a single process (``--no-ray``, benchmarks, tests).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Testing hook for fault tolerance: "RANK:STEP" makes that worker die abruptly after that step,
-# on a first attempt only (not after a restart), like a machine that goes away.
+from ftcluster.errors import FtError
+
+# Testing hooks for fault tolerance, "RANK:STEP": that worker dies abruptly after that step
+# (FAIL_AT, like a machine that goes away) or hangs there (STALL_AT, like a stuck GPU), on a
+# first attempt only (not after a restart).
 FAIL_AT_ENV = "FTCLUSTER_FAIL_AT"
+STALL_AT_ENV = "FTCLUSTER_STALL_AT"
+COLLECTIVE_FAILURE_WORDS = ("timed out", "timeout", "connection reset", "connection closed", "broken pipe")
+
+
+class CollectiveError(FtError):
+    """A collective operation timed out or lost a peer."""
 
 
 @dataclass
@@ -39,10 +50,29 @@ class WorkerContext:
             dist.barrier()
 
     def maybe_fail(self, step: int) -> None:
-        target = os.environ.get(FAIL_AT_ENV)
-        if target and self.restored is None and target == f"{self.rank}:{step}":
+        here = f"{self.rank}:{step}"
+        if self.restored is not None:
+            return
+        if os.environ.get(FAIL_AT_ENV) == here:
             print(f"{FAIL_AT_ENV}: worker {self.rank} exits at step {step}", flush=True)
             os._exit(1)
+        if os.environ.get(STALL_AT_ENV) == here:
+            print(f"{STALL_AT_ENV}: worker {self.rank} hangs at step {step}", flush=True)
+            time.sleep(10**6)
+
+    @contextlib.contextmanager
+    def collective(self, operation: str, step: int, timeout_s: int):
+        """Turn a collective's timeout or lost peer into a one-line error naming rank and operation."""
+        try:
+            yield
+        except RuntimeError as exc:
+            text = str(exc).lower()
+            if self.world_size == 1 or not any(word in text for word in COLLECTIVE_FAILURE_WORDS):
+                raise
+            raise CollectiveError(
+                f"worker {self.rank} of {self.world_size}: {operation} at step {step} failed after waiting up to "
+                f"distributed.timeout_s={timeout_s}s: a peer is stuck or gone ({str(exc).splitlines()[0][:160]})"
+            ) from None
 
 
 def ray_context(checkpoint_root: Path) -> WorkerContext:
@@ -52,8 +82,17 @@ def ray_context(checkpoint_root: Path) -> WorkerContext:
     context = ray.train.get_context()
 
     def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
-        # Every worker must call this (it is a barrier); Ray persists the checkpoint to storage.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+        # Every worker must call this (it is a barrier). Ray copies the checkpoint to its storage
+        # in the background (training goes on) and keeps our local copy for `--resume`.
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=False,
+        )
 
     return WorkerContext(
         rank=context.get_world_rank(),

@@ -265,18 +265,22 @@ def train(
         micro = [collate([bundle.train[i] for i in ids], pad_id) for ids in order.micro_batches(step, ctx.rank)]
         micro = [{k: v.to(device) for k, v in batch.items()} for batch in micro]
         targets = torch.tensor(float(sum(count_targets(b) for b in micro)), device=device)
+        timeout = spec.distributed.timeout_s
         if ctx.world_size > 1:
-            torch.distributed.all_reduce(targets)
+            with ctx.collective("all_reduce of the step's target count", step + 1, timeout):
+                torch.distributed.all_reduce(targets)
         step_loss = torch.zeros((), device=device)
         for index, batch in enumerate(micro):
             with stepper.micro_context(last=index == len(micro) - 1):
                 with autocast():
                     loss = loss_sum(model, batch) / targets
                 # Workers' gradients are averaged; scale so the step sees the global sum / targets.
-                stepper.backward(loss * ctx.world_size)
+                with ctx.collective("gradient all-reduce (backward)", step + 1, timeout):
+                    stepper.backward(loss * ctx.world_size)
             step_loss += loss.detach() * ctx.world_size
             window_tokens += int(batch["input_ids"].numel() if "position_ids" in batch else batch["attention_mask"].sum())
-        stepper.step()
+        with ctx.collective("optimizer step", step + 1, timeout):
+            stepper.step()
         scheduler.step()
         step += 1
         window_loss += step_loss
@@ -284,7 +288,8 @@ def train(
 
         if step % cfg.log_every == 0 or step == total_steps:
             if ctx.world_size > 1:
-                torch.distributed.all_reduce(window_loss)
+                with ctx.collective("all_reduce of the logged loss", step, spec.distributed.timeout_s):
+                    torch.distributed.all_reduce(window_loss)
                 window_loss /= ctx.world_size
             elapsed = time.perf_counter() - window_start
             train_seconds += elapsed
