@@ -106,18 +106,22 @@ def eval_run(run: RunArg) -> None:
 
 
 @app.command(epilog="Examples:\n\n  ftcluster export runs/quickstart --out exported/adapter\n\n"
-             "  ftcluster export runs/quickstart --merge --out exported/merged")
+             "  ftcluster export runs/quickstart --merge --out exported/merged\n\n"
+             "  ftcluster export runs/llama-65b --checkpoint latest --merge --out exported/step")
 def export(
     run: RunArg,
     out: Annotated[Optional[Path], typer.Option(help="Destination folder (default: RUN/export or RUN/merged).")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Merge adapters into the base weights: a plain transformers folder.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty destination folder.")] = False,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        help="Export a training checkpoint instead of the final weights: step-0000200 or latest. "
+             "DeepSpeed ZeRO shards are consolidated into one safetensors model.")] = None,
 ) -> None:
     """Export fine-tuned weights: an adapter folder plain `peft` loads, or (--merge) a full model folder."""
     from ftcluster.export import export_run
 
     destination = out or run / ("merged" if merge else "export")
-    path = export_run(run, destination, merge=merge, force=force)
+    path = export_run(run, destination, merge=merge, force=force, checkpoint=checkpoint)
     console.print(f"[green]✓[/] exported to {path}")
 
 

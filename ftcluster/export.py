@@ -9,8 +9,10 @@ from pathlib import Path
 
 from ftcluster.errors import FtError
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
-from ftcluster.layout import FINAL, LABELS
-from ftcluster.runs import final_weights, load_run
+from ftcluster.engine.checkpoint import DEEPSPEED_TAG, latest_checkpoint
+from ftcluster.layout import CHECKPOINTS, FINAL, LABELS
+from ftcluster.models.methods import apply_method
+from ftcluster.runs import final_weights, load_run, load_run_spec
 
 
 def _auto_class(task: str):
@@ -56,17 +58,59 @@ def load_base(spec, labels_file: Path | None = None):
                            pad_token_id=tokenizer.pad_token_id, revision=spec.model.revision)
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, force: bool = False) -> Path:
-    """Write the adapter (or, with merge, a merged full model) and the tokenizer to ``out``."""
+def model_from_checkpoint(run: Path, checkpoint: str):
+    """(model, tokenizer, spec) rebuilt from a training checkpoint: base weights + method +
+    the checkpoint's trained weights. DeepSpeed ZeRO shards are consolidated into full fp32 tensors."""
+    spec = load_run_spec(run)
+    path = run / CHECKPOINTS / checkpoint
+    if checkpoint == "latest":
+        path = latest_checkpoint(run / CHECKPOINTS)
+    if path is None or not (path / "trainer_state.json").is_file():
+        raise FtError(f"export --checkpoint: no complete checkpoint {checkpoint!r} in {run / CHECKPOINTS}")
+    # 4-bit weights are not merged into; the adapters are the same as LoRA's on a full-precision base.
+    method = spec.method.model_copy(update={"name": "lora"}) if spec.method.name == "qlora" else spec.method
+    labels = run / FINAL / LABELS
+    model = apply_method(load_base(spec, labels_file=labels if labels.is_file() else None), method, spec.model.task)
+    if (path / DEEPSPEED_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise FtError(f"export --checkpoint: {path} does not match the run's model ({unexpected[0]} ...)")
+    tokenizer = load_tokenizer(resolve_model(spec.model.path), spec.model.revision)
+    return model, tokenizer, spec
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, force: bool = False,
+               checkpoint: str | None = None) -> Path:
+    """Write the adapter (or, with merge, a merged full model) and the tokenizer to ``out``.
+
+    By default the run's final weights; with ``checkpoint`` (a step-N folder name or "latest")
+    the weights of that training checkpoint, consolidated from ZeRO shards where needed.
+    """
     run = Path(run_dir)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FtError(f"export: {out} exists and is not empty; pass --force to replace it")
-    weights, is_adapter = final_weights(load_run(run)[0])
+    if checkpoint is None:
+        weights, is_adapter = final_weights(load_run(run)[0])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        if is_adapter and merge:
+        if checkpoint is not None:
+            model, tokenizer, spec = model_from_checkpoint(run, checkpoint)
+            if merge and hasattr(model, "merge_and_unload"):
+                if spec.method.name == "prefix":
+                    raise FtError("export --merge: prefix-tuning adapters cannot be merged into the weights; export without --merge")
+                model = model.merge_and_unload()
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        elif is_adapter and merge:
             model, tokenizer, _ = load_finetuned(run, merged=True)
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)

@@ -55,12 +55,18 @@ def start_output(spec: JobSpec, resume: bool) -> Path:
     return out
 
 
-def load_run(run_dir: str | Path) -> tuple[Path, JobSpec, dict[str, Any]]:
-    """The spec and summary of a finished run."""
+def load_run_spec(run_dir: str | Path) -> JobSpec:
+    """The spec a run (finished or not) was started with."""
     run = Path(run_dir)
     if not (run / RUN_SPEC).is_file():
         raise FtError(f"{run}: not a run folder (no {RUN_SPEC}); pass the output.dir of a `ftcluster train` run")
-    spec = load_spec(run / RUN_SPEC)
+    return load_spec(run / RUN_SPEC)
+
+
+def load_run(run_dir: str | Path) -> tuple[Path, JobSpec, dict[str, Any]]:
+    """The spec and summary of a finished run."""
+    run = Path(run_dir)
+    spec = load_run_spec(run)
     summary_path = run / SUMMARY
     if not summary_path.is_file():
         raise FtError(f"{run}: the run has not finished (no {SUMMARY}); resume it with `ftcluster train --resume`")

@@ -80,3 +80,18 @@ def test_minilm_classification_lora_end_to_end(cli, tmp_path):
     with torch.no_grad():
         predicted = model(**batch).logits.argmax(-1).tolist()
     assert [model.config.id2label[i] for i in predicted] == ["sports", "weather"]
+
+
+def test_lora_checkpoint_exports_like_a_run_stopped_there(make_job, cli, tmp_path, tiny_model):
+    training = {"max_steps": 4, "checkpoint_every": 2}
+    assert cli("train", make_job("ck4", training=training), "--no-ray").code == 0
+    assert cli("train", make_job("ck2", training={**training, "max_steps": 2}), "--no-ray").code == 0
+    out = tmp_path / "ck-export"
+    assert cli("export", tmp_path / "runs" / "ck4", "--checkpoint", "step-0000002", "--merge", "--out", out).code == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    stopped = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                        tmp_path / "runs" / "ck2" / "final" / "adapter").eval()
+    torch.testing.assert_close(logits_of(exported, tokenizer), logits_of(stopped, tokenizer), atol=1e-5, rtol=1e-5)
+    missing = cli("export", tmp_path / "runs" / "ck4", "--checkpoint", "step-9", "--out", tmp_path / "x")
+    assert missing.code == 2 and "no complete checkpoint 'step-9'" in missing.err
