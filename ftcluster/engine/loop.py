@@ -85,6 +85,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 class MetricsLog:
     """Appends one JSON object per line to OUTPUT/metrics.jsonl (main worker only)."""
 
@@ -161,6 +167,7 @@ def train(
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.steps_per_epoch))
 
     # --- model and method --------------------------------------------------------------------
+    rss_before_model_mb = current_rss_mb()
     dtype = torch_dtype(spec.model.dtype, device.type)
     quant = quantization_config(spec.method, dtype)
     use_deepspeed = spec.distributed.backend == "deepspeed"
@@ -171,6 +178,7 @@ def train(
     model = load_pretrained(
         resolved, spec.model.task, dtype=dtype, label_names=bundle.label_names,
         pad_token_id=tokenizer.pad_token_id, quantization_config=quant, revision=spec.model.revision,
+        zero3_rank=ctx.rank if zero3 is not None else None,
     )
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
@@ -193,6 +201,7 @@ def train(
     if schedule is not None:
         schedule.apply(0)
     counts = count_params(model)
+    load_peak_mb = peak_memory_mb(device)  # what building the model cost this worker
     if verbose and main:
         Console().print(param_table(param_breakdown(model), spec.method.name))
     if use_deepspeed:
@@ -372,6 +381,8 @@ def train(
         "precision": precision,
         "device": str(device),
         "peak_memory_mb": peak_memory_mb(device),
+        "load_peak_memory_mb": load_peak_mb,
+        "rss_before_model_mb": rss_before_model_mb,
         "before": scalar_metrics(before),
         "after": final_scores,
         "samples": {"before": before.get("samples", []), "after": after.get("samples", [])},

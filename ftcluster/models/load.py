@@ -142,24 +142,34 @@ def load_pretrained(
     pad_token_id: int | None = None,
     quantization_config=None,
     revision: str | None = None,
+    zero3_rank: int | None = None,
 ):
-    """Load the base model with the right head. Raises ModelError with a one-line reason."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """Load the base model with the right head. Raises ModelError with a one-line reason.
 
-    kwargs = {"dtype": dtype, "revision": revision}
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    ``zero3_rank``: DeepSpeed ZeRO-3 is active; build the model partitioned and stream the
+    weights in (see zero3_load), so no worker ever holds the full model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    head_kwargs = {}
+    if task == "classification":
+        head_kwargs = {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: index for index, name in enumerate(label_names)},
+            "pad_token_id": pad_token_id,
+        }
     try:
-        if task == "classification":
-            return AutoModelForSequenceClassification.from_pretrained(
-                resolved.source,
-                num_labels=len(label_names),
-                id2label=dict(enumerate(label_names)),
-                label2id={name: index for index, name in enumerate(label_names)},
-                pad_token_id=pad_token_id,
-                **kwargs,
-            )
-        return AutoModelForCausalLM.from_pretrained(resolved.source, **kwargs)
+        if zero3_rank is not None and resolved.local and quantization_config is None:
+            from ftcluster.models.zero3_load import load_partitioned
+
+            config = AutoConfig.from_pretrained(resolved.source, **head_kwargs)
+            return load_partitioned(config, auto_class, dtype, Path(resolved.source), zero3_rank)
+        kwargs = {"dtype": dtype, "revision": revision, **head_kwargs}
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        return auto_class.from_pretrained(resolved.source, **kwargs)
     except OSError as exc:
         where = "hub id (are you online?)" if not resolved.local else "folder"
         raise ModelError(f"model.path: cannot load {where} {resolved.source}: {str(exc).splitlines()[0]}") from None
