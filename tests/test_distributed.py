@@ -144,3 +144,13 @@ def test_zero3_workers_never_hold_a_full_copy(local_ray, make_job, tmp_path_fact
     summary = run_with_ray(load_spec(job, ["scaling.num_workers=2"]))
     load_cost = summary["load_peak_memory_mb"] - summary["rss_before_model_mb"]
     assert load_cost < 0.8 * model_mb, (load_cost, model_mb)
+
+
+@pytest.mark.slow
+def test_zero3_with_cpu_offload_trains(local_ray, make_job, tmp_path):
+    """Optimizer and parameter offload (DeepSpeed's CPU Adam is compiled on first use)."""
+    summary = two_worker_run(make_job, "offload", method={"name": "full"}, training={"max_steps": 4, "batch_size": 4},
+                             distributed={"backend": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu",
+                                          "offload_params": "cpu"})
+    losses = train_losses(tmp_path / "runs" / "offload")
+    assert summary["steps"] == 4 and losses[-1] < losses[0]

@@ -109,3 +109,23 @@ def test_every_field_is_documented():
                 walk(sub, f"{prefix}{name}.")
 
     walk(JobSpec)
+
+
+# Parameter counts published for these architectures (LLaMA paper / Llama 2 model cards).
+PUBLISHED_PARAMS = {"llama-7b": 6_738_415_616, "llama-65b": 65_285_660_672}
+
+
+@pytest.mark.parametrize("job", ["llama-7b-lora-ddp.yaml", "llama-65b-qlora-zero3.yaml"])
+def test_big_model_jobs_name_known_shapes(job):
+    """The multi-GPU jobs validate, and the model they name has the shape we plan with
+    (built on the meta device: real shapes, no memory)."""
+    from ftcluster.models.shapes import known_shape, meta_model
+
+    spec = load_spec(REPO / "jobs" / job)
+    shape = known_shape(spec.model.path)
+    assert shape in PUBLISHED_PARAMS
+    model = meta_model(shape)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[shape]
+    assert spec.scaling.use_gpu and spec.scaling.num_workers >= 8
+    if spec.distributed.backend == "deepspeed":
+        assert spec.distributed.zero_stage == 3 and spec.method.name == "qlora"
