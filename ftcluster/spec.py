@@ -279,6 +279,15 @@ class TrackingSpec(Section):
     wandb: WandbSpec | None = Field(None, description="Log to Weights & Biases. None: local metrics only.")
 
 
+class CostSpec(Section):
+    gpu_hour_usd: dict[str, float] = Field(
+        default_factory=dict,
+        description="USD per GPU-hour by GPU family (H100, A100, ...), overriding the built-in table, "
+        "e.g. {H100: 2.10}.",
+    )
+    cpu_core_hour_usd: float = Field(0.04, ge=0, description="USD per CPU core-hour, for runs on CPUs.")
+
+
 class OutputSpec(Section):
     dir: str = Field("runs/{name}", description="Run folder; {name} is the job name.")
     overwrite: bool = Field(
@@ -296,6 +305,7 @@ class JobSpec(Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     @model_validator(mode="after")

@@ -51,6 +51,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("peak memory (MB)", summary["peak_memory_mb"]),
         ("workers x device", f"{summary['world_size']} x {summary['device']} ({summary['precision']})"),
     ]
+    hours = (f"{summary['gpu_hours']:.4f} GPU-hours" if summary.get("device_kind", "cpu") != "cpu"
+             else f"{summary.get('cpu_core_hours', 0):.4f} CPU core-hours")
+    rows.append(("compute", f"{hours} ({summary.get('device_kind', 'cpu')})"))
+    if summary.get("cost_usd") is not None:
+        rows.append(("cost", f"${summary['cost_usd']:.4f} (${summary['cost_per_million_tokens_usd']:.4f} per M tokens)"))
+    rows.append(("MFU", f"{100 * summary['mfu']:.1f}%" if summary.get("mfu") else "n/a (no known peak FLOPs for this device)"))
     if summary.get("best", {}).get("value") is not None:
         best = summary["best"]
         rows.append((f"best {best['metric']}", f"{best['value']:.4f} at step {best['step']}"))

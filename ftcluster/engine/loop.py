@@ -44,6 +44,9 @@ from ftcluster.models.methods import (
     quantization_config,
 )
 from ftcluster.tables import param_table
+from ftcluster.track.cost import cost_per_point, device_kind, run_cost
+from ftcluster.track.flops import flops_per_token, peak_flops
+from ftcluster.track.wandb_run import make_tracker
 from ftcluster.runs import start_output
 from ftcluster.spec import JobSpec
 
@@ -235,6 +238,12 @@ def train(
     if main:
         start_output(spec, resume)
     log = MetricsLog(out_dir / METRICS, main, start_step if resume else None)
+    tracker = make_tracker(spec, out_dir, main, resume)
+    mean_length = sum(len(item.input_ids) for item in bundle.train) / len(bundle.train)
+    flops = flops_per_token(trained_model, round(mean_length))
+    device_flops = peak_flops(device)
+    kind = device_kind(device)
+    devices = ctx.world_size * (spec.scaling.gpus_per_worker if kind != "cpu" else spec.scaling.cpus_per_worker)
 
     # --- the base model, evaluated the same way as the fine-tuned one later ------------------
     before: dict = {}
@@ -304,18 +313,24 @@ def train(
             train_seconds += elapsed
             tokens_seen += window_tokens * ctx.world_size
             train_loss = float(window_loss) / window_steps
+            tokens_per_s = window_tokens * ctx.world_size / elapsed
             record = {
                 "step": step,
                 "time": time.time(),
                 "epoch": round(order.epoch_of(step), 4),
                 "train_loss": train_loss,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": window_tokens * ctx.world_size / elapsed,
+                "tokens_per_s": tokens_per_s,
+                "tokens_per_s_per_worker": tokens_per_s / ctx.world_size,
+                "samples_per_s": window_steps * order.per_step / elapsed,
                 "step_time_s": elapsed / window_steps,
                 "tokens": tokens_seen,
                 "peak_memory_mb": peak_memory_mb(device),
+                "mfu": tokens_per_s * flops.total / (device_flops * ctx.world_size) if device_flops else None,
+                **run_cost(train_seconds, devices, kind, spec.cost),
             }
             log.write(record)
+            tracker.log(record)
             progress.update(step, record)
             since_eval_loss += train_loss * window_steps
             since_eval_steps += window_steps
@@ -330,8 +345,9 @@ def train(
             since_eval_loss, since_eval_steps = 0.0, 0
             diverging = overfit.update(train_avg, scores.get("val_loss"))
             improved = stopper.update(scores, step)
-            record = {"step": step, **{k: v for k, v in scores.items()}, "overfitting": int(diverging)}
+            record = {"step": step, **scores, "overfitting": int(diverging)}
             log.write(record)
+            tracker.log(record)
             ctx.report({k: v for k, v in record.items()})
             progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                              + (" (best)" if improved else "") + (" [overfitting]" if diverging else ""))
@@ -363,6 +379,7 @@ def train(
     final_scores = scalar_metrics(after)
     if main:
         log.write({"step": step, **final_scores})
+        tracker.log({"step": step, **final_scores})
     ctx.report({"step": step, **final_scores})
     summary: dict[str, Any] = {
         "name": spec.name,
@@ -388,7 +405,19 @@ def train(
         "samples": {"before": before.get("samples", []), "after": after.get("samples", [])},
         "best": stopper.best_record(),
         "resumed_from_step": start_step if resume else None,
+        "flops_per_token": flops.total,
+        "mfu": (tokens_seen / train_seconds) * flops.total / (device_flops * ctx.world_size)
+        if device_flops and train_seconds else None,
+        "device_kind": kind,
+        **run_cost(train_seconds, devices, kind, spec.cost),
     }
+    summary["cost_per_million_tokens_usd"] = (
+        summary["cost_usd"] / tokens_seen * 1e6 if summary["cost_usd"] is not None and tokens_seen else None
+    )
+    metric = spec.eval.metric
+    summary["cost_per_point_usd"] = cost_per_point(
+        summary["cost_usd"], summary["before"].get(metric), final_scores.get(metric), spec.eval.mode
+    )
     if bundle.label_names is not None and "confusion_matrix" in after:
         summary["confusion"] = {"labels": bundle.label_names, "matrix": after["confusion_matrix"]}
     full_state = stepper.full_state_dict()  # collective under ZeRO-3
@@ -397,4 +426,7 @@ def train(
         summary["final"] = str(final)
         write_text_atomic(out_dir / EVAL_AFTER, json.dumps(after, indent=1))
         write_text_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
+        tracker.samples_table("eval/samples_before", before.get("samples", []))
+        tracker.samples_table("eval/samples_after", after.get("samples", []))
+        tracker.finish(summary)
     return summary

@@ -1,0 +1,1 @@
+"""Tracking: throughput and MFU, GPU-hours and dollars, Weights & Biases."""

@@ -1,0 +1,74 @@
+"""Weights & Biases logging, main worker only. Offline by default: the run is written under
+OUTPUT/wandb and uploaded later with `wandb sync`; online only when the spec says so and
+WANDB_API_KEY is in the environment. The key is never put in configs, logs or run files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ftcluster.engine.checkpoint import write_text_atomic
+from ftcluster.errors import FtError
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+class NoTracker:
+    """Used when tracking.wandb is not set (and on workers other than the main one)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def samples_table(self, name: str, samples: list[dict]) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class WandbTracker(NoTracker):
+    def __init__(self, spec, out_dir: Path, resume: bool):
+        import wandb
+
+        settings = spec.tracking.wandb
+        if settings.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            raise FtError("tracking.wandb.mode: online needs WANDB_API_KEY in the environment "
+                          "(never in the spec); or use mode: offline and `wandb sync` later")
+        id_file = out_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            group=settings.group,
+            tags=settings.tags,
+            mode=settings.mode,
+            name=spec.name,
+            id=run_id,
+            resume="allow" if run_id else None,
+            dir=str(out_dir),
+            config=spec.model_dump(mode="json"),
+            settings=wandb.Settings(console="off", quiet=True),
+        )
+        write_text_atomic(id_file, self.run.id + "\n")
+
+    def log(self, record: dict[str, Any]) -> None:
+        values = {k: v for k, v in record.items() if k not in ("step", "time") and v is not None}
+        self.run.log(values, step=record["step"])
+
+    def samples_table(self, name: str, samples: list[dict]) -> None:
+        import wandb
+
+        if samples:
+            columns = ["prompt", "reference", "output", "match"]
+            self.run.log({name: wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])})
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None}
+        flat.update({f"before/{k}": v for k, v in summary.get("before", {}).items()})
+        flat.update({f"after/{k}": v for k, v in summary.get("after", {}).items()})
+        self.run.summary.update(flat)
+        self.run.finish()
+
+
+def make_tracker(spec, out_dir: Path, is_main: bool, resume: bool) -> NoTracker:
+    if not is_main or spec.tracking.wandb is None or spec.tracking.wandb.mode == "disabled":
+        return NoTracker()
+    return WandbTracker(spec, out_dir, resume)
