@@ -125,6 +125,14 @@ def export(
     console.print(f"[green]✓[/] exported to {path}")
 
 
+@app.command(epilog="Example:\n\n  ftcluster report runs/quickstart   # then open runs/quickstart/report.html")
+def report(run: RunArg) -> None:
+    """Write RUN/report.html: overview, base-vs-fine-tuned table, and plots of loss, throughput, memory and cost."""
+    from ftcluster.report import write_run_report
+
+    console.print(f"[green]✓[/] wrote {write_run_report(run)}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line per problem on stderr and exit code 2."""
     quiet_libraries()
