@@ -68,12 +68,16 @@ def train(
         "--address", envvar="RAY_ADDRESS",
         help="Ray cluster to run on (ray://HOST:10001); default: embedded local Ray on 127.0.0.1.")] = None,
     samples: Annotated[int, typer.Option(help="Held-out generations to show at the end (default: eval.generation.show).")] = -1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory/cost plan and exit without training.")] = False,
 ) -> None:
     """Fine-tune a model as the job spec says, then print the summary and the base-vs-fine-tuned table."""
     from ftcluster.spec import load_spec
 
     spec = load_spec(job, overrides or [])
     check_spec_inputs(spec, job)
+    if dry_run:
+        show_plan(spec, mfu=0.4)
+        return
     from ftcluster.launch import run_in_process, run_with_ray
     from ftcluster.runs import check_output
     from ftcluster.tables import print_run_tables
@@ -90,6 +94,36 @@ def train(
     print_run_tables(summary, show, console)
     console.print(f"Outputs in {out} (metrics.jsonl, summary.json, final/). "
                   f"Export: ftcluster export {out} --merge --out {out}/merged")
+
+
+@app.command(epilog="Examples:\n\n  ftcluster plan jobs/llama-65b-qlora-zero3.yaml\n\n"
+             "  ftcluster plan jobs/llama-7b-lora-ddp.yaml --suggest --top 5\n\n"
+             "  ftcluster plan jobs/llama-7b-lora-ddp.yaml scaling.gpu_type=A100 training.batch_size=8")
+def plan(
+    job: JobArg,
+    overrides: OverridesArg = None,
+    mfu: Annotated[float, typer.Option(help="Model FLOPs utilisation assumed for time and cost (0-1).")] = 0.4,
+    suggest: Annotated[bool, typer.Option("--suggest", help="Rank every feasible setup (method, ZeRO stage, offload, nodes) by cost.")] = False,
+    top: Annotated[int, typer.Option(help="How many suggestions to show.")] = 10,
+) -> None:
+    """Estimate per-GPU memory, host RAM, time and cost per epoch for a job, before running it."""
+    from ftcluster.spec import load_spec
+
+    spec = load_spec(job, overrides or [])
+    show_plan(spec, mfu, suggest, top)
+
+
+def show_plan(spec, mfu: float, suggest: bool = False, top: int = 10) -> None:
+    from ftcluster import plan as planner
+    from ftcluster.tables import plan_tables, suggestions_table
+
+    if not 0 < mfu <= 1:
+        raise FtError(f"--mfu: {mfu} must be between 0 and 1")
+    result = planner.plan_job(spec, mfu)
+    for table in plan_tables(result):
+        console.print(table)
+    if suggest:
+        console.print(suggestions_table(planner.suggest(spec, mfu), top))
 
 
 @app.command("eval", epilog="Example:\n\n  ftcluster eval runs/quickstart")

@@ -76,6 +76,40 @@ def user_error_in(exc: BaseException) -> FtError | None:
     return None
 
 
+def check_cluster_capacity(spec: JobSpec) -> None:
+    """Refuse, with the numbers, a job the cluster can never run (Ray would wait forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    scaling = spec.scaling
+    needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        needs["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+    problems = [
+        f"scaling: the job needs {amount:g} {kind} ({scaling.num_workers} workers), the Ray cluster has {have.get(kind, 0):g}"
+        for kind, amount in needs.items() if amount > have.get(kind, 0)
+    ]
+    if scaling.use_gpu and not problems:
+        problems += _gpu_memory_problems(spec, have)
+    if problems:
+        raise FtError("\n".join(problems))
+
+
+def _gpu_memory_problems(spec: JobSpec, have: dict) -> list[str]:
+    """The planner's per-GPU estimate against the memory of the GPU type the cluster reports."""
+    from ftcluster.plan import GB, GPU_MEMORY_GB, plan_job
+
+    kinds = [key.split(":", 1)[1] for key in have if key.startswith("accelerator_type:")]
+    memory = [GPU_MEMORY_GB[k] for kind in kinds for k in GPU_MEMORY_GB if k in kind]
+    if not memory:
+        return []
+    plan = plan_job(spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"gpu_memory_gb": min(memory)})}))
+    if plan.gpu_total > plan.gpu_capacity:
+        return [f"plan: {plan.gpu_total / GB:.1f} GB per GPU needed, the cluster's {', '.join(kinds)} GPUs have "
+                f"{min(memory)} GB (see `ftcluster plan --suggest`)"]
+    return []
+
+
 def forwarded_env() -> dict | None:
     """ftcluster's own settings (FTCLUSTER_*) travel from this shell to the workers."""
     env = {key: value for key, value in os.environ.items() if key.startswith("FTCLUSTER_")}
@@ -91,6 +125,7 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = absolute_paths(spec)
+    check_cluster_capacity(spec)
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:

@@ -222,6 +222,12 @@ class ScalingSpec(Section):
         description="Where Ray Train persists reported checkpoints: a local/NFS path or an s3:// / gs:// URI "
         "(multi-node runs need shared storage). None: OUTPUT/ray.",
     )
+    gpu_type: str = Field("H100", description="GPU model the job is planned for (prices, peak FLOPs, memory).")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory per GPU for planning; None: from gpu_type (H100 80, A100 80, H200 141, ...)."
+    )
+    gpus_per_node: int = Field(8, ge=1, description="GPUs per node, for planning host RAM and node counts.")
+    node_ram_gb: float = Field(1024, gt=0, description="Host RAM per node, for planning loading and CPU offload.")
 
 
 class DistributedSpec(Section):

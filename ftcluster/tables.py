@@ -122,3 +122,49 @@ def print_run_tables(summary: dict[str, Any], show_samples: int = 3, console: Co
     samples = samples_table(summary["samples"]["before"], summary["samples"]["after"], show_samples)
     if samples is not None:
         console.print(samples)
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:,.1f} GB"
+
+
+def plan_tables(plan) -> list[Table]:
+    """The planner's per-GPU and per-node memory, and time and cost per epoch."""
+    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+    memory = Table(title=f"Plan: {plan.setup.label()} on {plan.gpu_type} — {verdict}")
+    memory.add_column("per GPU", style="bold")
+    memory.add_column("bytes", justify="right")
+    for key, value in plan.gpu_bytes.items():
+        memory.add_row(key, _gb(value))
+    memory.add_row("[bold]total[/] (capacity)", f"{_gb(plan.gpu_total)} ({_gb(plan.gpu_capacity)})")
+    host = Table(title="Host RAM per node")
+    host.add_column("per node", style="bold")
+    host.add_column("bytes", justify="right")
+    for key, value in plan.host_bytes_per_node.items():
+        host.add_row(key, _gb(value))
+    host.add_row("[bold]total[/] (capacity)", f"{_gb(plan.host_total)} ({_gb(plan.host_capacity)})")
+    epoch = Table(title="Per epoch", show_header=False)
+    epoch.add_column("what", style="bold")
+    epoch.add_column("value")
+    approx = " (estimated at 4 characters per token)" if plan.tokens_estimated else ""
+    epoch.add_row("parameters", f"{plan.trainable_params:,} trainable of {plan.total_params:,}")
+    epoch.add_row("tokens", f"{plan.tokens_per_epoch:,}{approx}")
+    epoch.add_row("FLOPs per token", f"{plan.flops_per_token:,}")
+    if plan.hours_per_epoch is not None:
+        epoch.add_row("time", f"{plan.hours_per_epoch:,.2f} h at {100 * plan.mfu:.0f}% MFU")
+    if plan.cost_per_epoch is not None:
+        epoch.add_row("cost", f"${plan.cost_per_epoch:,.2f} ({plan.hours_per_epoch * plan.setup.world:,.1f} GPU-hours)")
+    return [memory, host, epoch]
+
+
+def suggestions_table(plans: list, top: int) -> Table:
+    table = Table(title=f"Feasible setups, cheapest first ({len(plans)} fit)")
+    for column in ("#", "setup", "GPU memory", "host RAM/node", "hours/epoch", "$ / epoch"):
+        table.add_column(column, justify="left" if column == "setup" else "right")
+    for rank, plan in enumerate(plans[:top], start=1):
+        table.add_row(
+            str(rank), plan.setup.label(), f"{_gb(plan.gpu_total)} / {_gb(plan.gpu_capacity)}", _gb(plan.host_total),
+            f"{plan.hours_per_epoch:,.2f}" if plan.hours_per_epoch is not None else "?",
+            f"{plan.cost_per_epoch:,.2f}" if plan.cost_per_epoch is not None else "?",
+        )
+    return table

@@ -1,0 +1,82 @@
+"""The planner: model states agree with DeepSpeed's own estimators; shipped big jobs fit."""
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from ftcluster.plan import Setup, host_bytes, model_state_bytes, plan_job, plan_setup
+from ftcluster.spec import load_spec
+
+from conftest import REPO
+
+# Llama 65B: parameters and the largest tensor (the 32000 x 8192 embedding), as counted on the
+# meta device (DeepSpeed's *_all_live helpers miscount meta tensors, so its cold estimators get these).
+LLAMA_65B = (65_285_660_672, 262_144_000)
+LLAMA_7B = (6_738_415_616, 131_072_000)
+
+
+def full(stage, offload_optimizer=False, offload_params=False, nodes=1, gpus=8):
+    return Setup("full", "deepspeed", stage, offload_optimizer, offload_params, nodes, gpus)
+
+
+@pytest.mark.parametrize("params", [LLAMA_7B, LLAMA_65B], ids=["7b", "65b"])
+@pytest.mark.parametrize("nodes", [1, 4])
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero2_gpu_model_states_match_deepspeed(params, nodes, offload):
+    total, largest = params
+    ours = sum(model_state_bytes(full(2, offload, nodes=nodes), total, total, largest, "bf16").values())
+    _, theirs = estimate_zero2_model_states_mem_needs(total, 8, nodes, cpu_offload=offload)
+    assert ours == pytest.approx(theirs, rel=0.05)
+
+
+@pytest.mark.parametrize("params", [LLAMA_7B, LLAMA_65B], ids=["7b", "65b"])
+@pytest.mark.parametrize("nodes", [1, 4])
+@pytest.mark.parametrize("offload", [(False, False), (True, False), (True, True)], ids=["none", "opt", "opt+params"])
+def test_zero3_model_states_match_deepspeed(params, nodes, offload):
+    total, largest = params
+    setup = full(3, *offload, nodes=nodes)
+    ours_gpu = sum(model_state_bytes(setup, total, total, largest, "bf16").values())
+    theirs_cpu, theirs_gpu, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, 8, nodes, cpu_offload=offload[0], cpu_offload_params=offload[1], zero_init=True
+    )
+    assert ours_gpu == pytest.approx(theirs_gpu, rel=0.05)
+    if offload[0]:  # what offload keeps in host RAM per node
+        assert host_bytes(setup, total, total, largest, "bf16")["offloaded states"] == pytest.approx(theirs_cpu, rel=0.05)
+
+
+def test_the_65b_qlora_job_fits_its_cluster():
+    plan = plan_job(load_spec(REPO / "jobs" / "llama-65b-qlora-zero3.yaml"))
+    assert plan.fits, (plan.gpu_bytes, plan.host_bytes_per_node)
+    assert plan.total_params > 65e9 and plan.setup.world == 32 and plan.setup.nodes == 4
+
+
+def test_a_65b_full_fine_tune_on_ddp_does_not_fit():
+    spec = load_spec(REPO / "jobs" / "llama-65b-qlora-zero3.yaml",
+                     ["method.name=full", "distributed.backend=ddp", "distributed.offload_optimizer=none"])
+    plan = plan_job(spec)
+    assert not plan.fits and plan.gpu_total > 5 * plan.gpu_capacity  # 65B x 8 bytes on each GPU
+
+
+def test_host_ram_is_flagged_when_offload_needs_more_than_a_node_has():
+    spec = load_spec(REPO / "jobs" / "llama-65b-qlora-zero3.yaml",
+                     ["method.name=full", "scaling.node_ram_gb=256", "distributed.offload_params=cpu"])
+    plan = plan_job(spec)
+    assert plan.gpu_total < plan.gpu_capacity and plan.host_total > plan.host_capacity and not plan.fits
+
+
+def test_cli_plan_and_suggest(cli):
+    result = cli("plan", REPO / "jobs" / "llama-7b-lora-ddp.yaml", "--suggest", "--top", "3")
+    assert result.code == 0, result
+    assert "fits" in result.out and "Feasible setups, cheapest first" in result.out
+    dry = cli("train", REPO / "jobs" / "llama-65b-qlora-zero3.yaml", "--dry-run")
+    assert dry.code == 0 and "Host RAM per node" in dry.out
+
+
+def test_suggestions_are_feasible_and_sorted():
+    from ftcluster.plan import suggest
+
+    plans = suggest(load_spec(REPO / "jobs" / "llama-7b-lora-ddp.yaml"), max_nodes=2)
+    assert plans and all(p.fits for p in plans)
+    costs = [p.cost_per_epoch for p in plans]
+    assert costs == sorted(costs)
+    assert {p.setup.method for p in plans} == {"lora", "qlora"}
