@@ -64,6 +64,8 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return f"{value:,.4g}"
     return str(value)

@@ -129,21 +129,22 @@ def test_zero3_save_resume_export_round_trip(local_ray, make_job, cli, tmp_path)
 
 
 def test_zero3_workers_never_hold_a_full_copy(local_ray, make_job, tmp_path_factory):
-    """2 ZeRO-3 workers load a ~400 MB model: each worker's peak while loading stays well below
-    its runtime plus one full copy (a plain load under ZeRO-3 costs a full copy per worker)."""
+    """2 ZeRO-3 workers load a ~800 MB model: each worker's peak while loading stays well below
+    its runtime plus one full copy (a plain load under ZeRO-3 costs a full copy per worker);
+    the expected cost is half the model (its shard) plus about 100 MB of gathering buffers."""
     from ftcluster.launch import run_with_ray
     from ftcluster.models.tiny import make_tiny_llama
     from ftcluster.spec import load_spec
 
-    folder = make_tiny_llama(tmp_path_factory.mktemp("big") / "llama-100m", hidden_size=1024, layers=8,
+    folder = make_tiny_llama(tmp_path_factory.mktemp("big") / "llama-200m", hidden_size=1024, layers=16,
                              heads=16, kv_heads=16, intermediate_size=2816)
     model_mb = (folder / "model.safetensors").stat().st_size / 2**20
-    assert model_mb > 350
+    assert model_mb > 750
     job = make_job("z3-memory", model={"path": str(folder)}, method={"name": "full"},
                    training={"max_steps": 1, "batch_size": 4}, distributed={"backend": "deepspeed", "zero_stage": 3})
     summary = run_with_ray(load_spec(job, ["scaling.num_workers=2"]))
     load_cost = summary["load_peak_memory_mb"] - summary["rss_before_model_mb"]
-    assert load_cost < 0.8 * model_mb, (load_cost, model_mb)
+    assert load_cost < 0.8 * model_mb, (load_cost, model_mb)  # measured here: 0.66
 
 
 @pytest.mark.slow
