@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow lint bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check ftcluster tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

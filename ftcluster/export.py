@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from ftcluster.errors import FtError
-from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
+from ftcluster.atomic import atomic_directory
 from ftcluster.engine.checkpoint import DEEPSPEED_TAG, latest_checkpoint
+from ftcluster.errors import FtError
 from ftcluster.layout import CHECKPOINTS, FINAL, LABELS
+from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 from ftcluster.models.methods import apply_method
 from ftcluster.runs import final_weights, load_run, load_run_spec
 
@@ -36,11 +35,14 @@ def load_finetuned(run_dir: str | Path, *, merged: bool = False):
 
     base = load_base(spec, labels_file=run / FINAL / LABELS)
     model = PeftModel.from_pretrained(base, weights)
-    if merged:
-        if spec.method.name == "prefix":
-            raise FtError("export --merge: prefix-tuning adapters cannot be merged into the weights; export without --merge")
-        model = model.merge_and_unload()
-    return model, tokenizer, spec
+    return (merge_adapters(model, spec) if merged else model), tokenizer, spec
+
+
+def merge_adapters(model, spec):
+    """Fold LoRA/DoRA adapters into the base weights (prefix tuning has nothing to fold)."""
+    if spec.method.name == "prefix":
+        raise FtError("export --merge: prefix-tuning adapters cannot be merged into the weights; export without --merge")
+    return model.merge_and_unload()
 
 
 def load_base(spec, labels_file: Path | None = None):
@@ -72,7 +74,9 @@ def model_from_checkpoint(run: Path, checkpoint: str):
     labels = run / FINAL / LABELS
     model = apply_method(load_base(spec, labels_file=labels if labels.is_file() else None), method, spec.model.task)
     if (path / DEEPSPEED_TAG).is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
     else:
@@ -99,15 +103,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, for
         raise FtError(f"export: {out} exists and is not empty; pass --force to replace it")
     if checkpoint is None:
         weights, is_adapter = final_weights(load_run(run)[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         if checkpoint is not None:
             model, tokenizer, spec = model_from_checkpoint(run, checkpoint)
             if merge and hasattr(model, "merge_and_unload"):
-                if spec.method.name == "prefix":
-                    raise FtError("export --merge: prefix-tuning adapters cannot be merged into the weights; export without --merge")
-                model = model.merge_and_unload()
+                model = merge_adapters(model, spec)
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         elif is_adapter and merge:
@@ -117,10 +117,4 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, for
         else:
             shutil.copytree(weights, staging, dirs_exist_ok=True)
             shutil.copytree(run / FINAL / "tokenizer", staging, dirs_exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -13,8 +13,8 @@ from typing import Any
 
 from ftcluster.engine.context import WorkerContext, ray_context
 from ftcluster.engine.loop import train
-from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.errors import FtError
+from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.models.load import ALIASES
 from ftcluster.quiet import quiet_libraries
 from ftcluster.spec import JobSpec

@@ -97,7 +97,11 @@ class Plan:
 
 def meta_model_for(spec: JobSpec):
     """The job's model with its method applied, on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     from ftcluster.models.load import resolve_model
     from ftcluster.models.shapes import known_shape, meta_model

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ftcluster.engine.checkpoint import write_text_atomic
+from ftcluster.atomic import write_text_atomic
 from ftcluster.errors import FtError
 from ftcluster.layout import METRICS, SUMMARY
 

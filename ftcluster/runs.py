@@ -14,11 +14,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ftcluster.engine.checkpoint import latest_checkpoint, write_text_atomic
-from ftcluster.layout import CHECKPOINTS, EVAL_AFTER, EVAL_BEFORE, FINAL, METRICS, RUN_SPEC, SUMMARY
+from ftcluster.atomic import write_text_atomic
+from ftcluster.engine.checkpoint import latest_checkpoint
 from ftcluster.errors import FtError
+from ftcluster.layout import (
+    CHECKPOINTS,
+    EVAL_AFTER,
+    EVAL_BEFORE,
+    FINAL,
+    METRICS,
+    RUN_SPEC,
+    SUMMARY,
+)
 from ftcluster.spec import JobSpec, dump_spec, load_spec
-
 
 
 def check_output(spec: JobSpec, resume: bool) -> Path:

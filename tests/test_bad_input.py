@@ -1,10 +1,8 @@
 """Bad input through the real CLI: one line per problem, exit code 2, no traceback, nothing damaged."""
 
 import hashlib
-import json
 
 import pytest
-
 from conftest import write_jsonl
 
 

@@ -1,9 +1,7 @@
 """Several workers on CPU (gloo): DDP and DeepSpeed ZeRO give the curve of one big-batch worker."""
 
-import os
 
 import pytest
-
 from conftest import read_metrics, train_losses
 
 

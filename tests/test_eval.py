@@ -3,11 +3,10 @@
 import json
 
 import pytest
+from conftest import read_metrics
 
 from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
 from ftcluster.evaluate import classification_metrics, normalize_answer
-
-from conftest import read_metrics
 
 
 def test_classification_metrics_by_hand():

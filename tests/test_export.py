@@ -3,7 +3,11 @@
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 
 def logits_of(model, tokenizer, text="<|im_start|>user\nadd 2 and 3<|im_end|>\n"):

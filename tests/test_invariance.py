@@ -5,9 +5,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import read_metrics, train_losses
+from safetensors.torch import load_file
 
 
 def run(cli, job, *extra):
@@ -87,6 +86,7 @@ def test_bf16_autocast_is_one_switch(make_job, cli, tmp_path):
 def test_python_records_instead_of_files(make_job, tmp_path):
     """The loop takes rows from Python (a list of dicts, or a `datasets.Dataset`)."""
     from conftest import arithmetic_rows
+
     from ftcluster.engine.loop import train
     from ftcluster.spec import load_spec
 

@@ -5,7 +5,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ftcluster.engine.optim import lr_lambda, param_groups
-from ftcluster.models.methods import UnfreezeSchedule, apply_method, count_params, quantization_config
+from ftcluster.models.methods import (
+    UnfreezeSchedule,
+    apply_method,
+    count_params,
+    quantization_config,
+)
 from ftcluster.spec import MethodSpec
 
 

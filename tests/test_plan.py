@@ -1,13 +1,12 @@
 """The planner: model states agree with DeepSpeed's own estimators; shipped big jobs fit."""
 
 import pytest
+from conftest import REPO
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from ftcluster.plan import Setup, host_bytes, model_state_bytes, plan_job, plan_setup
+from ftcluster.plan import Setup, host_bytes, model_state_bytes, plan_job
 from ftcluster.spec import load_spec
-
-from conftest import REPO
 
 # Llama 65B: parameters and the largest tensor (the 32000 x 8192 embedding), as counted on the
 # meta device (DeepSpeed's *_all_live helpers miscount meta tensors, so its cold estimators get these).

@@ -1,9 +1,7 @@
 """Under Ray Train (embedded local Ray): the same loop, on loopback only, same losses as --no-ray."""
 
-import json
 
 import pytest
-
 from conftest import train_losses
 
 

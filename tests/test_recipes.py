@@ -8,8 +8,7 @@ optimizer shows up here as a different number.
 import json
 
 import pytest
-
-from conftest import read_metrics, train_losses
+from conftest import train_losses
 
 EXPECTED_FIRST_LOSSES = {
     "full": [5.599428176879883, 5.2516255378723145, 5.068015098571777, 4.898459434509277],

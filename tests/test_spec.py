@@ -1,13 +1,11 @@
 """The job spec: strict validation, every problem at once, dotted overrides, shipped jobs."""
 
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from ftcluster.errors import SpecError
 from ftcluster.spec import JobSpec, apply_overrides, load_spec
-
-from conftest import REPO
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 

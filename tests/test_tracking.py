@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics
 from transformers import AutoModelForCausalLM
 
 from ftcluster.models.methods import apply_method
 from ftcluster.spec import CostSpec, MethodSpec
 from ftcluster.track.cost import cost_per_point, run_cost
 from ftcluster.track.flops import flops_per_token, peak_flops
-
-from conftest import read_metrics
 
 SECRET = "wandb-key-that-must-never-appear-0123456789abcdef"
 

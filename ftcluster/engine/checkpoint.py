@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +19,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ftcluster.atomic import write_text_atomic
+
 LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's ZeRO shards
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give it a normal file's mode
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import resource
 import time
@@ -21,20 +20,38 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from ftcluster.atomic import atomic_directory, write_text_atomic
 from ftcluster.data import build_data
 from ftcluster.data.batches import StepOrder, collate, count_targets
 from ftcluster.data.render import Renderer
 from ftcluster.engine.backends import DeepSpeedStepper, TorchStepper, zero3_init_context
-from ftcluster.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from ftcluster.engine.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ftcluster.engine.context import WorkerContext
 from ftcluster.engine.ds_config import deepspeed_config
 from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
 from ftcluster.engine.optim import build_optimizer, lr_lambda, param_groups
 from ftcluster.engine.progress import Progress
 from ftcluster.errors import FtError
-from ftcluster.layout import CHECKPOINTS, EVAL_AFTER, EVAL_BEFORE, FINAL, LABELS, METRICS, SUMMARY
 from ftcluster.evaluate import base_model_view, loss_sum, run_eval, scalar_metrics
-from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model, torch_dtype
+from ftcluster.layout import (
+    CHECKPOINTS,
+    EVAL_AFTER,
+    EVAL_BEFORE,
+    FINAL,
+    LABELS,
+    METRICS,
+    SUMMARY,
+)
+from ftcluster.models.load import (
+    load_pretrained,
+    load_tokenizer,
+    resolve_model,
+    torch_dtype,
+)
 from ftcluster.models.methods import (
     PEFT_METHODS,
     UnfreezeSchedule,
@@ -43,13 +60,12 @@ from ftcluster.models.methods import (
     param_breakdown,
     quantization_config,
 )
+from ftcluster.runs import start_output
+from ftcluster.spec import JobSpec
 from ftcluster.tables import param_table
 from ftcluster.track.cost import cost_per_point, device_kind, run_cost
 from ftcluster.track.flops import flops_per_token, peak_flops
 from ftcluster.track.wandb_run import make_tracker
-from ftcluster.runs import start_output
-from ftcluster.spec import JobSpec
-
 
 
 def seed_everything(seed: int) -> None:
@@ -114,22 +130,12 @@ class MetricsLog:
 def save_final_model(model, tokenizer, out_dir: Path, is_peft: bool, label_names: list[str] | None,
                      state_dict: dict | None = None) -> Path:
     """Write the fine-tuned weights (adapter or full model) + tokenizer atomically to OUT/final."""
-    import shutil
-    import tempfile
-
     final = out_dir / FINAL
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out_dir))
-    try:
+    with atomic_directory(final) as staging:
         model.save_pretrained(staging / ("adapter" if is_peft else "model"), state_dict=state_dict)
         tokenizer.save_pretrained(staging / "tokenizer")
         if label_names is not None:
             (staging / LABELS).write_text(json.dumps(label_names))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

@@ -10,11 +10,10 @@ import fcntl
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftcluster.atomic import atomic_directory
 from ftcluster.errors import ModelError
 
 # Short names for models that install offline from PyPI.
@@ -111,14 +110,9 @@ def _convert(gguf_path: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def torch_dtype(name: str, device_type: str):
@@ -157,7 +151,11 @@ def load_pretrained(
     ``zero3_rank``: DeepSpeed ZeRO-3 is active; build the model partitioned and stream the
     weights in (see zero3_load), so no worker ever holds the full model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     auto_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     head_kwargs = {}

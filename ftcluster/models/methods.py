@@ -33,7 +33,12 @@ def _peft_task(task: str) -> str:
 
 
 def _apply_peft(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool) -> nn.Module:
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import (
+        LoraConfig,
+        PrefixTuningConfig,
+        get_peft_model,
+        prepare_model_for_kbit_training,
+    )
 
     if method.name == "prefix":
         config = PrefixTuningConfig(task_type=_peft_task(task), num_virtual_tokens=method.prefix.num_virtual_tokens)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftcluster.engine.checkpoint import write_text_atomic
+from ftcluster.atomic import write_text_atomic
 from ftcluster.errors import FtError
 
 RUN_ID_FILE = "wandb_run_id"
