@@ -153,3 +153,28 @@ def test_zero3_with_cpu_offload_trains(local_ray, make_job, tmp_path):
                                           "offload_params": "cpu"})
     losses = train_losses(tmp_path / "runs" / "offload")
     assert summary["steps"] == 4 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapters_under_zero3(method, local_ray, make_job, tmp_path, tiny_model):
+    """LoRA, and QLoRA (4-bit storage dtype = compute dtype, as ZeRO-3 needs), on 2 ZeRO-3 workers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary = two_worker_run(make_job, f"z3-{method}", method={"name": method}, training={"max_steps": 3},
+                             distributed={"backend": "deepspeed", "zero_stage": 3})
+    assert summary["steps"] == 3 and summary["trainable_params"] < summary["total_params"] / 2
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                              tmp_path / "runs" / f"z3-{method}" / "final" / "adapter")
+
+
+def test_zero3_counts_and_flops_see_whole_parameters(local_ray, make_job, tmp_path):
+    """Under ZeRO-3 a worker holds partitions; parameter counts and FLOPs must use full sizes."""
+    from ftcluster.launch import run_in_process
+    from ftcluster.spec import load_spec
+
+    sharded = two_worker_run(make_job, "z3-count", method={"name": "full"}, training={"max_steps": 1},
+                             distributed={"backend": "deepspeed", "zero_stage": 3})
+    whole = run_in_process(load_spec(make_job("one-count", method={"name": "full"}, training={"max_steps": 1})))
+    assert sharded["total_params"] == whole["total_params"] == sharded["trainable_params"]
+    assert sharded["flops_per_token"] == whole["flops_per_token"]

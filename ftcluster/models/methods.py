@@ -101,9 +101,12 @@ class ParamCounts:
 
 
 def logical_size(parameter) -> int:
-    """Number of weights a parameter stands for (4-bit weights are stored packed)."""
+    """Number of weights a parameter stands for: 4-bit weights are stored packed, and under
+    ZeRO-3 a worker holds only a partition (DeepSpeed keeps the full size in ds_numel)."""
     quant_state = getattr(parameter, "quant_state", None)
-    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+    if quant_state is not None:
+        return quant_state.shape.numel()
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
 
 
 def count_params(model: nn.Module) -> ParamCounts:

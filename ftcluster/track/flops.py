@@ -65,7 +65,8 @@ def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     counted: list[torch.Tensor] = []
     for parameter in model.parameters():
         packed = getattr(parameter, "quant_state", None) is not None
-        if id(parameter) not in lookups and (parameter.dim() == 2 or packed):
+        dims = len(getattr(parameter, "ds_shape", parameter.shape))  # ZeRO-3 keeps the full shape aside
+        if id(parameter) not in lookups and (dims == 2 or packed):
             counted.append(parameter)
     if head is not None and id(head.weight) in lookups:  # tied head: the lookup table is also a matmul
         counted.append(head.weight)
