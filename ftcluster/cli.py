@@ -55,6 +55,28 @@ def validate(job: JobArg, overrides: OverridesArg = None) -> None:
     console.print(f"[green]✓[/] {job}: valid ({spec.method.name} on {spec.model.path}, data {spec.data.train})")
 
 
+@app.command(epilog="Examples:\n\n  ftcluster fields\n\n  ftcluster fields method.lora\n\n  ftcluster fields distributed")
+def fields(section: Annotated[Optional[str], typer.Argument(help="Only keys under this dotted prefix, e.g. training.")] = None) -> None:
+    """List every job-spec key with its type, default and meaning (the same text validation uses)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ftcluster.spec import describe_fields
+
+    rows = [row for row in describe_fields() if section is None or row[0] == section or row[0].startswith(section + ".")]
+    if not rows:
+        raise FtError(f"fields: no spec key starts with {section!r} (sections: model, method, data, training, eval, "
+                      "scaling, distributed, tracking, cost, output)")
+    table = Table(title="Job spec keys")
+    table.add_column("key", no_wrap=True, style="bold")
+    table.add_column("type", max_width=14)
+    table.add_column("default", max_width=12)
+    table.add_column("meaning", ratio=1, min_width=30)
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    console.print(table)
+
+
 @app.command(epilog="Examples:\n\n  ftcluster train jobs/quickstart.yaml\n\n"
              "  ftcluster train jobs/quickstart.yaml training.max_steps=20 output.dir=runs/try\n\n"
              "  ftcluster train jobs/quickstart.yaml --resume\n\n"

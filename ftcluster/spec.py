@@ -465,3 +465,20 @@ def check_files(spec: JobSpec, source: str) -> list[str]:
 
 def dump_spec(spec: JobSpec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every field of the spec, nested sections included."""
+    model = model or JobSpec
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        candidates = getattr(field.annotation, "__args__", ()) or (field.annotation,)
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is not None:
+            rows += describe_fields(nested, key + ".")
+            continue
+        type_name = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((key, type_name, default, field.description or ""))
+    return rows

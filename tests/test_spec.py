@@ -127,3 +127,11 @@ def test_big_model_jobs_name_known_shapes(job):
     assert spec.scaling.use_gpu and spec.scaling.num_workers >= 8
     if spec.distributed.backend == "deepspeed":
         assert spec.distributed.zero_stage == 3 and spec.method.name == "qlora"
+
+
+def test_fields_command_lists_every_key_with_its_meaning(cli):
+    result = cli("fields", "method.lora")
+    assert result.code == 0
+    text = " ".join(result.out.split())
+    assert "method.lora.target_modules" in result.out and "q_proj" in text and "all-linear" in text
+    assert cli("fields", "nope").code == 2
