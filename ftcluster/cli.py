@@ -59,7 +59,6 @@ def validate(job: JobArg, overrides: OverridesArg = None) -> None:
 def fields(section: Annotated[Optional[str], typer.Argument(help="Only keys under this dotted prefix, e.g. training.")] = None) -> None:
     """List every job-spec key with its type, default and meaning (the same text validation uses)."""
     from rich.markup import escape
-    from rich.table import Table
 
     from ftcluster.spec import describe_fields
 
@@ -67,14 +66,9 @@ def fields(section: Annotated[Optional[str], typer.Argument(help="Only keys unde
     if not rows:
         raise FtError(f"fields: no spec key starts with {section!r} (sections: model, method, data, training, eval, "
                       "scaling, distributed, tracking, cost, output)")
-    table = Table(title="Job spec keys")
-    table.add_column("key", no_wrap=True, style="bold")
-    table.add_column("type", max_width=14)
-    table.add_column("default", max_width=12)
-    table.add_column("meaning", ratio=1, min_width=30)
-    for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
-    console.print(table)
+    for key, type_name, default, meaning in rows:
+        console.print(f"[bold]{escape(key)}[/]  [dim]({escape(type_name)}, default {escape(default)})[/]")
+        console.print(f"    {escape(meaning)}", highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  ftcluster train jobs/quickstart.yaml\n\n"
