@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,7 +77,6 @@ class Plan:
     mfu: float
     hours_per_epoch: float | None
     cost_per_epoch: float | None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def gpu_total(self) -> float:
@@ -313,12 +312,3 @@ def suggest(spec: JobSpec, mfu: float = 0.4, max_nodes: int = 8) -> list[Plan]:
             plans.append(plan)
     return sorted(plans, key=lambda p: (p.cost_per_epoch if p.cost_per_epoch is not None else math.inf,
                                         p.hours_per_epoch or math.inf))
-
-
-def check_against_cluster(plan: Plan, resources: dict[str, Any]) -> list[str]:
-    """Problems running this plan on a cluster with these Ray resources (cluster_resources())."""
-    problems = []
-    gpus = resources.get("GPU", 0)
-    if gpus < plan.setup.world:
-        problems.append(f"needs {plan.setup.world} GPUs, the cluster has {gpus:g}")
-    return problems

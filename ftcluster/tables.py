@@ -47,8 +47,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("stopped", summary["stop_reason"]),
         ("tokens", summary["tokens"]),
         ("train time", format_duration(summary["train_seconds"])),
-        ("tokens/s", summary["tokens_per_s"]),
-        ("peak memory (MB)", summary["peak_memory_mb"]),
+        ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+        ("peak memory (MB)", f"{summary['peak_memory_mb']:,.0f}"),
         ("workers x device", f"{summary['world_size']} x {summary['device']} ({summary['precision']})"),
     ]
     hours = (f"{summary['gpu_hours']:.4f} GPU-hours" if summary.get("device_kind", "cpu") != "cpu"

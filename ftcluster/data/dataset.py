@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,7 +176,3 @@ def build_data(
     if spec.packing and label_names is None:
         train = pack(train, spec.max_length)
     return DataBundle(train, val, val_examples, label_names, report)
-
-
-def label_counts(encoded: list[Encoded]) -> Counter:
-    return Counter(item.label for item in encoded)
