@@ -126,7 +126,8 @@ def meta_model_for(spec: JobSpec):
 def with_method(model, spec: JobSpec, method: str):
     """Apply the method's structure (QLoRA's adapters are LoRA's; its base is counted at 4 bits)."""
     structural = spec.method.model_copy(update={"name": "lora" if method == "qlora" else method, "unfreeze": None})
-    return apply_method(model, structural, spec.model.task)
+    with torch.device("meta"):  # adapters too: shapes only, no memory, no initialisation work
+        return apply_method(model, structural, spec.model.task)
 
 
 # --- the estimate --------------------------------------------------------------------------------
