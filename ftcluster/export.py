@@ -10,7 +10,7 @@ from ftcluster.engine.checkpoint import DEEPSPEED_TAG, latest_checkpoint
 from ftcluster.errors import FtError
 from ftcluster.layout import CHECKPOINTS, FINAL, LABELS
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
-from ftcluster.models.methods import apply_method
+from ftcluster.models.methods import apply_method, full_precision
 from ftcluster.runs import final_weights, load_run, load_run_spec
 
 
@@ -69,10 +69,9 @@ def model_from_checkpoint(run: Path, checkpoint: str):
         path = latest_checkpoint(run / CHECKPOINTS)
     if path is None or not (path / "trainer_state.json").is_file():
         raise FtError(f"export --checkpoint: no complete checkpoint {checkpoint!r} in {run / CHECKPOINTS}")
-    # 4-bit weights are not merged into; the adapters are the same as LoRA's on a full-precision base.
-    method = spec.method.model_copy(update={"name": "lora"}) if spec.method.name == "qlora" else spec.method
     labels = run / FINAL / LABELS
-    model = apply_method(load_base(spec, labels_file=labels if labels.is_file() else None), method, spec.model.task)
+    base = load_base(spec, labels_file=labels if labels.is_file() else None)
+    model = apply_method(base, full_precision(spec.method), spec.model.task)
     if (path / DEEPSPEED_TAG).is_dir():
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
@@ -104,17 +103,16 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, for
     if checkpoint is None:
         weights, is_adapter = final_weights(load_run(run)[0])
     with atomic_directory(out) as staging:
+        if checkpoint is None and not (is_adapter and merge):  # the saved folders are already the export
+            shutil.copytree(weights, staging, dirs_exist_ok=True)
+            shutil.copytree(run / FINAL / "tokenizer", staging, dirs_exist_ok=True)
+            return out
         if checkpoint is not None:
             model, tokenizer, spec = model_from_checkpoint(run, checkpoint)
             if merge and hasattr(model, "merge_and_unload"):
                 model = merge_adapters(model, spec)
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-        elif is_adapter and merge:
-            model, tokenizer, _ = load_finetuned(run, merged=True)
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
         else:
-            shutil.copytree(weights, staging, dirs_exist_ok=True)
-            shutil.copytree(run / FINAL / "tokenizer", staging, dirs_exist_ok=True)
+            model, tokenizer, _ = load_finetuned(run, merged=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return out

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from ftcluster.errors import FtError
-from ftcluster.models.methods import apply_method, count_params
+from ftcluster.models.methods import apply_method, count_params, full_precision
 from ftcluster.spec import JobSpec
 from ftcluster.track.cost import hourly_price
-from ftcluster.track.flops import PEAK_TFLOPS, flops_per_token
+from ftcluster.track.flops import flops_per_token, peak_flops_of
 
 GB = 1e9
 GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10G": 24, "A10": 24, "L4": 24, "V100": 32, "T4": 16}
@@ -125,7 +125,7 @@ def meta_model_for(spec: JobSpec):
 
 def with_method(model, spec: JobSpec, method: str):
     """Apply the method's structure (QLoRA's adapters are LoRA's; its base is counted at 4 bits)."""
-    structural = spec.method.model_copy(update={"name": "lora" if method == "qlora" else method, "unfreeze": None})
+    structural = full_precision(spec.method.model_copy(update={"name": method, "unfreeze": None}))
     with torch.device("meta"):  # adapters too: shapes only, no memory, no initialisation work
         return apply_method(model, structural, spec.model.task)
 
@@ -255,7 +255,7 @@ def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bo
     gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision))
     gpu["runtime"] = RUNTIME_GPU_BYTES
     capacity = (spec.scaling.gpu_memory_gb or GPU_MEMORY_GB.get(spec.scaling.gpu_type, 80)) * GB
-    peak = next((t * 1e12 for key, t in PEAK_TFLOPS if key in spec.scaling.gpu_type), None)
+    peak = peak_flops_of(spec.scaling.gpu_type)
     effective = mfu * OFFLOAD_SPEED[setup.offload]
     hours = tokens[0] * facts.flops_per_token / (effective * peak * setup.world) / 3600 if peak else None
     price = hourly_price(spec.scaling.gpu_type, spec.cost)

@@ -64,7 +64,7 @@ from ftcluster.runs import start_output
 from ftcluster.spec import JobSpec
 from ftcluster.tables import param_table
 from ftcluster.track.cost import cost_per_point, device_kind, run_cost
-from ftcluster.track.flops import flops_per_token, peak_flops
+from ftcluster.track.flops import flops_per_token, model_flops_utilization, peak_flops
 from ftcluster.track.wandb_run import make_tracker
 
 
@@ -280,7 +280,7 @@ def train(
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
     since_eval_loss, since_eval_steps = 0.0, 0
     stop_reason = "completed"
-    last_eval: dict = {}
+    timeout = spec.distributed.timeout_s
     step = start_step
     while step < total_steps:
         if schedule is not None and schedule.apply(step):
@@ -289,7 +289,6 @@ def train(
         micro = [collate([bundle.train[i] for i in ids], pad_id) for ids in order.micro_batches(step, ctx.rank)]
         micro = [{k: v.to(device) for k, v in batch.items()} for batch in micro]
         targets = torch.tensor(float(sum(count_targets(b) for b in micro)), device=device)
-        timeout = spec.distributed.timeout_s
         if ctx.world_size > 1:
             with ctx.collective("all_reduce of the step's target count", step + 1, timeout):
                 torch.distributed.all_reduce(targets)
@@ -312,7 +311,7 @@ def train(
 
         if step % cfg.log_every == 0 or step == total_steps:
             if ctx.world_size > 1:
-                with ctx.collective("all_reduce of the logged loss", step, spec.distributed.timeout_s):
+                with ctx.collective("all_reduce of the logged loss", step, timeout):
                     torch.distributed.all_reduce(window_loss)
                 window_loss /= ctx.world_size
             elapsed = time.perf_counter() - window_start
@@ -332,7 +331,7 @@ def train(
                 "step_time_s": elapsed / window_steps,
                 "tokens": tokens_seen,
                 "peak_memory_mb": peak_memory_mb(device),
-                "mfu": tokens_per_s * flops.total / (device_flops * ctx.world_size) if device_flops else None,
+                "mfu": model_flops_utilization(tokens_per_s, flops.total, device_flops, ctx.world_size),
                 **run_cost(train_seconds, devices, kind, spec.cost),
             }
             log.write(record)
@@ -345,8 +344,7 @@ def train(
 
         at_eval = spec.eval.every is not None and step % spec.eval.every == 0 and step < total_steps
         if at_eval:
-            last_eval = evaluate(generation=False)
-            scores = scalar_metrics(last_eval)
+            scores = scalar_metrics(evaluate(generation=False))
             train_avg = since_eval_loss / max(since_eval_steps, 1)
             since_eval_loss, since_eval_steps = 0.0, 0
             diverging = overfit.update(train_avg, scores.get("val_loss"))
@@ -354,7 +352,7 @@ def train(
             record = {"step": step, **scores, "overfitting": int(diverging)}
             log.write(record)
             tracker.log(record)
-            ctx.report({k: v for k, v in record.items()})
+            ctx.report(record)
             progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                              + (" (best)" if improved else "") + (" [overfitting]" if diverging else ""))
             if stopper.should_stop:
@@ -412,8 +410,8 @@ def train(
         "best": stopper.best_record(),
         "resumed_from_step": start_step if resume else None,
         "flops_per_token": flops.total,
-        "mfu": (tokens_seen / train_seconds) * flops.total / (device_flops * ctx.world_size)
-        if device_flops and train_seconds else None,
+        "mfu": model_flops_utilization(tokens_seen / train_seconds, flops.total, device_flops, ctx.world_size)
+        if train_seconds else None,
         "device_kind": kind,
         **run_cost(train_seconds, devices, kind, spec.cost),
     }

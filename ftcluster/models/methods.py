@@ -28,6 +28,11 @@ def quantization_config(method: MethodSpec, compute_dtype):
     )
 
 
+def full_precision(method: MethodSpec) -> MethodSpec:
+    """The method on an unquantized base: QLoRA's adapters are LoRA's (for merging and planning)."""
+    return method.model_copy(update={"name": "lora"}) if method.name == "qlora" else method
+
+
 def _peft_task(task: str) -> str:
     return "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
 

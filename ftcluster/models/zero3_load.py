@@ -38,21 +38,35 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise ModelError(f"model.path: {folder} has no safetensors weights (needed for ZeRO-3 streaming loads)")
 
 
+def _header(handle) -> tuple[int, list[tuple[str, dict]]]:
+    """A safetensors file's layout: an 8-byte little-endian header length, then a JSON header of
+    dtype/shape/offsets per tensor. Returns the data start and the entries in file order."""
+    (header_size,) = struct.unpack("<Q", handle.read(8))
+    header = json.loads(handle.read(header_size))
+    header.pop("__metadata__", None)
+    return 8 + header_size, sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+
+
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a safetensors file, each read into its own buffer (the format: an 8-byte
-    little-endian header length, a JSON header of dtype/shape/offsets, then the raw data)."""
+    """Tensors of a safetensors file, each read into its own buffer (plain reads, no memory map)."""
     with path.open("rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-        header.pop("__metadata__", None)
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        data_start, entries = _header(handle)
+        for name, entry in entries:
             start, end = entry["data_offsets"]
-            handle.seek(8 + header_size + start)
+            handle.seek(data_start + start)
             buffer = bytearray(end - start)
             handle.readinto(buffer)
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
             yield name, tensor.reshape(entry["shape"])
+
+
+def _names_only(path: Path) -> Iterator[tuple[str, None]]:
+    """The tensor names of a file in the order rank 0 reads them (every rank gathers in step)."""
+    with path.open("rb") as handle:
+        _, entries = _header(handle)
+    for name, _ in entries:
+        yield name, None
 
 
 @contextlib.contextmanager
@@ -92,12 +106,3 @@ def load_partitioned(config, auto_class, dtype, folder: Path, rank: int) -> torc
                         target.data.copy_(value.to(target.dtype))
     return model
 
-
-def _names_only(path: Path) -> Iterator[tuple[str, None]]:
-    """The tensor names of a file in the order rank 0 reads them (every rank gathers in step)."""
-    with path.open("rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-    header.pop("__metadata__", None)
-    for name, _ in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-        yield name, None

@@ -33,15 +33,16 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 
 
+def peak_flops_of(gpu_name: str) -> float | None:
+    """Peak FLOP/s of a GPU by (part of) its name; None when it is not in the table."""
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in gpu_name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
     """Peak FLOP/s of the device; None for CPUs and unknown GPUs (no guessing)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,11 @@ def flops_per_token(model: torch.nn.Module, context: int) -> FlopsPerToken:
     width = getattr(config, "hidden_size", 0)
     frozen, trained = _matmul_params(model)
     return FlopsPerToken(frozen, trained, 12 * layers * width * context)
+
+
+def model_flops_utilization(tokens_per_s: float, flops_per_token: int, peak_per_device: float | None,
+                            devices: int) -> float | None:
+    """Achieved model FLOP/s over the devices' peak; None where the peak is unknown."""
+    if not peak_per_device:
+        return None
+    return tokens_per_s * flops_per_token / (peak_per_device * devices)
