@@ -112,6 +112,71 @@ def train(
                   f"Export: ftcluster export {out} --merge --out {out}/merged")
 
 
+@app.command(epilog="Examples:\n\n"
+             "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --trials 6 --concurrent 2\n\n"
+             "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --searcher optuna --max-cost-usd 5\n\n"
+             "  ftcluster tune jobs/classify-minilm.yaml tune_spaces/unfreeze.yaml --scheduler none\n\n"
+             "  ftcluster tune --resume runs/quickstart-sweep")
+def tune(
+    job: Annotated[Optional[Path], typer.Argument(help="Job spec YAML every trial starts from.", show_default=False)] = None,
+    space: Annotated[Optional[Path], typer.Argument(
+        help="Search space YAML: dotted spec keys -> {loguniform|uniform|quniform|randint|choice|grid|expr: ...}, "
+             "e.g. tune_spaces/lora.yaml.", show_default=False)] = None,
+    overrides: OverridesArg = None,
+    trials: Annotated[Optional[int], typer.Option(help="Trials in total (default: the grid's size for --searcher grid, else 8).")] = None,
+    concurrent: Annotated[int, typer.Option(help="Trials running at once.")] = 2,
+    scheduler: Annotated[str, typer.Option(help="asha (stop weak trials at evaluations), pbt (population based "
+                                           "training: copy good checkpoints, perturb values) or none.")] = "asha",
+    searcher: Annotated[str, typer.Option(help="random, grid (every grid point once) or optuna (TPE).")] = "random",
+    grace_steps: Annotated[Optional[int], typer.Option(help="ASHA: steps every trial runs before any is stopped (default: eval.every).")] = None,
+    reduction_factor: Annotated[float, typer.Option(help="ASHA: keep 1/this of the trials at each rung.")] = 2,
+    max_gpu_hours: Annotated[Optional[float], typer.Option(help="Start no new trial once the trials have used this many GPU-hours.")] = None,
+    max_cost_usd: Annotated[Optional[float], typer.Option(help="Start no new trial once the trials have cost this much (cost section prices).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the searcher (same seed, same trials).")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: runs/NAME-sweep).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing sweep in the folder.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted sweep in this folder.")] = None,
+    address: Annotated[Optional[str], typer.Option(
+        "--address", envvar="RAY_ADDRESS", help="Ray cluster to run on; default: embedded local Ray on 127.0.0.1.")] = None,
+) -> None:
+    """Run many fine-tunes of one job in parallel with Ray Tune; print the leaderboard; write best.yaml."""
+    from ftcluster.spec import load_spec
+    from ftcluster.sweep.driver import SweepOptions, load_sweep, prepare_sweep, run_sweep
+    from ftcluster.tables import leaderboard_table
+
+    if resume is not None:
+        if job is not None or space is not None:
+            raise FtError("--resume DIR continues a sweep with its recorded job and space; drop JOB and SPACE")
+        sweep = load_sweep(resume)
+    else:
+        if job is None or space is None:
+            raise FtError("tune: give JOB and SPACE (e.g. ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml), "
+                          "or --resume DIR")
+        spec = load_spec(job, overrides or [])
+        check_spec_inputs(spec, job)
+        options = SweepOptions(trials, concurrent, scheduler, searcher, grace_steps, reduction_factor,
+                               max_gpu_hours, max_cost_usd, seed)
+        sweep = prepare_sweep(spec, space, options, out, force)
+    console.print(f"[bold]ftcluster tune[/] {sweep.setup.name}: {sweep.trials} trials, {sweep.options.concurrent} at once, "
+                  f"{sweep.options.searcher} search, scheduler {sweep.options.scheduler}, "
+                  f"{sweep.metric} ({sweep.mode}) → {sweep.folder}")
+    outcome = run_sweep(sweep, resume=resume is not None, address=address)
+    console.print(leaderboard_table(outcome.rows, sweep.metric, f"Sweep {sweep.setup.name}"))
+    t = outcome.totals
+    cost = f"${t['cost_usd']:.4f}" if t["cost_usd"] is not None else "n/a"
+    console.print(f"{t['trials']} trials: {t['completed']} completed, {t['stopped_early']} stopped early, "
+                  f"{t['errors']} failed; {t['steps']:,} steps, {t['tokens']:,} tokens, {t['gpu_hours']:.4f} GPU-h, "
+                  f"{t['cpu_core_hours']:.4f} CPU core-h, {cost}")
+    if outcome.budget_reached:
+        console.print("[yellow]Budget reached:[/] no new trials were started after it.")
+    if outcome.best_spec:
+        console.print(f"Best spec: {outcome.best_spec} (run it: ftcluster train {outcome.best_spec}). "
+                      f"Leaderboard: {sweep.folder}/leaderboard.csv; report: ftcluster report {sweep.folder}")
+    if outcome.interrupted:
+        err_console.print(f"interrupted; continue with `ftcluster tune --resume {sweep.folder}`")
+        sys.exit(130)
+
+
 @app.command(epilog="Examples:\n\n  ftcluster plan jobs/llama-65b-qlora-zero3.yaml\n\n"
              "  ftcluster plan jobs/llama-7b-lora-ddp.yaml --suggest --top 5\n\n"
              "  ftcluster plan jobs/llama-7b-lora-ddp.yaml scaling.gpu_type=A100 training.batch_size=8")
@@ -175,12 +240,17 @@ def export(
     console.print(f"[green]✓[/] exported to {path}")
 
 
-@app.command(epilog="Example:\n\n  ftcluster report runs/quickstart   # then open runs/quickstart/report.html")
-def report(run: RunArg) -> None:
-    """Write RUN/report.html: overview, base-vs-fine-tuned table, and plots of loss, throughput, memory and cost."""
-    from ftcluster.report import write_run_report
+@app.command(epilog="Examples:\n\n  ftcluster report runs/quickstart   # then open runs/quickstart/report.html\n\n"
+             "  ftcluster report runs/quickstart-sweep")
+def report(run: Annotated[Path, typer.Argument(help="A run folder, or a sweep folder written by `ftcluster tune`.",
+                                               show_default=False)]) -> None:
+    """Write report.html: for a run, overview, base-vs-fine-tuned and plots of loss, throughput, memory, cost;
+    for a sweep, the leaderboard, metric vs dollars with the Pareto front, and every trial's curve."""
+    from ftcluster.report import write_run_report, write_sweep_report
+    from ftcluster.sweep.leaderboard import LEADERBOARD_JSON
 
-    console.print(f"[green]✓[/] wrote {write_run_report(run)}")
+    path = write_sweep_report(run) if (run / LEADERBOARD_JSON).is_file() else write_run_report(run)
+    console.print(f"[green]✓[/] wrote {path}")
 
 
 def main() -> None:

@@ -127,21 +127,16 @@ def forwarded_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None) -> dict[str, Any]:
-    """Run the loop under Ray Train's TorchTrainer (`scaling.num_workers` workers)."""
-    # Ray Train polls workers every 2 s by default, which makes every report wait that long.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    init_ray(address)
+def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = None):
+    """A TorchTrainer running the loop on `scaling.num_workers` workers (`spec` with absolute paths)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    spec = absolute_paths(spec)
-    check_cluster_capacity(spec)
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _ray_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume},
         torch_config=TorchConfig(timeout_s=spec.distributed.timeout_s),
@@ -157,8 +152,13 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
             failure_config=FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
             worker_runtime_env=forwarded_env(),
+            callbacks=callbacks,
         ),
     )
+
+
+def fit(trainer, spec: JobSpec) -> dict[str, Any]:
+    """Run the trainer; a user error on a worker comes back as that one-line error."""
     try:
         trainer.fit()
     except Exception as exc:
@@ -167,3 +167,13 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
             raise FtError(str(user_error)) from None
         raise
     return json.loads((spec.output_dir / SUMMARY).read_text())
+
+
+def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Run the loop under Ray Train's TorchTrainer (`scaling.num_workers` workers)."""
+    # Ray Train polls workers every 2 s by default, which makes every report wait that long.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    init_ray(address)
+    spec = absolute_paths(spec)
+    check_cluster_capacity(spec)
+    return fit(make_trainer(spec, resume), spec)

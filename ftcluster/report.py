@@ -22,11 +22,17 @@ def _png(figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    plt = _pyplot()
 
     steps = [r for r in records if "train_loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -87,17 +93,92 @@ def write_run_report(run_dir: str | Path) -> Path:
             for k, v in summary["after"].items() if k in summary["before"]
         )
         comparison = f"<h2>Base vs fine-tuned</h2><table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{rows}</table>"
-    figures = "".join(
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>'
-        for title, data in _plots(records)
-    )
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>ftcluster report: {html.escape(summary.get('name', run.name))}</title>
+    figures = "".join(_figure(title, data) for title, data in _plots(records))
+    out = run / REPORT
+    write_text_atomic(out, _page(f"ftcluster run: {summary.get('name', run.name)}",
+                                 f"<h2>Overview</h2>{overview}{comparison}<h2>Curves</h2>{figures}"))
+    return out
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
 th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0.5em}}</style>
-</head><body><h1>ftcluster run: {html.escape(summary.get('name', run.name))}</h1>
-<h2>Overview</h2>{overview}{comparison}<h2>Curves</h2>{figures}</body></html>
+</head><body><h1>{html.escape(title)}</h1>
+{body}</body></html>
 """
-    out = run / REPORT
-    write_text_atomic(out, page)
+
+
+def _figure(title: str, data: str) -> str:
+    return f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def _sweep_plots(sweep_dir: Path, board: dict[str, Any]) -> list[tuple[str, str]]:
+    """Metric vs dollars per trial with the Pareto front; the metric over steps for every trial."""
+    from ftcluster.sweep.leaderboard import read_records
+    from ftcluster.sweep.trial import TRIALS
+
+    plt = _pyplot()
+    metric, rows = board["metric"], board["rows"]
+    front = set(board["pareto_front"])
+    images = []
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    priced = [r for r in rows if r["cost_usd"] is not None and r["metric"] is not None]
+    for status, marker in (("completed", "o"), ("stopped early", "x"), ("interrupted", "s")):
+        points = [(r["cost_usd"], r["metric"]) for r in priced if r["status"] == status]
+        if points:
+            axis.scatter(*zip(*points), marker=marker, label=status)
+    on_front = sorted((r["cost_usd"], r["metric"]) for r in priced if r["trial"] in front)
+    if on_front:
+        axis.step(*zip(*on_front), where="post", color="black", linewidth=1, label="Pareto front")
+    if not priced:
+        axis.text(0.5, 0.5, "no priced trials", ha="center", va="center", transform=axis.transAxes)
+    axis.set_title(f"{metric} vs cost per trial")
+    axis.set_xlabel("USD")
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    images.append(("Quality vs cost", _png(figure)))
+    plt.close(figure)
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for row in rows:
+        points = [(r["step"], r[metric]) for r in read_records(sweep_dir / TRIALS / row["trial"]) if r.get(metric) is not None]
+        if points:
+            axis.plot(*zip(*points), marker="o", markersize=3, label=row["trial"])
+    axis.set_title(f"{metric} over steps (trials the scheduler stopped end early)")
+    axis.set_xlabel("step")
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    if len(rows) <= 12:
+        axis.legend(fontsize=7)
+    images.append(("Metric over steps", _png(figure)))
+    plt.close(figure)
+    return images
+
+
+def write_sweep_report(sweep_dir: str | Path) -> Path:
+    """SWEEP/report.html: totals, the leaderboard, quality vs dollars with the Pareto front, curves."""
+    from ftcluster.sweep.leaderboard import read_leaderboard
+
+    sweep = Path(sweep_dir)
+    board = read_leaderboard(sweep)
+    metric, rows = board["metric"], board["rows"]
+    keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("#", "trial", *keys, metric, "steps", "outcome", "tokens",
+                                                             "GPU-h", "CPU core-h", "USD", "Pareto"))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in (
+            rank, r["trial"], *(r["params"].get(k) for k in keys), r["metric"], r["steps"], r["status"], r["tokens"],
+            r["gpu_hours"], r["cpu_core_hours"], r["cost_usd"], "yes" if r["trial"] in board["pareto_front"] else ""))
+        + "</tr>"
+        for rank, r in enumerate(rows, 1)
+    )
+    overview = _table(list(board["totals"].items()) + [("interrupted", board.get("interrupted")),
+                                                       ("budget reached", board.get("budget_reached"))])
+    figures = "".join(_figure(title, data) for title, data in _sweep_plots(sweep, board))
+    out = sweep / REPORT
+    write_text_atomic(out, _page(f"ftcluster sweep: {board.get('sweep', sweep.name)}",
+                                 f"<h2>Totals</h2>{overview}<h2>Leaderboard ({board['mode']} {html.escape(metric)})</h2>"
+                                 f"<table><tr>{head}</tr>{body}</table><h2>Plots</h2>{figures}"))
     return out

@@ -363,19 +363,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_dotted(raw: dict[str, Any], path: list[str], value: Any, source: str) -> None:
+    """Set ``raw[a][b][c] = value`` for path [a, b, c], creating sections as needed."""
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"{source}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted keys in a raw spec dict (creating sections as needed)."""
     for item in overrides:
         path, value = parse_override(item)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise SpecError(f"override {item!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(raw, path, value, f"override {item!r}")
     return raw
 
 

@@ -168,3 +168,29 @@ def suggestions_table(plans: list, top: int) -> Table:
             f"{plan.cost_per_epoch:,.2f}" if plan.cost_per_epoch is not None else "?",
         )
     return table
+
+
+def leaderboard_table(rows: list, metric: str, title: str, limit: int = 20) -> Table:
+    """Sweep trials, best first: values, metric, steps, outcome, tokens and cost."""
+    keys = list(dict.fromkeys(k for r in rows for k in r.params))
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    if len(set(short.values())) < len(keys):  # two keys end alike: show them whole
+        short = {k: k for k in keys}
+    hours = [("GPU-h", "gpu_hours"), ("CPU-h", "cpu_core_hours")]
+    hours = [(label, attr) for label, attr in hours if any(getattr(r, attr) for r in rows)]
+    table = Table(title=title)
+    for column in ("#", "trial", *short.values(), metric, "steps", "outcome", "tokens", *(h for h, _ in hours), "USD"):
+        table.add_column(column, justify="left" if column in ("trial", "outcome") else "right")
+    for rank, r in enumerate(rows[:limit], 1):
+        values = [_short_value(r.params.get(k)) for k in keys]
+        table.add_row(str(rank), r.trial, *values, _fmt(r.metric) if r.metric is not None else "-", str(r.steps),
+                      r.status, f"{r.tokens:,}", *(f"{getattr(r, attr):.4f}" for _, attr in hours),
+                      f"{r.cost_usd:.4f}" if r.cost_usd is not None else "-")
+    return table
+
+
+def _short_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    text = str(value)
+    return text if len(text) <= 30 else text[:27] + "..."

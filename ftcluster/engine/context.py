@@ -99,21 +99,35 @@ def ray_context(checkpoint_root: Path) -> WorkerContext:
         world_size=context.get_world_size(),
         local_rank=context.get_local_rank(),
         report=report,
-        restored=_restore_reported_checkpoint(checkpoint_root),
+        restored=restore_checkpoint(ray.train.get_checkpoint(), checkpoint_root),
     )
 
 
-def _restore_reported_checkpoint(checkpoint_root: Path) -> Path | None:
-    """After a restart, fetch Ray's latest reported checkpoint into the run's checkpoints folder."""
-    import ray.train
+def tune_context(checkpoint_root: Path) -> WorkerContext:
+    """The context of a one-worker sweep trial that runs the loop inside its Ray Tune actor."""
+    from ray import tune
 
-    checkpoint = ray.train.get_checkpoint()
+    def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+
+    return WorkerContext(report=report, restored=restore_checkpoint(tune.get_checkpoint(), checkpoint_root, replace=True))
+
+
+def restore_checkpoint(checkpoint, checkpoint_root: Path, replace: bool = False) -> Path | None:
+    """After a restart (or a PBT exploit), copy the launcher's checkpoint into the run's checkpoints folder.
+
+    replace: a PBT exploit brings another trial's checkpoint, which must win over this trial's own
+    checkpoint of the same step (one worker, so no other process copies it at the same time).
+    """
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as local:
         step = json.loads((Path(local) / "trainer_state.json").read_text())["step"]
         target = checkpoint_root / f"step-{step:07d}"
+        if replace and target.exists():
+            shutil.rmtree(target)
         if not (target / "trainer_state.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
             staging = checkpoint_root / f".restore-{os.getpid()}"
             shutil.copytree(local, staging, dirs_exist_ok=True)
             try:

@@ -33,7 +33,7 @@ from ftcluster.engine.checkpoint import (
 from ftcluster.engine.context import WorkerContext
 from ftcluster.engine.ds_config import deepspeed_config
 from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
-from ftcluster.engine.optim import build_optimizer, lr_lambda, param_groups
+from ftcluster.engine.optim import build_optimizer, keep_spec_learning_rates, lr_lambda, param_groups
 from ftcluster.engine.progress import Progress
 from ftcluster.errors import FtError
 from ftcluster.evaluate import base_model_view, loss_sum, run_eval, scalar_metrics
@@ -238,7 +238,9 @@ def train(
             raise FtError(f"--resume: no checkpoint in {checkpoint_root}")
         if schedule is not None:
             schedule.apply(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+        spec_lrs = list(scheduler.base_lrs)
         state = load_checkpoint(checkpoint, trained_model, optimizer, scheduler, engine=stepper.engine)
+        keep_spec_learning_rates(scheduler, spec_lrs)
         start_step = state["step"]
         say(f"Resumed from {checkpoint} at step {start_step}")
     if main:
@@ -279,6 +281,9 @@ def train(
     window_loss = torch.zeros((), device=device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
     since_eval_loss, since_eval_steps = 0.0, 0
+    # What every report to the launcher carries (a sweep's scheduler and budget read these).
+    progress_fields: dict[str, Any] = {}
+    latest_scores: dict[str, float] = {}
     stop_reason = "completed"
     timeout = spec.distributed.timeout_s
     step = start_step
@@ -337,6 +342,8 @@ def train(
             log.write(record)
             tracker.log(record)
             progress.update(step, record)
+            progress_fields = {k: record[k] for k in ("tokens", "gpu_hours", "cpu_core_hours", "cost_usd")}
+            progress_fields["train_seconds"] = train_seconds
             since_eval_loss += train_loss * window_steps
             since_eval_steps += window_steps
             window_loss.zero_()
@@ -350,9 +357,10 @@ def train(
             diverging = overfit.update(train_avg, scores.get("val_loss"))
             improved = stopper.update(scores, step)
             record = {"step": step, **scores, "overfitting": int(diverging)}
+            latest_scores = scores
             log.write(record)
             tracker.log(record)
-            ctx.report(record)
+            ctx.report({**progress_fields, **record})
             progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                              + (" (best)" if improved else "") + (" [overfitting]" if diverging else ""))
             if stopper.should_stop:
@@ -370,7 +378,7 @@ def train(
             }
             saved = save_checkpoint(checkpoint_root, step, trained_model, optimizer, scheduler, trainer_state,
                                     cfg.keep_checkpoints, engine=stepper.engine, is_main=main, barrier=ctx.barrier)
-            ctx.report({"step": step}, saved if main else None)
+            ctx.report({**progress_fields, **latest_scores, "step": step}, saved if main else None)
             window_start = time.perf_counter()
         ctx.maybe_fail(step)
         if stop_reason != "completed":
@@ -384,7 +392,6 @@ def train(
     if main:
         log.write({"step": step, **final_scores})
         tracker.log({"step": step, **final_scores})
-    ctx.report({"step": step, **final_scores})
     summary: dict[str, Any] = {
         "name": spec.name,
         "method": spec.method.name,
@@ -433,4 +440,6 @@ def train(
         tracker.samples_table("eval/samples_before", before.get("samples", []))
         tracker.samples_table("eval/samples_after", after.get("samples", []))
         tracker.finish(summary)
+    # Last, once everything is on disk: a sweep scheduler may end the trial as soon as it sees this.
+    ctx.report({**progress_fields, "step": step, **final_scores, "completed": 1})
     return summary

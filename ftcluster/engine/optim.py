@@ -73,3 +73,15 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int],
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def keep_spec_learning_rates(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """After loading a checkpoint, use this spec's peak learning rates, not the checkpoint's.
+
+    The same for a plain resume; different after a PBT exploit, which mutates the learning rate
+    and continues from another trial's checkpoint.
+    """
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, factor in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)

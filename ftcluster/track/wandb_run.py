@@ -72,3 +72,23 @@ def make_tracker(spec, out_dir: Path, is_main: bool, resume: bool) -> NoTracker:
     if not is_main or spec.tracking.wandb is None or spec.tracking.wandb.mode == "disabled":
         return NoTracker()
     return WandbTracker(spec, out_dir, resume)
+
+
+def log_sweep_table(settings, sweep_dir: Path, sweep_name: str, metric: str, rows: list, totals: dict[str, Any]) -> None:
+    """One summary run in the sweep's W&B group: a cost table of every trial (quality vs dollars)."""
+    import json
+
+    import wandb
+
+    if settings.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise FtError("tracking.wandb.mode: online needs WANDB_API_KEY in the environment")
+    run = wandb.init(project=settings.project, entity=settings.entity, group=sweep_name, tags=[*settings.tags, "sweep"],
+                     mode=settings.mode, name=f"{sweep_name}-summary", job_type="sweep-summary", dir=str(sweep_dir),
+                     settings=wandb.Settings(console="off", quiet=True))
+    columns = ["trial", "params", metric, "steps", "status", "tokens", "gpu_hours", "cpu_core_hours", "cost_usd"]
+    data = [[r.trial, json.dumps(r.params), r.metric, r.steps, r.status, r.tokens, r.gpu_hours, r.cpu_core_hours,
+             r.cost_usd] for r in rows]
+    run.log({"sweep/cost_table": wandb.Table(columns=columns, data=data)})
+    run.summary.update({f"sweep/{k}": v for k, v in totals.items() if v is not None})
+    run.summary.update({"sweep/best_trial": rows[0].trial, f"sweep/best_{metric}": rows[0].metric})
+    run.finish()

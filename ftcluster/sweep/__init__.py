@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps with Ray Tune: search spaces, searchers, trials and the leaderboard."""

@@ -1,0 +1,221 @@
+"""`ftcluster tune`: prepare a sweep folder, run the trials with Ray Tune, write what was found.
+
+    SWEEP/sweep.json        job spec, space and options (what `--resume` needs)
+    SWEEP/tune/             Ray Tune's experiment state
+    SWEEP/trials/<id>/      each trial's run folder (run.yaml, metrics.jsonl, final/, ...)
+    SWEEP/leaderboard.json, leaderboard.csv, best.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftcluster.atomic import write_text_atomic
+from ftcluster.errors import FtError
+from ftcluster.spec import JobSpec, build_spec, read_yaml
+from ftcluster.sweep.leaderboard import TrialRow, collect_rows, totals, write_best_spec, write_leaderboard
+from ftcluster.sweep.searchers import SEARCHERS, BudgetLimiter, make_searcher
+from ftcluster.sweep.space import SearchSpace, parse_space
+from ftcluster.sweep.trial import SweepSetup, run_trial
+
+SWEEP_FILE = "sweep.json"
+TUNE_DIR = "tune"
+SCHEDULERS = ("asha", "pbt", "none")
+
+
+@dataclass
+class SweepOptions:
+    trials: int | None = None  # None: the grid's size for grid search, else 8
+    concurrent: int = 2
+    scheduler: str = "asha"
+    searcher: str = "random"
+    grace_steps: int | None = None  # ASHA: steps before the first cut; None: eval.every
+    reduction_factor: float = 2
+    max_gpu_hours: float | None = None
+    max_cost_usd: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class Sweep:
+    """A prepared (or reloaded) sweep: its folder, the trials' common setup and the options."""
+
+    folder: Path
+    setup: SweepSetup
+    options: SweepOptions
+    metric: str
+    mode: str
+    base_spec: JobSpec = field(repr=False, default=None)
+
+    @property
+    def trials(self) -> int:
+        if self.options.trials is not None:
+            return self.options.trials
+        return len(self.setup.space.grid_points()) if self.options.searcher == "grid" else 8
+
+
+@dataclass
+class SweepOutcome:
+    rows: list[TrialRow]
+    totals: dict[str, Any]
+    interrupted: bool
+    budget_reached: bool
+    best_spec: Path | None
+
+
+def check_options(spec: JobSpec, space: SearchSpace, options: SweepOptions) -> None:
+    """Combinations that cannot work, refused before anything starts."""
+    problems = []
+    if options.scheduler not in SCHEDULERS:
+        problems.append(f"--scheduler: {options.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if options.searcher not in SEARCHERS:
+        problems.append(f"--searcher: {options.searcher!r} is not one of {', '.join(SEARCHERS)}")
+    if options.scheduler in ("asha", "pbt") and spec.eval.every is None:
+        problems.append(f"eval.every: the {options.scheduler} scheduler compares trials at evaluations; set eval.every "
+                        "(e.g. eval.every=20) or use --scheduler none")
+    if options.scheduler == "pbt":
+        if not spec.training.checkpoint_every:
+            problems.append("training.checkpoint_every: pbt copies checkpoints between trials; set it")
+        if spec.scaling.num_workers > 1:
+            problems.append("scaling.num_workers: pbt runs one-worker trials (use asha for multi-worker trials)")
+        if options.searcher != "random":
+            problems.append("--searcher: pbt draws its own population; use --searcher random")
+        if options.max_gpu_hours is not None or options.max_cost_usd is not None:
+            problems.append("--max-gpu-hours/--max-cost-usd: pbt runs a fixed population; budgets apply with asha or none")
+    if options.searcher == "grid" and not space.grid:
+        problems.append(f"{space.source}: --searcher grid needs at least one {{grid: [...]}} key")
+    if options.searcher == "optuna" and space.grid:
+        problems.append(f"{space.source}: --searcher optuna takes choice instead of grid keys")
+    if options.concurrent < 1 or (options.trials is not None and options.trials < 1):
+        problems.append("--concurrent and --trials must be at least 1")
+    if problems:
+        raise FtError("\n".join(problems))
+
+
+def prepare_sweep(spec: JobSpec, space_path: Path, options: SweepOptions, folder: Path | None, force: bool) -> Sweep:
+    """Validate everything, then record the sweep in its folder (nothing runs yet)."""
+    from ftcluster.launch import absolute_paths
+
+    spec = absolute_paths(spec)
+    base = spec.model_dump(mode="json")
+    space_raw = read_yaml(space_path)
+    space = parse_space(space_raw, str(space_path), base)
+    check_options(spec, space, options)
+    folder = Path(folder or Path("runs") / f"{spec.name}-sweep").resolve()
+    if (folder / SWEEP_FILE).exists():
+        if not force:
+            raise FtError(f"{folder}: already holds a sweep; continue it with `ftcluster tune --resume {folder}`, "
+                          "replace it with --force, or choose --out")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"name": spec.name, "job": base, "space_source": str(space_path), "space": space_raw,
+              "options": asdict(options)}
+    write_text_atomic(folder / SWEEP_FILE, json.dumps(record, indent=1))
+    return load_sweep(folder)
+
+
+def load_sweep(folder: Path) -> Sweep:
+    folder = Path(folder).resolve()
+    if not (folder / SWEEP_FILE).is_file():
+        raise FtError(f"{folder}: not a sweep folder (no {SWEEP_FILE}); pass the folder `ftcluster tune` wrote")
+    record = json.loads((folder / SWEEP_FILE).read_text())
+    spec = build_spec(record["job"], str(folder / SWEEP_FILE))
+    space = parse_space(record["space"], record["space_source"], record["job"])
+    setup = SweepSetup(name=f"{record['name']}-sweep", sweep_dir=str(folder), base=record["job"], space=space)
+    return Sweep(folder, setup, SweepOptions(**record["options"]), spec.eval.metric, spec.eval.mode, spec)
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+def _scheduler(sweep: Sweep):
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    options, spec = sweep.options, sweep.base_spec
+    if options.scheduler == "asha":
+        return ASHAScheduler(time_attr="step", max_t=spec.training.max_steps or 10**9,
+                             grace_period=options.grace_steps or spec.eval.every,
+                             reduction_factor=options.reduction_factor)
+    if options.scheduler == "pbt":
+        mutations = {p.path: (p.args if p.kind == "grid" else p.domain()) for p in sweep.setup.space.params
+                     if p.kind != "expr"}
+        return PopulationBasedTraining(time_attr="step", perturbation_interval=spec.training.checkpoint_every,
+                                       hyperparam_mutations=mutations, seed=options.seed)
+    return None
+
+
+def _tuner(sweep: Sweep, resume: bool):
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=sweep.setup), sweep.setup.resources)
+    tune_dir = sweep.folder / TUNE_DIR
+    if resume:
+        if not tune.Tuner.can_restore(str(tune_dir)):
+            raise FtError(f"{sweep.folder}: no Ray Tune state to resume from (the sweep never started); start it again")
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    options = sweep.options
+    param_space = None
+    search_alg = None
+    if options.scheduler == "pbt":  # PBT takes Tune's own variant generator and the domains
+        param_space = {p.path: p.domain() for p in sweep.setup.space.sampled}
+    else:
+        searcher = make_searcher(options.searcher, sweep.setup.space, sweep.metric, sweep.mode, options.seed)
+        search_alg = BudgetLimiter(searcher, options.max_gpu_hours, options.max_cost_usd)
+    from ftcluster.sweep.progress import SweepProgress
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=_scheduler(sweep),
+            num_samples=sweep.trials, max_concurrent_trials=options.concurrent,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=str(sweep.folder), verbose=0,
+            callbacks=[SweepProgress(sweep.metric, sweep.trials)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> SweepOutcome:
+    """Run (or continue) the sweep to the end, or until interrupted; then write its results."""
+    from ftcluster.launch import init_ray
+
+    # Trials report the metric only at evaluations; checkpoints and progress reports come without it.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    init_ray(address)
+    grid = _tuner(sweep, resume).fit()
+    return finish_sweep(sweep, _interrupted(grid))
+
+
+def _interrupted(grid) -> bool:
+    """Whether Tune ended with trials still running or pending (Ctrl+C)."""
+    trials = grid._experiment_analysis.trials  # no public accessor for trial states in Ray 2.60
+    return any(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
+
+
+def finish_sweep(sweep: Sweep, interrupted: bool) -> SweepOutcome:
+    """Leaderboard, best.yaml and the W&B sweep table, from the trials' folders."""
+    rows = collect_rows(sweep.folder, sweep.metric, sweep.mode, sweep_finished=not interrupted)
+    summed = totals(rows)
+    options = sweep.options
+    budget_reached = (options.max_gpu_hours is not None and summed["gpu_hours"] >= options.max_gpu_hours) or (
+        options.max_cost_usd is not None and (summed["cost_usd"] or 0) >= options.max_cost_usd)
+    extra = {"sweep": sweep.setup.name, "interrupted": interrupted, "budget_reached": budget_reached,
+             "options": asdict(options), "space": sweep.setup.space.source}
+    write_leaderboard(sweep.folder, rows, sweep.metric, sweep.mode, extra)
+    best = write_best_spec(sweep.folder, rows, sweep.setup.name)
+    wandb = sweep.base_spec.tracking.wandb
+    if wandb is not None and wandb.mode != "disabled" and rows:
+        from ftcluster.track.wandb_run import log_sweep_table
+
+        log_sweep_table(wandb, sweep.folder, sweep.setup.name, sweep.metric, rows, summed)
+    return SweepOutcome(rows, summed, interrupted, budget_reached, best)

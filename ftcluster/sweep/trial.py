@@ -1,0 +1,94 @@
+"""One sweep trial: a full ftcluster training run in its own folder, reporting to Ray Tune.
+
+A one-worker trial runs the loop inside its Tune actor (no second process to start, and PBT can
+hand it another trial's checkpoint); a trial with `scaling.num_workers > 1` starts its own Ray
+Train worker group, whose reports reach Tune through `TuneReportCallback`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftcluster.atomic import write_text_atomic
+from ftcluster.layout import CHECKPOINTS
+from ftcluster.spec import JobSpec
+from ftcluster.sweep.space import SearchSpace, trial_spec
+
+TRIALS = "trials"  # SWEEP/trials/<trial id>/ is each trial's run folder
+TRIAL_INFO = "trial.json"  # in a trial folder: its id, values and status
+
+
+@dataclass
+class SweepSetup:
+    """Everything a trial needs, shipped to it once through Ray's object store."""
+
+    name: str
+    sweep_dir: str
+    base: dict[str, Any]  # the job spec (absolute paths) every trial starts from
+    space: SearchSpace
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return Path(self.sweep_dir) / TRIALS / trial_id
+
+    def spec_for(self, trial_id: str, chosen: dict[str, Any]) -> JobSpec:
+        """The trial's job spec: the searched values, its own folder, the sweep's W&B group."""
+        spec = trial_spec(self.space, self.base, chosen)
+        update: dict[str, Any] = {
+            "name": f"{self.name}-{trial_id}",
+            "output": spec.output.model_copy(update={"dir": str(self.trial_dir(trial_id)), "overwrite": True}),
+        }
+        if spec.tracking.wandb is not None:
+            wandb = spec.tracking.wandb.model_copy(update={"group": self.name, "tags": [*spec.tracking.wandb.tags, "sweep"]})
+            update["tracking"] = spec.tracking.model_copy(update={"wandb": wandb})
+        return spec.model_copy(update=update)
+
+    def resources(self, chosen: dict[str, Any]):
+        """What Ray reserves for the trial: its one worker's share, or a small driver share when it
+        starts a worker group of its own (the group reserves the workers' resources)."""
+        from ray.tune import PlacementGroupFactory
+
+        scaling = trial_spec(self.space, self.base, chosen).scaling
+        if scaling.num_workers > 1:
+            return PlacementGroupFactory([{"CPU": 0.25}])
+        bundle = {"CPU": scaling.cpus_per_worker}
+        if scaling.use_gpu:
+            bundle["GPU"] = scaling.gpus_per_worker
+        return PlacementGroupFactory([bundle])
+
+
+def write_trial_info(folder: Path, trial_id: str, values: dict[str, Any], status: str, error: str | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"trial_id": trial_id, "params": values, "status": status, "error": error}
+    write_text_atomic(folder / TRIAL_INFO, json.dumps(info, indent=1, default=str))
+
+
+def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
+    """The Tune function: build this trial's spec from its values, train, mark the outcome."""
+    from ray import tune
+
+    from ftcluster.engine.context import tune_context
+    from ftcluster.engine.loop import train
+    from ftcluster.launch import fit, make_trainer
+    from ftcluster.quiet import quiet_libraries
+
+    quiet_libraries()
+    trial_id = tune.get_context().get_trial_id()
+    chosen = {key: value for key, value in config.items() if key in {p.path for p in setup.space.params}}
+    spec = setup.spec_for(trial_id, chosen)
+    folder = spec.output_dir
+    values = setup.space.resolve(chosen, setup.base)
+    write_trial_info(folder, trial_id, values, "running")
+    try:
+        if spec.scaling.num_workers == 1:
+            train(spec, tune_context(folder / CHECKPOINTS), verbose=False)
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            fit(make_trainer(spec, callbacks=[TuneReportCallback()]), spec)
+    except Exception as exc:
+        write_trial_info(folder, trial_id, values, "error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    write_trial_info(folder, trial_id, values, "completed")
