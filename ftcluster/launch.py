@@ -43,7 +43,7 @@ def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
 def _ray_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
     spec = JobSpec.model_validate(config["spec"])
-    train(spec, ray_context(spec.output_dir / CHECKPOINTS), resume=config["resume"])
+    train(spec, ray_context(spec.output_dir / CHECKPOINTS), resume=config["resume"], verbose=config.get("verbose", True))
 
 
 def init_ray(address: str | None) -> None:
@@ -127,7 +127,7 @@ def forwarded_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = None):
+def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = None, verbose: bool = True):
     """A TorchTrainer running the loop on `scaling.num_workers` workers (`spec` with absolute paths)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,7 +138,7 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
         resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         _ray_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume, "verbose": verbose},
         torch_config=TorchConfig(timeout_s=spec.distributed.timeout_s),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,

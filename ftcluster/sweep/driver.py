@@ -145,7 +145,7 @@ def _scheduler(sweep: Sweep):
         mutations = {p.path: (p.args if p.kind == "grid" else p.domain()) for p in sweep.setup.space.params
                      if p.kind != "expr"}
         return PopulationBasedTraining(time_attr="step", perturbation_interval=spec.training.checkpoint_every,
-                                       hyperparam_mutations=mutations, seed=options.seed)
+                                       hyperparam_mutations=mutations)
     return None
 
 
@@ -192,14 +192,22 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     init_ray(address)
-    grid = _tuner(sweep, resume).fit()
-    return finish_sweep(sweep, _interrupted(grid))
+    _tuner(sweep, resume).fit()
+    return finish_sweep(sweep, _interrupted(sweep.folder / TUNE_DIR))
 
 
-def _interrupted(grid) -> bool:
-    """Whether Tune ended with trials still running or pending (Ctrl+C)."""
-    trials = grid._experiment_analysis.trials  # no public accessor for trial states in Ray 2.60
-    return any(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
+def _interrupted(tune_dir: Path) -> bool:
+    """Whether Tune ended with trials still running or pending (Ctrl+C), from its saved state.
+
+    The saved state, not the returned ResultGrid: Tune marks the trials it tears down on Ctrl+C
+    as terminated in memory, while the state it saved for resuming says what they really were.
+    """
+    states = sorted(tune_dir.glob("experiment_state-*.json"))  # named by session start time; Tune re-copies old ones
+    if not states:
+        return True
+    trials = json.loads(states[-1].read_text())["trial_data"]
+    statuses = [(json.loads(t[0]) if isinstance(t[0], str) else t[0])["status"] for t in trials]
+    return any(status not in ("TERMINATED", "ERROR") for status in statuses)
 
 
 def finish_sweep(sweep: Sweep, interrupted: bool) -> SweepOutcome:
@@ -209,6 +217,10 @@ def finish_sweep(sweep: Sweep, interrupted: bool) -> SweepOutcome:
     options = sweep.options
     budget_reached = (options.max_gpu_hours is not None and summed["gpu_hours"] >= options.max_gpu_hours) or (
         options.max_cost_usd is not None and (summed["cost_usd"] or 0) >= options.max_cost_usd)
+    # Ended between two trials: fewer than planned, though neither the budget nor the grid ran out.
+    if not interrupted and len(rows) < sweep.trials and not budget_reached:
+        interrupted = True
+        rows = collect_rows(sweep.folder, sweep.metric, sweep.mode, sweep_finished=False)
     extra = {"sweep": sweep.setup.name, "interrupted": interrupted, "budget_reached": budget_reached,
              "options": asdict(options), "space": sweep.setup.space.source}
     write_leaderboard(sweep.folder, rows, sweep.metric, sweep.mode, extra)

@@ -67,7 +67,8 @@ def make_searcher(name: str, space: SearchSpace, metric: str, mode: str, seed: i
 
     if space.grid:
         raise ValueError("searcher optuna: grid keys are not supported; use choice")
-    return OptunaSearch(space={p.path: p.domain() for p in space.sampled}, metric=metric, mode=mode, seed=seed)
+    domains = OptunaSearch.convert_search_space({p.path: p.domain() for p in space.sampled})
+    return OptunaSearch(space=domains, metric=metric, mode=mode, seed=seed)
 
 
 class BudgetLimiter(Searcher):

@@ -87,7 +87,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
-            fit(make_trainer(spec, callbacks=[TuneReportCallback()]), spec)
+            fit(make_trainer(spec, callbacks=[TuneReportCallback()], verbose=False), spec)
     except Exception as exc:
         write_trial_info(folder, trial_id, values, "error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise

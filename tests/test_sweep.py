@@ -1,0 +1,236 @@
+"""Sweeps: search spaces checked against the spec, searchers and budget, and real Ray Tune sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, deep_update, read_metrics
+from ftcluster.errors import FtError
+from ftcluster.spec import load_spec
+from ftcluster.sweep.leaderboard import pareto_front
+from ftcluster.sweep.searchers import BudgetLimiter, GridSearcher, RandomSearcher
+from ftcluster.sweep.space import evaluate_expression, load_space, parse_space
+
+# Which job each shipped space is meant for.
+SHIPPED = {"lora.yaml": "quickstart.yaml", "unfreeze.yaml": "classify-minilm.yaml", "full.yaml": "classify-minilm.yaml"}
+SPACE = {
+    "training.lr": {"loguniform": [1.0e-5, 3.0e-2]},
+    "method.lora.rank": {"choice": [2, 4, 8]},
+    "method.lora.alpha": {"expr": "2 * method.lora.rank"},
+}
+
+
+def base_spec(job: str = "quickstart.yaml") -> dict:
+    return load_spec(REPO / "jobs" / job).model_dump(mode="json")
+
+
+def test_every_shipped_space_is_valid_for_its_job():
+    shipped = {p.name for p in (REPO / "tune_spaces").glob("*.yaml")}
+    assert shipped == set(SHIPPED)
+    for space_file, job in SHIPPED.items():
+        base = base_spec(job)
+        space = load_space(REPO / "tune_spaces" / space_file, base)
+        values = space.resolve(space.random_sample(random.Random(0)), base)
+        assert values and all("." in key for key in values)
+
+
+def test_tied_expression_and_whole_block_choices():
+    base = base_spec()
+    space = parse_space({**SPACE, "method.name": {"choice": ["lora", "dora"]}}, "s.yaml", base)
+    chosen = {"training.lr": 1e-4, "method.lora.rank": 8, "method.name": "dora"}
+    raw = space.trial_raw(base, chosen)
+    assert raw["method"]["lora"]["alpha"] == 16 and raw["method"]["name"] == "dora"
+    minilm = base_spec("classify-minilm.yaml")
+    schedule = {"every": 5, "unit": "steps", "blocks_per_group": 1, "initial_groups": 0}
+    space = parse_space({"method.unfreeze": {"choice": [None, schedule]}}, "s.yaml", minilm)
+    assert space.trial_raw(minilm, {"method.unfreeze": schedule})["method"]["unfreeze"] == schedule
+    assert evaluate_expression("max(4, training.batch_size // 2)", {}, base, "x") == 4
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"training.lrr": {"choice": [1e-4]}}, "s.yaml: training.lrr: unknown key (valid keys: epochs"),
+    ({"training.lr": {"loguniform": [0, 1]}}, "s.yaml: training.lr: loguniform: bounds must be positive"),
+    ({"training.lr": {"uniform": [1]}}, "s.yaml: training.lr: uniform: expected [low, high] of numbers"),
+    ({"method.lora.rank": {"choice": [4, "big"]}}, "s.yaml: method.lora.rank: value 'big': method.lora.rank: Input should be a valid integer"),
+    ({"training.batch_size": {"quniform": [1, 10, 2]}}, "s.yaml: training.batch_size: quniform: Your lower variable bound 1"),
+    ({"method.lora.alpha": {"expr": "2 * method.lora.rnk"}}, "method.lora.rnk is neither searched nor set in the job spec"),
+    ({"method.lora.alpha": {"expr": "__import__('os').system('true')"}}, "is not allowed"),
+    ({"method.unfreeze": {"choice": [None, {"every": 3}]}}, "unfreeze schedules apply to full and freeze, not lora"),
+    ({"output.dir": {"choice": ["a", "b"]}}, "s.yaml: output.dir: set by the sweep for every trial"),
+    ({"training.warmup_steps": 3}, "s.yaml: no distributions"),
+])
+def test_bad_space_is_one_line_naming_file_and_key(entry, message):
+    with pytest.raises(FtError) as caught:
+        parse_space(entry, "s.yaml", base_spec())
+    text = str(caught.value)
+    assert message in text and len(text.splitlines()) == 1, text
+
+
+def test_searchers_grid_random_and_budget():
+    base = base_spec()
+    space = parse_space({"training.lr": {"grid": [1e-4, 1e-3]}, "method.lora.rank": {"grid": [4, 8]},
+                         "training.warmup_steps": {"randint": [0, 5]}}, "s.yaml", base)
+    grid = GridSearcher(space, seed=0)
+    points = [grid.suggest(str(i)) for i in range(5)]
+    assert points[4] == "FINISHED"
+    assert {(p["training.lr"], p["method.lora.rank"]) for p in points[:4]} == {(1e-4, 4), (1e-4, 8), (1e-3, 4), (1e-3, 8)}
+    assert all(0 <= p["training.warmup_steps"] <= 5 for p in points[:4])
+    first = [RandomSearcher(space, seed=3).suggest(str(i)) for i in range(1)]
+    assert first == [RandomSearcher(space, seed=3).suggest("0")]  # same seed, same trials
+
+    limited = BudgetLimiter(RandomSearcher(space, seed=0), max_gpu_hours=None, max_cost_usd=1.0)
+    assert isinstance(limited.suggest("a"), dict)
+    limited.on_trial_result("a", {"cost_usd": 0.6, "step": 4})
+    assert isinstance(limited.suggest("b"), dict)
+    limited.on_trial_result("b", {"cost_usd": 0.5, "step": 4})  # 1.1 spent across trials
+    assert limited.suggest("c") == "FINISHED" and limited.exhausted
+
+
+def test_pareto_front():
+    points = [(1.0, 0.50), (2.0, 0.40), (3.0, 0.45), (0.5, 0.90), (4.0, 0.40)]
+    assert pareto_front(points, "min") == [3, 0, 1]
+    assert pareto_front([(1.0, 0.2), (2.0, 0.9), (3.0, 0.5)], "max") == [0, 1]
+
+
+# --- real sweeps on the tiny model ----------------------------------------------------------------
+
+
+@pytest.fixture
+def sweep_job(make_job, tmp_path):
+    def make(**extra) -> tuple[Path, Path]:
+        sections = deep_update({"training": {"max_steps": 16, "log_every": 2}, "eval": {"every": 4},
+                                "scaling": {"cpus_per_worker": 0.5}}, extra)
+        job = make_job("tiny", **sections)
+        space = tmp_path / "space.yaml"
+        space.write_text(yaml.safe_dump(SPACE))
+        return job, space
+
+    return make
+
+
+def test_asha_sweep_stops_some_trials_and_writes_leaderboard_and_best(sweep_job, cli, tmp_path):
+    job, space = sweep_job(tracking={"wandb": {"project": "ftcluster-test"}})
+    out = tmp_path / "sweep"
+    result = cli("tune", job, space, "--trials", "6", "--concurrent", "3", "--out", out)
+    assert result.code == 0, result
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = board["rows"]
+    assert len(rows) == 6 and board["metric"] == "val_loss"
+    statuses = [r["status"] for r in rows]
+    assert "stopped early" in statuses and "completed" in statuses  # ASHA cut some trials short
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert all(r["steps"] < 16 for r in stopped)
+    metrics = [r["metric"] for r in rows]
+    assert all(m is not None for m in metrics)
+    assert [r["metric"] for r in rows if r["status"] == "completed"] == sorted(
+        r["metric"] for r in rows if r["status"] == "completed")
+    for row in rows:  # tied expression applied, every trial in its own folder
+        assert row["params"]["method.lora.alpha"] == 2 * row["params"]["method.lora.rank"]
+        trial_spec = yaml.safe_load((out / "trials" / row["trial"] / "run.yaml").read_text())
+        assert trial_spec["output"]["dir"] == str(out / "trials" / row["trial"])
+        assert trial_spec["method"]["lora"]["rank"] == row["params"]["method.lora.rank"]
+    csv_lines = (out / "leaderboard.csv").read_text().splitlines()
+    assert len(csv_lines) == 7 and "method.lora.rank" in csv_lines[0]
+    assert "Sweep tiny-sweep" in result.out and "stopped early" in result.out
+
+    # W&B: every trial's run in the sweep's group, plus a summary run with the cost table
+    from test_tracking import wandb_inspect
+
+    trial_runs = list((out / "trials").glob("*/wandb/offline-run-*"))
+    assert len(trial_runs) == 6
+    assert '"tiny-sweep"' in wandb_inspect(trial_runs[0], "--json")
+    summary_runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(summary_runs) == 1
+    records = wandb_inspect(summary_runs[0], "--json")
+    assert "sweep/cost_table" in records and "tiny-sweep" in records
+
+    # best.yaml: a valid spec of the best completed trial that reproduces its metric
+    best_row = next(r for r in rows if r["status"] == "completed")
+    assert cli("validate", out / "best.yaml").code == 0
+    rerun = cli("train", out / "best.yaml", "--no-ray")
+    assert rerun.code == 0, rerun
+    summary = json.loads((out / "best-run" / "summary.json").read_text())
+    assert summary["after"]["val_loss"] == pytest.approx(best_row["metric"], rel=1e-4)
+
+    assert cli("report", out).code == 0
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "Pareto" in page
+
+
+def test_budget_stops_launching_new_trials(sweep_job, cli, tmp_path):
+    job, space = sweep_job()
+    out = tmp_path / "sweep"
+    result = cli("tune", job, space, "--trials", "8", "--concurrent", "1", "--scheduler", "none",
+                 "--max-cost-usd", "1e-9", "--out", out)
+    assert result.code == 0, result
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["budget_reached"] and len(board["rows"]) < 8
+    assert all(r["status"] == "completed" for r in board["rows"])  # running trials finish
+    assert "Budget reached" in result.out
+
+
+def test_optuna_and_pbt_run(sweep_job, cli, tmp_path):
+    job, space = sweep_job(training={"max_steps": 12, "log_every": 2, "checkpoint_every": 4})
+    result = cli("tune", job, space, "--trials", "3", "--concurrent", "3", "--searcher", "optuna",
+                 "--scheduler", "none", "--out", tmp_path / "optuna")
+    assert result.code == 0, result
+    assert len(json.loads((tmp_path / "optuna" / "leaderboard.json").read_text())["rows"]) == 3
+    result = cli("tune", job, space, "--trials", "2", "--concurrent", "2", "--scheduler", "pbt",
+                 "--out", tmp_path / "pbt")
+    assert result.code == 0, result
+    rows = json.loads((tmp_path / "pbt" / "leaderboard.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["steps"] == 12 for r in rows)
+
+
+def test_bad_sweep_options_are_refused_before_launch(sweep_job, cli, tmp_path):
+    job, space = sweep_job(eval={"every": None})
+    result = cli("tune", job, space, "--out", tmp_path / "s")
+    assert result.code == 2 and "eval.every: the asha scheduler compares trials at evaluations" in result.err
+    job, space = sweep_job()
+    result = cli("tune", job, space, "--scheduler", "pbt", "--out", tmp_path / "s")
+    assert result.code == 2 and "training.checkpoint_every: pbt copies checkpoints" in result.err
+    result = cli("tune", job, space, "--searcher", "grid", "--out", tmp_path / "s")
+    assert result.code == 2 and "--searcher grid needs at least one {grid: [...]} key" in result.err
+    assert not (tmp_path / "s").exists()
+
+
+def test_interrupted_sweep_resumes(sweep_job, tmp_path):
+    job, space = sweep_job(training={"max_steps": 40, "log_every": 4})
+    out = tmp_path / "sweep"
+    ftcluster = Path(sys.executable).with_name("ftcluster")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [str(ftcluster), "tune", str(job), str(space), "--trials", "4", "--concurrent", "1",
+               "--scheduler", "none", "--out", str(out)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "trials").glob("*/summary.json"))) < 1:
+        time.sleep(0.5)
+    first = list((out / "trials").glob("*/summary.json"))
+    assert first, "no trial finished in time"
+    finished_at = first[0].stat().st_mtime
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode == 130, output[-3000:]
+    assert "ftcluster tune --resume" in output
+    assert json.loads((out / "leaderboard.json").read_text())["interrupted"]
+
+    resumed = subprocess.run([str(ftcluster), "tune", "--resume", str(out)], env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert not board["interrupted"] and len(board["rows"]) == 4
+    assert all(r["status"] == "completed" and r["steps"] == 40 for r in board["rows"])
+    assert first[0].stat().st_mtime == finished_at  # a finished trial is not run again
+    for row in board["rows"]:
+        steps = [r["step"] for r in read_metrics(out / "trials" / row["trial"]) if "train_loss" in r]
+        assert steps == sorted(set(steps))  # one history per trial, no restarts mixed in
