@@ -78,47 +78,11 @@ def user_error_in(exc: BaseException) -> FtError | None:
 
 def check_cluster_capacity(spec: JobSpec) -> None:
     """Refuse, with the numbers, a job the cluster can never run (Ray would wait forever)."""
-    import ray
+    from ftcluster.capacity import ClusterView, capacity_problems
 
-    have = ray.cluster_resources()
-    scaling = spec.scaling
-    needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        needs["GPU"] = scaling.num_workers * scaling.gpus_per_worker
-    problems = [
-        f"scaling: the job needs {amount:g} {kind} ({scaling.num_workers} workers), the Ray cluster has {have.get(kind, 0):g}"
-        for kind, amount in needs.items() if amount > have.get(kind, 0)
-    ]
-    if scaling.use_gpu and not problems:
-        problems += _plan_problems(spec, have)
+    problems = capacity_problems(spec, ClusterView.from_ray())
     if problems:
         raise FtError("\n".join(problems))
-
-
-def _plan_problems(spec: JobSpec, have: dict) -> list[str]:
-    """The planner's estimates against what the cluster reports: the memory of its GPU type,
-    and the RAM of its smallest GPU node."""
-    import ray
-
-    from ftcluster.plan import GB, GPU_MEMORY_GB, plan_job
-
-    kinds = [key.split(":", 1)[1] for key in have if key.startswith("accelerator_type:")]
-    memory = [GPU_MEMORY_GB[k] for kind in kinds for k in GPU_MEMORY_GB if k in kind]
-    node_ram = [n["Resources"].get("memory", 0) / GB for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
-    if not memory and not node_ram:
-        return []
-    update = {"gpu_memory_gb": min(memory) if memory else spec.scaling.gpu_memory_gb}
-    if node_ram:
-        update["node_ram_gb"] = min(node_ram)
-    plan = plan_job(spec.model_copy(update={"scaling": spec.scaling.model_copy(update=update)}))
-    problems = []
-    if memory and plan.gpu_total > plan.gpu_capacity:
-        problems.append(f"plan: {plan.gpu_total / GB:.1f} GB per GPU needed, the cluster's {', '.join(kinds)} GPUs "
-                        f"have {min(memory)} GB (see `ftcluster plan --suggest`)")
-    if node_ram and plan.host_total > plan.host_capacity:
-        problems.append(f"plan: {plan.host_total / GB:.1f} GB of host RAM per node needed, the smallest GPU node "
-                        f"offers {min(node_ram):.1f} GB to Ray (see `ftcluster plan`)")
-    return problems
 
 
 def forwarded_env() -> dict | None:

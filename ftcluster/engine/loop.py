@@ -356,7 +356,7 @@ def train(
             since_eval_loss, since_eval_steps = 0.0, 0
             diverging = overfit.update(train_avg, scores.get("val_loss"))
             improved = stopper.update(scores, step)
-            record = {"step": step, **scores, "overfitting": int(diverging)}
+            record = {"step": step, "time": time.time(), **scores, "overfitting": int(diverging)}
             latest_scores = scores
             log.write(record)
             tracker.log(record)
@@ -390,7 +390,7 @@ def train(
     after = evaluate()
     final_scores = scalar_metrics(after)
     if main:
-        log.write({"step": step, **final_scores})
+        log.write({"step": step, "time": time.time(), **final_scores})
         tracker.log({"step": step, **final_scores})
     summary: dict[str, Any] = {
         "name": spec.name,

@@ -1,0 +1,79 @@
+"""The folder `ftcluster submit` uploads: the job spec (data paths rewritten), its local data files
+and the tune space — built from exactly those files, so nothing else (``.git``, ``.venv``, keys)
+can travel with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+from ftcluster.errors import FtError
+from ftcluster.models.load import ALIASES
+from ftcluster.spec import JobSpec, dump_spec
+
+JOB_FILE = "job.yaml"
+SPACE_FILE = "space.yaml"
+DATA_DIR = "data"
+# Files that look like credentials are refused even when a spec names them as data.
+SECRET_PATTERNS = (".env", "*.env", ".netrc", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "credentials*",
+                   "*.p12", "auth_token", ".git-credentials")
+
+
+@dataclass
+class Package:
+    folder: Path
+    spec: JobSpec  # as it will run on the cluster (relative data paths)
+    spec_sha256: str  # of the spec and every uploaded byte: names the exact job
+    size_bytes: int
+    notes: list[str]
+
+
+def looks_secret(path: Path) -> bool:
+    return any(fnmatch(path.name, pattern) for pattern in SECRET_PATTERNS)
+
+
+def build_package(spec: JobSpec, folder: Path, space: Path | None, max_upload_mb: float) -> Package:
+    """Copy the spec's local data (and the space) into `folder`; refuse secrets and oversize uploads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DATA_DIR).mkdir(exist_ok=True)
+    notes: list[str] = []
+    data_update = {}
+    sources = []
+    for key in ("train", "validation"):
+        value = getattr(spec.data, key)
+        if not value:
+            continue
+        source = Path(value)
+        if looks_secret(source):
+            raise FtError(f"data.{key}: {source.name} looks like a credentials file; it is never uploaded")
+        target = Path(DATA_DIR) / f"{key}-{source.name}"
+        shutil.copyfile(source, folder / target)
+        data_update[key] = str(target)
+        sources.append(folder / target)
+    cluster_spec = spec.model_copy(update={"data": spec.data.model_copy(update=data_update)})
+    model_path = Path(spec.model.path).expanduser()
+    if spec.model.path not in ALIASES and model_path.exists():
+        notes.append(f"model.path {spec.model.path} is a local path: it is not uploaded, and must exist at that path "
+                     "on the cluster's nodes (shared storage or the image)")
+    if not Path(spec.output.dir).is_absolute() and "://" not in spec.output.dir:
+        notes.append(f"output.dir {spec.output.dir} is relative: results land in the job's working directory on the "
+                     "head node; use a path on shared storage to keep them")
+    (folder / JOB_FILE).write_text(dump_spec(cluster_spec))
+    if space is not None:
+        shutil.copyfile(space, folder / SPACE_FILE)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    if size > max_upload_mb * 2**20:
+        biggest = max(files, key=lambda p: p.stat().st_size)
+        raise FtError(f"upload: {size / 2**20:.1f} MB is over the {max_upload_mb:g} MB limit (largest: "
+                      f"{biggest.name}, {biggest.stat().st_size / 2**20:.1f} MB); put the data on shared storage the "
+                      "cluster mounts (NFS, a PVC) and point data.train at it, or raise --max-upload-mb")
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return Package(folder, cluster_spec, digest.hexdigest(), size, notes)
