@@ -108,6 +108,7 @@ def train(
         summary = run_with_ray(spec, resume, address)
     show = samples if samples >= 0 else (spec.eval.generation.show if spec.eval.generation else 0)
     print_run_tables(summary, show, console)
+    print_summary_marker(summary)
     console.print(f"Outputs in {out} (metrics.jsonl, summary.json, final/). "
                   f"Export: ftcluster export {out} --merge --out {out}/merged")
 
@@ -175,6 +176,132 @@ def tune(
     if outcome.interrupted:
         err_console.print(f"interrupted; continue with `ftcluster tune --resume {sweep.folder}`")
         sys.exit(130)
+
+
+def print_summary_marker(summary: dict) -> None:
+    """A submitted run prints its summary on one marker line, for `ftcluster status` to read from the logs."""
+    import json
+    import os
+
+    from ftcluster.cluster.jobs import SUBMITTED_ENV, SUMMARY_MARKER
+
+    if os.environ.get(SUBMITTED_ENV):
+        keys = ("name", "method", "steps", "stop_reason", "tokens", "tokens_per_s", "train_seconds", "before", "after",
+                "gpu_hours", "cpu_core_hours", "cost_usd", "final")
+        print(SUMMARY_MARKER + json.dumps({k: summary.get(k) for k in keys}), flush=True)
+
+
+AddressOption = Annotated[Optional[str], typer.Option(
+    "--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: --cluster's, else RAY_ADDRESS).",
+    show_default=False)]
+ClusterOption = Annotated[Optional[str], typer.Option(
+    "--cluster", help="A profile in ~/.config/ftcluster/clusters.yaml (address, token_file).", show_default=False)]
+JobIdArg = Annotated[str, typer.Argument(help="The job id `ftcluster submit` printed (see `ftcluster jobs`).",
+                                         show_default=False)]
+
+
+@app.command(epilog="Examples:\n\n"
+             "  ftcluster submit jobs/quickstart.yaml --address http://127.0.0.1:8265\n\n"
+             "  ftcluster submit jobs/quickstart.yaml --cluster prod --wait output.dir=/mnt/shared/runs/qs\n\n"
+             "  ftcluster submit jobs/quickstart.yaml --tune tune_spaces/lora.yaml --tune-options '--trials 16 --concurrent 4'")
+def submit(
+    job: JobArg,
+    overrides: OverridesArg = None,
+    address: AddressOption = None,
+    cluster: ClusterOption = None,
+    tune_space: Annotated[Optional[Path], typer.Option("--tune", help="Run a sweep over this space instead of one training run.")] = None,
+    tune_options: Annotated[str, typer.Option(help="Options for `ftcluster tune` on the cluster, in one string.")] = "",
+    name: Annotated[Optional[str], typer.Option(help="Job name in the metadata (default: the spec's name).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Refuse uploads (spec + data) above this size.")] = 100,
+    pip: Annotated[bool, typer.Option("--pip", help="Install ftcluster's pinned requirements into the job's "
+                                      "environment (for clusters whose image lacks them).")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the logs until the job ends; exit 1 if it failed.")] = False,
+) -> None:
+    """Send a job spec (and its local data) to a Ray cluster with the Job Submission API; prints the job id."""
+    import shlex
+
+    from ftcluster.cluster.jobs import SubmitOptions
+    from ftcluster.cluster.jobs import submit as submit_job
+    from ftcluster.cluster.target import resolve_target
+    from ftcluster.spec import check_files, load_spec
+
+    spec = load_spec(job, overrides or [])
+    problems = check_files(spec, str(job))
+    if problems:
+        raise FtError("\n".join(problems))
+    if tune_space is not None:
+        from ftcluster.sweep.space import load_space
+
+        load_space(tune_space, spec.model_dump(mode="json"))
+    target = resolve_target(address, cluster)
+    options = SubmitOptions(tune_space, shlex.split(tune_options), name, max_upload_mb, pip)
+    job_id, notes = submit_job(target, spec, options)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"[green]✓[/] submitted {job_id} to {target.address}")
+    print(job_id)
+    if wait:
+        logs(job_id, follow=True, address=address, cluster=cluster)
+        status(job_id, address=address, cluster=cluster)
+
+
+@app.command(epilog="Example:\n\n  ftcluster status ftcluster-quickstart-1a2b3c4d-1795500000 --address http://127.0.0.1:8265")
+def status(job_id: JobIdArg, address: AddressOption = None, cluster: ClusterOption = None) -> None:
+    """A submitted job's state, and its run summary (or its error lines) once it has ended. Exit 1 if it failed."""
+    from rich.markup import escape
+
+    from ftcluster.cluster.jobs import error_lines, job_info, job_logs, run_summary
+    from ftcluster.cluster.target import resolve_target
+    from ftcluster.tables import job_status_table
+
+    target = resolve_target(address, cluster)
+    info = job_info(target, job_id)
+    logs_text = job_logs(target, job_id) if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else ""
+    summary = run_summary(logs_text)
+    console.print(job_status_table(info, summary))
+    if info["status"] == "FAILED":
+        for line in error_lines(logs_text) or [str(info["message"]).splitlines()[0]]:
+            err_console.print(f"[red]{escape(line)}[/]", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+@app.command(epilog="Examples:\n\n  ftcluster logs JOB_ID\n\n  ftcluster logs JOB_ID --follow")
+def logs(
+    job_id: JobIdArg,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False,
+    address: AddressOption = None,
+    cluster: ClusterOption = None,
+) -> None:
+    """Print a submitted job's logs (the entrypoint's output: progress, summary, errors)."""
+    from ftcluster.cluster.jobs import follow_logs, job_logs
+    from ftcluster.cluster.target import resolve_target
+
+    target = resolve_target(address, cluster)
+    if follow:
+        follow_logs(target, job_id, lambda chunk: print(chunk, end="", flush=True))
+    else:
+        print(job_logs(target, job_id), end="")
+
+
+@app.command(epilog="Example:\n\n  ftcluster stop JOB_ID --cluster prod")
+def stop(job_id: JobIdArg, address: AddressOption = None, cluster: ClusterOption = None) -> None:
+    """Stop a submitted job (its workers and trials with it) and wait until Ray says it stopped."""
+    from ftcluster.cluster.jobs import stop as stop_job
+    from ftcluster.cluster.target import resolve_target
+
+    target = resolve_target(address, cluster)
+    console.print(f"{job_id}: {stop_job(target, job_id)}")
+
+
+@app.command(epilog="Example:\n\n  ftcluster jobs --address http://127.0.0.1:8265")
+def jobs(address: AddressOption = None, cluster: ClusterOption = None) -> None:
+    """List the cluster's submitted jobs, newest first."""
+    from ftcluster.cluster.jobs import list_jobs
+    from ftcluster.cluster.target import resolve_target
+    from ftcluster.tables import jobs_table
+
+    target = resolve_target(address, cluster)
+    console.print(jobs_table(list_jobs(target), target.address))
 
 
 @app.command(epilog="Examples:\n\n  ftcluster plan jobs/llama-65b-qlora-zero3.yaml\n\n"

@@ -194,3 +194,37 @@ def _short_value(value: Any) -> str:
         return f"{value:.3g}"
     text = str(value)
     return text if len(text) <= 30 else text[:27] + "..."
+
+
+def _clock(milliseconds: int | None) -> str:
+    import datetime
+
+    if not milliseconds:
+        return "-"
+    return datetime.datetime.fromtimestamp(milliseconds / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def job_status_table(info: dict[str, Any], summary: dict[str, Any] | None) -> Table:
+    table = Table(title=f"Job {info['job_id']}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for label, value in (("status", info["status"]), ("name", info["name"]), ("spec sha256", info["spec_sha256"]),
+                         ("entrypoint", info["entrypoint"]), ("started", _clock(info["start_time"])),
+                         ("ended", _clock(info["end_time"]))):
+        table.add_row(label, str(value) if value is not None else "-")
+    for key, value in (summary or {}).items():
+        if isinstance(value, dict):
+            for metric, number in value.items():
+                table.add_row(f"{key} {metric}", _fmt(number))
+        elif value is not None:
+            table.add_row(key, _fmt(value))
+    return table
+
+
+def jobs_table(rows: list[dict[str, Any]], address: str) -> Table:
+    table = Table(title=f"Jobs on {address}")
+    for column in ("job id", "status", "name", "started", "entrypoint"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["job_id"], row["status"], row["name"], _clock(row["start_time"]), row["entrypoint"])
+    return table

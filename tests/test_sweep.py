@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, deep_update, read_metrics
+
 from ftcluster.errors import FtError
 from ftcluster.spec import load_spec
 from ftcluster.sweep.leaderboard import pareto_front

@@ -35,12 +35,20 @@ class ClusterTarget:
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the token: never print
 
     def client(self):
+        from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
 
         try:
             return JobSubmissionClient(self.address, headers=dict(self.headers))
+        except AuthenticationError:
+            raise FtError(self.auth_failed()) from None
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise FtError(f"cluster {self.address}: cannot reach the Ray dashboard ({_first_line(exc)})") from None
+
+    def auth_failed(self, detail: str = "") -> str:
+        token = "a token was sent" if self.headers else "no token was found"
+        return (f"cluster {self.address}: authentication failed{detail} ({token}); set RAY_AUTH_TOKEN, the profile's "
+                "token_file, or ~/.ray/auth_token to the cluster's token")
 
     def get(self, path: str) -> dict:
         """GET a dashboard API path (JSON), with the token."""
@@ -51,8 +59,7 @@ class ClusterTarget:
         except requests.RequestException as exc:
             raise FtError(f"cluster {self.address}: cannot reach the Ray dashboard ({_first_line(exc)})") from None
         if response.status_code in (401, 403):
-            raise FtError(f"cluster {self.address}: authentication failed (HTTP {response.status_code}); set "
-                          "RAY_AUTH_TOKEN or the profile's token_file to the cluster's token")
+            raise FtError(self.auth_failed(f" (HTTP {response.status_code})"))
         response.raise_for_status()
         return response.json()
 

@@ -1,0 +1,190 @@
+"""Ray Job Submission: send a job spec to a Ray cluster, follow it, stop it, list jobs.
+
+The entrypoint runs `ftcluster train|tune` on the head node; the training workers get the GPUs,
+the entrypoint only a fraction of a CPU. The client's own ftcluster code travels with the job
+(`py_modules`), so the cluster runs the version you tested; the image provides torch and the rest
+(or `--pip` installs the pinned requirements into the job's environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ftcluster
+from ftcluster.capacity import ClusterView, capacity_problems
+from ftcluster.cluster.package import JOB_FILE, SPACE_FILE, build_package
+from ftcluster.cluster.target import ClusterTarget
+from ftcluster.errors import FtError
+from ftcluster.spec import JobSpec
+
+ENTRYPOINT_CPUS = 0.25  # the `ftcluster train` driver; Ray Train's workers reserve their own
+SUMMARY_MARKER = "ftcluster-summary: "  # the submitted run prints its summary on one line with this
+SUBMITTED_ENV = "FTCLUSTER_SUBMITTED"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class SubmitOptions:
+    space: Path | None = None
+    tune_args: list[str] | None = None
+    name: str | None = None
+    max_upload_mb: float = 100
+    pip: bool = False
+
+
+def pinned_requirements() -> list[str]:
+    """ftcluster's dependencies at the versions installed here (torch left to the cluster's image,
+    which carries the CUDA build that matches its GPUs)."""
+    pins = []
+    for requirement in importlib.metadata.requires("ftcluster") or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]
+        if name.lower() == "torch":
+            continue
+        extras = re.search(r"\[[^\]]*\]", requirement)
+        try:
+            pins.append(f"{name}{extras.group(0) if extras else ''}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def cluster_view(target: ClusterTarget) -> ClusterView:
+    reply = target.get("/api/v0/nodes?detail=1")
+    return ClusterView.from_state_api(reply["data"]["result"]["result"])
+
+
+def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tuple[str, list[str]]:
+    """Check capacity, package, submit; returns the job id and notes for the user."""
+    problems = capacity_problems(spec, cluster_view(target), driver_cpus=ENTRYPOINT_CPUS)
+    if problems:
+        raise FtError("\n".join(f"{target.address}: {p}" for p in problems))
+    with tempfile.TemporaryDirectory(prefix="ftcluster-submit-") as tmp:
+        package = build_package(spec, Path(tmp), options.space, options.max_upload_mb)
+        if options.space is not None:
+            entrypoint = ["python", "-m", "ftcluster.cli", "tune", JOB_FILE, SPACE_FILE, *(options.tune_args or [])]
+        else:
+            entrypoint = ["python", "-m", "ftcluster.cli", "train", JOB_FILE]
+        env = {k: v for k, v in os.environ.items() if k.startswith("FTCLUSTER_") and k != "FTCLUSTER_CLUSTERS"}
+        env.update({SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1"})
+        runtime_env: dict[str, Any] = {
+            "working_dir": str(package.folder),
+            "py_modules": [str(Path(ftcluster.__file__).parent)],
+            "env_vars": env,
+        }
+        if options.pip:
+            runtime_env["pip"] = pinned_requirements()
+        job_name = options.name or spec.name
+        submission_id = f"ftcluster-{job_name}-{package.spec_sha256[:8]}-{int(time.time())}"
+        try:
+            job_id = target.client().submit_job(
+                entrypoint=" ".join(entrypoint),
+                submission_id=submission_id,
+                runtime_env=runtime_env,
+                metadata={"ftcluster_job": job_name, "spec_sha256": package.spec_sha256,
+                          "kind": "tune" if options.space else "train"},
+                entrypoint_num_cpus=ENTRYPOINT_CPUS,
+                entrypoint_num_gpus=0,
+            )
+        except RuntimeError as exc:
+            raise FtError(f"{target.address}: submission refused: {str(exc).splitlines()[0][:300]}") from None
+    return job_id, package.notes
+
+
+def _status(info) -> str:
+    return str(info.status.value if hasattr(info.status, "value") else info.status)
+
+
+def job_info(target: ClusterTarget, job_id: str) -> dict[str, Any]:
+    try:
+        info = target.client().get_job_info(job_id)
+    except RuntimeError as exc:
+        raise FtError(f"{target.address}: no job {job_id} ({str(exc).splitlines()[0][:200]})") from None
+    return {
+        "job_id": job_id,
+        "status": _status(info),
+        "name": (info.metadata or {}).get("ftcluster_job"),
+        "spec_sha256": (info.metadata or {}).get("spec_sha256"),
+        "entrypoint": info.entrypoint,
+        "message": info.message,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+    }
+
+
+def job_logs(target: ClusterTarget, job_id: str) -> str:
+    try:
+        return target.client().get_job_logs(job_id)
+    except RuntimeError as exc:
+        raise FtError(f"{target.address}: no logs for job {job_id} ({str(exc).splitlines()[0][:200]})") from None
+
+
+def follow_logs(target: ClusterTarget, job_id: str, write) -> None:
+    """Stream the job's logs until it ends."""
+    client = target.client()
+
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            write(chunk)
+
+    asyncio.run(stream())
+
+
+def run_summary(logs: str) -> dict[str, Any] | None:
+    """The summary a submitted run printed on its marker line (the last one, for a resumed run)."""
+    lines = [line for line in logs.splitlines() if line.startswith(SUMMARY_MARKER)]
+    return json.loads(lines[-1][len(SUMMARY_MARKER):]) if lines else None
+
+
+def error_lines(logs: str) -> list[str]:
+    """The user-facing `error:` lines of a failed run."""
+    return [line.strip() for line in logs.splitlines() if line.strip().startswith("error:")]
+
+
+def stop(target: ClusterTarget, job_id: str, wait_s: float = 60) -> str:
+    client = target.client()
+    try:
+        client.stop_job(job_id)
+    except RuntimeError as exc:
+        raise FtError(f"{target.address}: cannot stop job {job_id} ({str(exc).splitlines()[0][:200]})") from None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        status = job_info(target, job_id)["status"]
+        if status in TERMINAL:
+            return status
+        time.sleep(1)
+    return job_info(target, job_id)["status"]
+
+
+def wait(target: ClusterTarget, job_id: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = job_info(target, job_id)["status"]
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(1)
+
+
+def list_jobs(target: ClusterTarget) -> list[dict[str, Any]]:
+    rows = []
+    for info in target.client().list_jobs():
+        if not info.submission_id:
+            continue
+        rows.append({
+            "job_id": info.submission_id,
+            "status": _status(info),
+            "name": (info.metadata or {}).get("ftcluster_job", ""),
+            "start_time": info.start_time,
+            "entrypoint": info.entrypoint,
+        })
+    return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)

@@ -1,0 +1,175 @@
+"""Job submission against a real Ray head this module starts on 127.0.0.1 with token auth."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftcluster.cluster.package import build_package
+from ftcluster.cluster.target import resolve_target
+from ftcluster.errors import FtError
+from ftcluster.spec import load_spec
+
+TOKEN = secrets.token_hex(16)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` on free loopback ports; terminating it stops this cluster only."""
+    bin_dir = Path(sys.executable).parent
+    dashboard = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    env.pop("RAY_ADDRESS", None)
+    temp = tmp_path_factory.mktemp("rayhead")
+    command = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--dashboard-host", "127.0.0.1", "--port", str(free_port()), "--dashboard-port", str(dashboard),
+               "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+               "--metrics-export-port", str(free_port()), "--num-cpus", "2", "--temp-dir", str(temp)]
+    head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    import requests
+
+    while time.time() < deadline:
+        try:
+            reply = requests.get(f"{address}/api/v0/nodes?detail=1", headers={"Authorization": f"Bearer {TOKEN}"},
+                                 timeout=5)
+            if reply.ok and reply.json()["data"]["result"]["result"]:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        head.terminate()
+        pytest.fail("the Ray head did not come up")
+    yield address
+    head.terminate()
+    head.wait(timeout=60)
+
+
+@pytest.fixture
+def on_cluster(ray_head, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return ray_head
+
+
+def test_head_listens_on_loopback_only(on_cluster):
+    import requests
+
+    nodes = requests.get(f"{on_cluster}/api/v0/nodes?detail=1", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert [n["node_ip"] for n in nodes["data"]["result"]["result"]] == ["127.0.0.1"]
+
+
+def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path):
+    job = make_job("remote", training={"max_steps": 6}, eval={"every": 3})
+    result = cli("submit", job, "--address", on_cluster, "--wait")
+    assert result.code == 0, result
+    assert "SUCCEEDED" in result.out and "after val_loss" in result.out
+    listed = cli("jobs", "--address", on_cluster)
+    assert "remote" in listed.out and "SUCCEEDED" in listed.out
+    submitted = [line.strip() for line in result.out.splitlines() if line.strip().startswith("ftcluster-remote-")]
+    status = cli("status", submitted[-1], "--address", on_cluster)
+    assert status.code == 0 and "steps" in status.out and "SUCCEEDED" in status.out
+    summary = json.loads((tmp_path / "runs" / "remote" / "summary.json").read_text())
+    assert summary["steps"] == 6  # the cluster ran the job (its output.dir is on this machine)
+    for text in (result.out, result.err, listed.out, status.out):
+        assert TOKEN not in text
+
+
+def test_failing_job_reports_failed_with_its_error_line(on_cluster, make_job, cli, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "add 1 and 2", "output": "3"}\n{"instruction": 5}\n')
+    job = make_job("broken", data={"train": str(bad), "on_bad_row": "fail"})
+    result = cli("submit", job, "--address", on_cluster, "--wait")
+    assert result.code == 1, result
+    assert "FAILED" in result.out
+    assert "error:" in result.err and "train-bad.jsonl:2" in result.err
+
+
+def test_stop_a_long_job(on_cluster, make_job, cli):
+    from ftcluster.cluster.jobs import job_info, wait
+
+    job = make_job("long", training={"max_steps": 100000, "log_every": 50})
+    result = cli("submit", job, "--address", on_cluster)
+    assert result.code == 0, result
+    job_id = next(line.strip() for line in result.out.splitlines() if line.strip().startswith("ftcluster-long-"))
+    target = resolve_target(on_cluster, None)
+    deadline = time.time() + 120
+    while job_info(target, job_id)["status"] != "RUNNING" and time.time() < deadline:
+        time.sleep(1)
+    stopped = cli("stop", job_id, "--address", on_cluster)
+    assert stopped.code == 0 and "STOPPED" in stopped.out
+    assert wait(target, job_id, 10) == "STOPPED"
+
+
+def test_job_the_cluster_cannot_run_is_refused_with_numbers(on_cluster, make_job, cli):
+    result = cli("submit", make_job("gpu", scaling={"use_gpu": True, "num_workers": 2}), "--address", on_cluster)
+    assert result.code == 2
+    assert "the job needs 2 GPU (2 workers), the Ray cluster has 0" in result.err
+
+
+def test_sweep_submitted_to_the_cluster(on_cluster, make_job, cli, tmp_path):
+    job = make_job("remote-sweep", training={"max_steps": 8}, eval={"every": 4}, scaling={"cpus_per_worker": 0.5},
+                   output={"dir": str(tmp_path / "runs" / "remote-sweep")})
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"training.lr": {"loguniform": [1e-4, 1e-2]}}))
+    result = cli("submit", job, "--tune", space, "--tune-options", f"--trials 2 --out {tmp_path / 'sweep'}",
+                 "--address", on_cluster, "--wait")
+    assert result.code == 0, result
+    board = json.loads((tmp_path / "sweep" / "leaderboard.json").read_text())
+    assert len(board["rows"]) == 2
+
+
+def test_profiles_and_bad_tokens(on_cluster, make_job, cli, tmp_path, monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    profiles = tmp_path / "clusters.yaml"
+    profiles.write_text(yaml.safe_dump({"local": {"address": on_cluster, "token_file": str(token_file)}}))
+    monkeypatch.setenv("FTCLUSTER_CLUSTERS", str(profiles))
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setattr("ftcluster.cluster.target.RAY_TOKEN_FILE", tmp_path / "no-such-token")
+    assert cli("jobs", "--cluster", "local").code == 0
+    missing = cli("jobs", "--cluster", "prod")
+    assert missing.code == 2 and "no cluster profile 'prod' (profiles: local)" in missing.err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    wrong = cli("jobs", "--address", on_cluster)
+    assert wrong.code == 2 and "authentication failed" in wrong.err and "not-the-token" not in wrong.err + wrong.out
+
+
+def test_upload_is_limited_and_never_carries_secrets(make_job, tmp_path):
+    spec = load_spec(make_job("pkg"))
+    package = build_package(spec, tmp_path / "pkg-out", None, max_upload_mb=10)
+    names = sorted(p.relative_to(package.folder).as_posix() for p in package.folder.rglob("*") if p.is_file())
+    assert names == ["data/train-train.jsonl", "data/validation-val.jsonl", "job.yaml"]
+    assert yaml.safe_load((package.folder / "job.yaml").read_text())["data"]["train"] == "data/train-train.jsonl"
+    with pytest.raises(FtError, match="MB is over the 1e-05 MB limit .* put the data on shared storage"):
+        build_package(spec, tmp_path / "small", None, max_upload_mb=0.00001)
+    secret = tmp_path / "prod.env"
+    secret.write_text("WANDB_API_KEY=abc\n")
+    leaky = spec.model_copy(update={"data": spec.data.model_copy(update={"train": str(secret)})})
+    with pytest.raises(FtError, match="prod.env looks like a credentials file"):
+        build_package(leaky, tmp_path / "leak", None, max_upload_mb=10)
+
+
+def test_address_is_required(cli, make_job, monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("FTCLUSTER_CLUSTERS", str(tmp_path / "none.yaml"))
+    result = cli("jobs")
+    assert result.code == 2 and "no cluster address" in result.err
