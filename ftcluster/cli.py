@@ -380,6 +380,97 @@ def report(run: Annotated[Path, typer.Argument(help="A run folder, or a sweep fo
     console.print(f"[green]✓[/] wrote {path}")
 
 
+render_app = typer.Typer(help="Render deployment manifests for a job spec.", no_args_is_help=True)
+app.add_typer(render_app, name="render")
+
+
+def _key_values(items: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FtError(f"{option} {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _toleration(text: str) -> dict[str, str]:
+    """KEY[=VALUE]:EFFECT → a Kubernetes toleration."""
+    head, sep, effect = text.rpartition(":")
+    if not sep or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise FtError(f"--toleration {text!r}: expected KEY[=VALUE]:EFFECT, EFFECT one of NoSchedule, "
+                      "PreferNoSchedule, NoExecute")
+    key, has_value, value = head.partition("=")
+    toleration = {"key": key, "operator": "Equal" if has_value else "Exists", "effect": effect}
+    if has_value:
+        toleration["value"] = value
+    return toleration
+
+
+@render_app.command("k8s", epilog="Examples:\n\n"
+                    "  ftcluster render k8s jobs/llama-7b-lora-ddp.yaml --image ghcr.io/acme/ftcluster:0.1 --workers 1 "
+                    "--gpus-per-worker 8 --pvc ftcluster-shared --out rayjob.yaml\n\n"
+                    "  ftcluster render k8s jobs/quickstart.yaml --image ghcr.io/acme/ftcluster:0.1 --workers 2 --cluster-only\n\n"
+                    "  kubectl apply -f rayjob.yaml && kubectl get rayjobs -w")
+def render_k8s(
+    job: JobArg,
+    overrides: OverridesArg = None,
+    image: Annotated[str, typer.Option(help="Container image with ftcluster and its dependencies (k8s/Dockerfile).")] = ...,
+    workers: Annotated[Optional[int], typer.Option(help="Worker pods (default: scaling.num_workers).")] = None,
+    gpus_per_worker: Annotated[Optional[int], typer.Option(help="GPUs per worker pod; one Ray Train worker per GPU "
+                                                                "(default: 1 if scaling.use_gpu else 0).")] = None,
+    cpus_per_worker: Annotated[int, typer.Option(help="CPUs per worker pod.")] = 8,
+    memory_per_worker: Annotated[str, typer.Option(help="Memory per worker pod (Kubernetes quantity).")] = "64Gi",
+    shm_size: Annotated[str, typer.Option(help="Shared memory (/dev/shm) per pod, for NCCL and data loading.")] = "16Gi",
+    node_selector: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE node labels for worker pods, e.g. "
+                                                               "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3.")] = None,
+    toleration: Annotated[Optional[list[str]], typer.Option(help="KEY[=VALUE]:EFFECT taints the workers tolerate, "
+                                                            "e.g. nvidia.com/gpu:NoSchedule.")] = None,
+    pvc: Annotated[Optional[str], typer.Option(help="PersistentVolumeClaim mounted at /mnt/shared (data, outputs, "
+                                               "checkpoints).")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Namespace of the manifests.")] = None,
+    wandb_secret: Annotated[str, typer.Option(help="Secret with key api-key for WANDB_API_KEY ('' for none).")] = "wandb",
+    working_dir_uri: Annotated[Optional[str], typer.Option(help="Remote working_dir for the job (s3://.../pkg.zip).")] = None,
+    submission_mode: Annotated[str, typer.Option(help="RayJob submissionMode: K8sJobMode, HTTPMode, InteractiveMode "
+                                                 "or SidecarMode.")] = "K8sJobMode",
+    active_deadline_s: Annotated[int, typer.Option(help="Fail the RayJob after this many seconds (0: no limit).")] = 86400,
+    ttl_s: Annotated[int, typer.Option(help="Delete the finished RayJob's cluster after this many seconds.")] = 3600,
+    backoff_limit: Annotated[int, typer.Option(help="Retries of the whole RayJob after a failure.")] = 0,
+    tune_space: Annotated[Optional[Path], typer.Option("--tune", help="Run a sweep over this space.")] = None,
+    tune_options: Annotated[str, typer.Option(help="Options for `ftcluster tune`, in one string.")] = "",
+    cluster_only: Annotated[bool, typer.Option("--cluster-only", help="A standalone RayCluster (for `ftcluster "
+                                               "submit`) instead of a RayJob.")] = False,
+    name: Annotated[Optional[str], typer.Option(help="Kubernetes name (default: from the spec's name).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the manifests here (default: print them).")] = None,
+) -> None:
+    """Render a KubeRay RayJob (or RayCluster) plus a ConfigMap holding the job spec, ready for kubectl apply."""
+    import shlex
+
+    from ftcluster.atomic import write_text_atomic
+    from ftcluster.cluster.kuberay import K8sOptions, dump_manifests, render
+    from ftcluster.spec import check_files, load_spec
+
+    spec = load_spec(job, overrides or [])
+    problems = check_files(spec, str(job))
+    if problems:
+        raise FtError("\n".join(problems))
+    options = K8sOptions(
+        image=image, workers=workers or spec.scaling.num_workers,
+        gpus_per_worker=gpus_per_worker if gpus_per_worker is not None else (1 if spec.scaling.use_gpu else 0),
+        cpus_per_worker=cpus_per_worker, memory_per_worker=memory_per_worker, shm_size=shm_size,
+        node_selector=_key_values(node_selector or [], "--node-selector"),
+        tolerations=[_toleration(t) for t in toleration or []], pvc=pvc, namespace=namespace,
+        wandb_secret=wandb_secret or None, working_dir_uri=working_dir_uri, submission_mode=submission_mode,
+        active_deadline_s=active_deadline_s or None, ttl_s=ttl_s, backoff_limit=backoff_limit, name=name,
+    )
+    text = dump_manifests(render(spec, options, tune_space, shlex.split(tune_options), cluster_only))
+    if out is None:
+        print(text, end="")
+    else:
+        write_text_atomic(out, text)
+        console.print(f"[green]✓[/] wrote {out} (kubectl apply -f {out})")
+
+
 def main() -> None:
     """Console entry point: user errors become one line per problem on stderr and exit code 2."""
     quiet_libraries()
