@@ -14,7 +14,6 @@ from typing import Any
 
 import jsonschema
 import yaml
-
 from conftest import REPO
 
 KUBERAY = REPO.parent / "shared" / "kuberay"

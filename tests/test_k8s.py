@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
-from ftcluster.spec import build_spec, load_spec
 from kube_schema import KUBERAY, core_errors, load_documents, manifest_errors
+
+from ftcluster.spec import build_spec, load_spec
 
 needs_crds = pytest.mark.skipif(not KUBERAY.is_dir(), reason=f"KubeRay CRD schemas not found at {KUBERAY}")
 IMAGE = "ghcr.io/acme/ftcluster:0.1"
