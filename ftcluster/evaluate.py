@@ -28,11 +28,12 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def iter_batches(items: list[Encoded], batch_size: int, pad_id: int, device, limit: int | None = None) -> Iterator[dict]:
+def iter_batches(items: list[Encoded], batch_size: int, pad_id: int, device, limit: int | None = None,
+                 collate_fn: Callable = collate) -> Iterator[dict]:
     for number, start in enumerate(range(0, len(items), batch_size)):
         if limit is not None and number >= limit:
             return
-        batch = collate(items[start : start + batch_size], pad_id)
+        batch = collate_fn(items[start : start + batch_size], pad_id)
         yield {k: v.to(device) for k, v in batch.items()}
 
 
@@ -121,8 +122,8 @@ def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prom
 
 
 def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, batch_size: int, device,
-             autocast: Callable, generation: bool = True) -> dict:
-    """Every metric the job asks for, on the validation set."""
+             autocast: Callable, generation: bool = True, objective=None) -> dict:
+    """Every metric the job asks for, on the validation set (`objective`: DPO scores its pairs itself)."""
     pad_id = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
@@ -134,7 +135,10 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
                 evaluate_classification(model, bundle.val, batch_size, pad_id, device, autocast, bundle.label_names, eval_spec.max_batches)
             )
         else:
-            metrics = evaluate_loss(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
+            if objective is not None and objective.name == "dpo":
+                metrics = objective.evaluate(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
+            else:
+                metrics = evaluate_loss(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
             if generation and eval_spec.generation and bundle.val_examples:
                 gen = eval_spec.generation
                 with autocast():
@@ -153,10 +157,18 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
 
 @contextlib.contextmanager
 def base_model_view(model):
-    """Evaluate the base model: adapters disabled for PEFT models, unchanged otherwise."""
+    """Evaluate the base model: adapters disabled for PEFT models, unchanged otherwise.
+
+    Re-entrant: PEFT re-enables adapters when its context exits, so an inner use (a DPO reference
+    inside the base-model evaluation) must not switch them back on under the outer one.
+    """
     disable = getattr(model, "disable_adapter", None)
-    if disable is None:
+    if disable is None or getattr(model, "_ftcluster_base_view", False):
         yield model
         return
-    with disable():
-        yield model
+    model._ftcluster_base_view = True
+    try:
+        with disable():
+            yield model
+    finally:
+        model._ftcluster_base_view = False

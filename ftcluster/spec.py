@@ -82,6 +82,13 @@ class UnfreezeSpec(Section):
     initial_groups: int = Field(0, ge=0, description="Groups already trainable at step 0 (the head always is).")
 
 
+class DpoSpec(Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO: the share of preference labels assumed flipped (noise)."
+    )
+
+
 class MethodSpec(Section):
     name: Literal["full", "freeze", "lora", "dora", "prefix", "qlora"] = Field(
         "lora",
@@ -95,6 +102,12 @@ class MethodSpec(Section):
     unfreeze: UnfreezeSpec | None = Field(
         None, description="Gradual unfreezing schedule (full and freeze methods only)."
     )
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: next-token loss on responses; dpo: direct preference optimisation on preference data, "
+        "against the frozen base model (for adapters: the same weights with adapters off, no second copy).",
+    )
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="DPO settings (objective: dpo).")
     layerwise_lr_decay: float | None = Field(
         None,
         gt=0,
@@ -337,8 +350,20 @@ class JobSpec(Section):
                 raise ValueError("distributed.deepspeed_overrides: " + "; ".join(clashes))
         if self.training.max_failures and not self.training.checkpoint_every:
             raise ValueError("training.max_failures needs training.checkpoint_every (restarts resume from a checkpoint)")
-        if self.data.format == "preference":
-            raise ValueError("data.format preference is for preference tuning (DPO), not supported yet")
+        if (self.data.format == "preference") != (self.method.objective == "dpo"):
+            raise ValueError("method.objective dpo and data.format preference go together (preference rows: "
+                             "prompt, chosen, rejected)")
+        if self.method.objective == "dpo":
+            if self.model.task != "causal_lm":
+                raise ValueError("method.objective dpo needs model.task: causal_lm")
+            if self.data.packing:
+                raise ValueError("data.packing does not apply to preference pairs; set it false")
+            if self.method.name == "prefix":
+                raise ValueError("method.objective dpo supports full, freeze, lora, dora and qlora, not prefix")
+            if self.method.name in ("full", "freeze") and self.distributed.backend == "deepspeed" \
+                    and self.distributed.zero_stage == 3:
+                raise ValueError("dpo with a full/freeze model under ZeRO-3 would need a partitioned reference copy; "
+                                 "use lora (its reference is the base with adapters off) or zero_stage 2")
         return self
 
     @property

@@ -162,7 +162,8 @@ def build_data(
         for example in items:
             encoded = renderer.encode(example, label_ids)
             report.truncated += encoded.truncated
-            if encoded.label is None and not any(encoded.trained[1:]):
+            pair_empty = encoded.rejected is not None and not any(encoded.rejected.trained[1:])
+            if encoded.label is None and (not any(encoded.trained[1:]) or pair_empty):
                 report.dropped_no_target += 1
                 continue
             kept_encoded.append(encoded)

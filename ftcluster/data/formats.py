@@ -30,6 +30,7 @@ class Example:
     messages: list[dict[str, str]] = field(default_factory=list)
     text: str | None = None
     label: str | None = None
+    rejected: str | None = None  # preference format: the dispreferred reply to the same prompt
 
 
 def _text_field(record: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -90,11 +91,23 @@ def parse_classification(record: dict[str, Any], columns: ColumnSpec, system_pro
     return Example(text=text, label=str(label))
 
 
+def parse_preference(record: dict[str, Any], columns: ColumnSpec, system_prompt: str | None) -> Example:
+    prompt = _text_field(record, columns.prompt)
+    chosen = _text_field(record, columns.chosen)
+    rejected = _text_field(record, columns.rejected)
+    if chosen == rejected:
+        raise BadRow("chosen and rejected are the same text: nothing to prefer")
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}]
+    return Example(messages=messages, rejected=rejected)
+
+
 PARSERS = {
     "instruction": parse_instruction,
     "chat": parse_chat,
     "text": parse_text,
     "classification": parse_classification,
+    "preference": parse_preference,
 }
 
 

@@ -24,6 +24,7 @@ class Encoded:
     label: int | None = None
     truncated: bool = False
     positions: list[int] | None = None  # set for packed sequences: restarts at each example
+    rejected: Encoded | None = None  # preference pairs: this is the chosen reply, that the rejected one
 
 
 def _plain_render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -82,9 +83,18 @@ class Renderer:
             if tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
             return self._cut(Encoded(ids, [True] * len(ids)))
+        if example.rejected is not None:
+            chosen = self._encode_conversation(example.messages)
+            other = example.messages[:-1] + [{"role": "assistant", "content": example.rejected}]
+            chosen.rejected = self._encode_conversation(other)
+            chosen.truncated = chosen.truncated or chosen.rejected.truncated
+            return chosen
+        return self._encode_conversation(example.messages)
+
+    def _encode_conversation(self, messages: list[dict[str, str]]) -> Encoded:
         ids, trained = [], []
-        for text, is_response in self.segments(example.messages):
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for text, is_response in self.segments(messages):
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             trained += [is_response or self.train_on_prompt] * len(piece)
         return self._cut(Encoded(ids, trained))

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from ftcluster.atomic import atomic_directory, write_text_atomic
 from ftcluster.data import build_data
-from ftcluster.data.batches import StepOrder, collate, count_targets
+from ftcluster.data.batches import StepOrder
 from ftcluster.data.render import Renderer
 from ftcluster.engine.backends import DeepSpeedStepper, TorchStepper, zero3_init_context
 from ftcluster.engine.checkpoint import (
@@ -36,7 +36,8 @@ from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
 from ftcluster.engine.optim import build_optimizer, keep_spec_learning_rates, lr_lambda, param_groups
 from ftcluster.engine.progress import Progress
 from ftcluster.errors import FtError
-from ftcluster.evaluate import base_model_view, loss_sum, run_eval, scalar_metrics
+from ftcluster.engine.objectives import make_objective
+from ftcluster.evaluate import base_model_view, run_eval, scalar_metrics
 from ftcluster.layout import (
     CHECKPOINTS,
     EVAL_AFTER,
@@ -197,6 +198,7 @@ def train(
     if quant is None and zero3 is None:
         model.to(device)
     is_peft = spec.method.name in PEFT_METHODS
+    objective = make_objective(spec, model, is_peft)  # fixes a DPO reference before any step
     schedule = None
     if spec.method.unfreeze is not None:
         base = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -225,7 +227,8 @@ def train(
     pad_id = tokenizer.pad_token_id
 
     def evaluate(generation: bool = True) -> dict:
-        return run_eval(trained_model, tokenizer, bundle, renderer, spec.eval, eval_batch, device, autocast, generation)
+        return run_eval(trained_model, tokenizer, bundle, renderer, spec.eval, eval_batch, device, autocast, generation,
+                        objective)
 
     # --- resume -------------------------------------------------------------------------------
     start_step = 0
@@ -291,9 +294,9 @@ def train(
         if schedule is not None and schedule.apply(step):
             progress.message(f"step {step}: unfroze block group {schedule.current} "
                              f"({count_params(trained_model).trainable:,} trainable)")
-        micro = [collate([bundle.train[i] for i in ids], pad_id) for ids in order.micro_batches(step, ctx.rank)]
+        micro = [objective.collate([bundle.train[i] for i in ids], pad_id) for ids in order.micro_batches(step, ctx.rank)]
         micro = [{k: v.to(device) for k, v in batch.items()} for batch in micro]
-        targets = torch.tensor(float(sum(count_targets(b) for b in micro)), device=device)
+        targets = torch.tensor(float(sum(objective.count(b) for b in micro)), device=device)
         if ctx.world_size > 1:
             with ctx.collective("all_reduce of the step's target count", step + 1, timeout):
                 torch.distributed.all_reduce(targets)
@@ -301,7 +304,7 @@ def train(
         for index, batch in enumerate(micro):
             with stepper.micro_context(last=index == len(micro) - 1):
                 with autocast():
-                    loss = loss_sum(model, batch) / targets
+                    loss = objective.loss_sum(model, batch) / targets
                 # Workers' gradients are averaged; scale so the step sees the global sum / targets.
                 with ctx.collective("gradient all-reduce (backward)", step + 1, timeout):
                     stepper.backward(loss * ctx.world_size)

@@ -1,0 +1,161 @@
+"""What a batch is and what its loss is: next-token SFT, or DPO on preference pairs.
+
+The loop asks an objective to collate items into a batch, to count the batch's units (target
+tokens for SFT, pairs for DPO: the loss is normalised by the step's total across workers) and for
+the batch's summed loss.
+
+DPO (Rafailov et al., 2023) compares the policy's log-probabilities of the chosen and rejected
+replies with a frozen reference's: loss = -log sigmoid(beta * ((pc - rc) - (pr - rr))), with
+conservative label smoothing eps mixing in the flipped term. For adapter methods the reference is
+the same model with its adapters off, so no second copy of the weights is held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ftcluster.data.batches import IGNORE, collate, count_targets
+from ftcluster.data.render import Encoded
+from ftcluster.evaluate import base_model_view, iter_batches, loss_sum
+
+ReferenceFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row: the summed log-probability of its trained (response) tokens."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    logits = model(**inputs).logits[:, -labels.shape[1]:]
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                   reduction="none").view(targets.shape)
+    return token_logps.sum(dim=1)
+
+
+def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+               reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per pair DPO loss (sigmoid form, with conservative label smoothing)."""
+    logits = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+    return -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+
+
+class SFTObjective:
+    name = "sft"
+
+    def collate(self, items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate(items, pad_id)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_targets(batch)
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(model, batch)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def adapters_off_reference(model: torch.nn.Module) -> ReferenceFn:
+    """The base model as reference: the same module with its adapters disabled (no extra memory)."""
+
+    @torch.no_grad()
+    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with _eval_mode(model), base_model_view(model):
+            return sequence_logps(model, batch)
+
+    return reference
+
+
+def frozen_copy_reference(model: torch.nn.Module) -> ReferenceFn:
+    """For full / freeze fine-tunes: a frozen copy of the starting weights (twice the weight memory)."""
+    frozen = copy.deepcopy(model).eval()
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_logps(frozen, batch)
+
+    return reference
+
+
+class DPOObjective:
+    name = "dpo"
+
+    def __init__(self, beta: float, label_smoothing: float, reference: ReferenceFn):
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.reference = reference
+
+    def collate(self, items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+        """Chosen replies in the first half of the batch, their rejected partners in the second."""
+        return collate(items + [item.rejected for item in items], pad_id)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        reference = self.reference(batch)
+        policy = sequence_logps(model, batch)
+        half = policy.shape[0] // 2
+        chosen, rejected = policy[:half], policy[half:]
+        reference_chosen, reference_rejected = reference[:half], reference[half:]
+        return {
+            "losses": dpo_losses(chosen, rejected, reference_chosen, reference_rejected, self.beta, self.label_smoothing),
+            "chosen": chosen,
+            "rejected": rejected,
+            "chosen_reward": self.beta * (chosen - reference_chosen),
+            "rejected_reward": self.beta * (rejected - reference_rejected),
+        }
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.terms(model, batch)["losses"].sum()
+
+    @torch.no_grad()
+    def evaluate(self, model, items: list[Encoded], batch_size: int, pad_id: int, device, autocast,
+                 limit: int | None = None) -> dict[str, float]:
+        """On held-out pairs: DPO loss, how often the model itself prefers the chosen reply
+        (pref_accuracy: log p(chosen) > log p(rejected)), reward accuracy and margin."""
+        sums = {"loss": 0.0, "prefers": 0.0, "reward_right": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0}
+        pairs = 0
+        for batch in iter_batches(items, batch_size, pad_id, device, limit, collate_fn=self.collate):
+            with autocast():
+                terms = self.terms(model, batch)
+            margin = terms["chosen_reward"] - terms["rejected_reward"]
+            sums["loss"] += float(terms["losses"].sum())
+            sums["prefers"] += float((terms["chosen"] > terms["rejected"]).sum())
+            sums["reward_right"] += float((margin > 0).sum())
+            sums["margin"] += float(margin.sum())
+            sums["chosen"] += float(terms["chosen"].sum())
+            sums["rejected"] += float(terms["rejected"].sum())
+            pairs += margin.shape[0]
+        if pairs == 0:
+            return {}
+        return {
+            "val_loss": sums["loss"] / pairs,
+            "pref_accuracy": sums["prefers"] / pairs,
+            "reward_accuracy": sums["reward_right"] / pairs,
+            "reward_margin": sums["margin"] / pairs,
+            "chosen_logp": sums["chosen"] / pairs,
+            "rejected_logp": sums["rejected"] / pairs,
+        }
+
+
+def make_objective(spec, model: torch.nn.Module, is_peft: bool):
+    """The job's objective; a DPO reference is fixed here, before any training step."""
+    if spec.method.objective == "sft":
+        return SFTObjective()
+    reference = adapters_off_reference(model) if is_peft else frozen_copy_reference(model)
+    return DPOObjective(spec.method.dpo.beta, spec.method.dpo.label_smoothing, reference)
