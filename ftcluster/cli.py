@@ -334,17 +334,32 @@ def show_plan(spec, mfu: float, suggest: bool = False, top: int = 10) -> None:
         console.print(suggestions_table(planner.suggest(spec, mfu), top))
 
 
-@app.command("eval", epilog="Example:\n\n  ftcluster eval runs/quickstart")
-def eval_run(run: RunArg) -> None:
+@app.command("eval", epilog="Examples:\n\n  ftcluster eval runs/quickstart\n\n"
+             "  ftcluster eval runs/quickstart --baseline few-shot:3   # did fine-tuning beat prompting?")
+def eval_run(
+    run: RunArg,
+    baseline: Annotated[Optional[str], typer.Option(
+        help="Also score the base model prompted with K training examples (few-shot:K) on the same held-out "
+             "prompts and metric.")] = None,
+) -> None:
     """Evaluate a finished run's base model and fine-tuned model on its validation data, side by side."""
     from ftcluster.compare import compare_run
-    from ftcluster.tables import before_after_table, samples_table
+    from ftcluster.tables import before_after_table, few_shot_line, samples_table
 
-    result = compare_run(run)
+    shots = None
+    if baseline is not None:
+        kind, _, count = baseline.partition(":")
+        if kind != "few-shot" or not count.isdigit() or not 1 <= int(count) <= 16:
+            raise FtError(f"--baseline {baseline!r}: expected few-shot:K with K from 1 to 16, e.g. few-shot:3")
+        shots = int(count)
+    result = compare_run(run, shots)
     console.print(before_after_table(result["before"], result["after"]))
     table = samples_table(result["samples_before"], result["samples_after"], 3)
     if table is not None:
         console.print(table)
+    line = few_shot_line({"few_shot": result["few_shot"], "after": result["after"]})
+    if line:
+        console.print(line)
 
 
 @app.command(epilog="Examples:\n\n  ftcluster export runs/quickstart --out exported/adapter\n\n"

@@ -10,32 +10,45 @@ import torch
 
 from ftcluster.data import build_data
 from ftcluster.data.render import Renderer
-from ftcluster.evaluate import base_model_view, run_eval, scalar_metrics
+from ftcluster.engine.objectives import make_objective
+from ftcluster.errors import FtError
+from ftcluster.evaluate import base_model_view, few_shot_baseline, run_eval, scalar_metrics
 from ftcluster.export import load_base, load_finetuned
+from ftcluster.forgetting import general_items
 from ftcluster.layout import FINAL, LABELS
 
 
-def compare_run(run_dir: str | Path) -> dict[str, Any]:
-    """Evaluate base and fine-tuned models of a finished run on its validation data (CPU, fp32)."""
+def compare_run(run_dir: str | Path, few_shot: int | None = None) -> dict[str, Any]:
+    """Evaluate base and fine-tuned models of a finished run on its validation data (CPU, fp32);
+    `few_shot`: also the base model prompted with that many training examples."""
     run = Path(run_dir)
     model, tokenizer, spec = load_finetuned(run)
+    if few_shot and (spec.eval.generation is None or spec.data.format not in ("instruction", "chat")):
+        raise FtError(f"--baseline few-shot:{few_shot}: needs a run with eval.generation on instruction or chat data")
     bundle = build_data(spec.data, tokenizer)
     renderer = Renderer(tokenizer, spec.data.max_length, spec.data.train_on_prompt)
     device = torch.device("cpu")
+    is_peft = hasattr(model, "disable_adapter")
+    base = None if is_peft else load_base(spec, labels_file=run / FINAL / LABELS)
+    objective = make_objective(spec, model, is_peft, base_model=base)
+    general = general_items(spec.eval.forgetting, renderer) if spec.eval.forgetting else None
 
     def evaluate(candidate) -> dict:
         return run_eval(candidate, tokenizer, bundle, renderer, spec.eval, spec.training.batch_size, device,
-                        contextlib.nullcontext)
+                        contextlib.nullcontext, objective=objective, general=general)
 
     after = evaluate(model)
-    if hasattr(model, "disable_adapter"):
-        with base_model_view(model):
-            before = evaluate(model)
-    else:
-        before = evaluate(load_base(spec, labels_file=run / FINAL / LABELS))
+    with base_model_view(model) if is_peft else contextlib.nullcontext():
+        base_model = model if is_peft else base
+        before = evaluate(base_model)
+        if few_shot:
+            eval_spec = spec.eval.model_copy(update={"few_shot_baseline": few_shot})
+            before["few_shot"] = few_shot_baseline(base_model, tokenizer, bundle, renderer, eval_spec, device,
+                                                   contextlib.nullcontext)
     return {
         "before": scalar_metrics(before),
         "after": scalar_metrics(after),
         "samples_before": before.get("samples", []),
         "samples_after": after.get("samples", []),
+        "few_shot": before.get("few_shot"),
     }

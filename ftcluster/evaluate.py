@@ -94,9 +94,11 @@ def normalize_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prompts: int, max_new_tokens: int, device, batch_size: int = 16) -> dict:
-    """Greedy generation on held-out prompts; exact match against the reference responses."""
-    pairs = [renderer.prompt_text(e) for e in examples[:num_prompts]]
+def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prompts: int, max_new_tokens: int, device,
+                        batch_size: int = 16, shots: list | None = None) -> dict:
+    """Greedy generation on held-out prompts; exact match against the reference responses.
+    With `shots`, every prompt starts with those worked examples (a few-shot prompt)."""
+    pairs = [renderer.prompt_text(e, shots) for e in examples[:num_prompts]]
     outputs: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of each prompt
@@ -122,8 +124,12 @@ def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prom
 
 
 def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, batch_size: int, device,
-             autocast: Callable, generation: bool = True, objective=None) -> dict:
-    """Every metric the job asks for, on the validation set (`objective`: DPO scores its pairs itself)."""
+             autocast: Callable, generation: bool = True, objective=None, general: list[Encoded] | None = None) -> dict:
+    """Every metric the job asks for, on the validation set (`objective`: DPO scores its pairs itself).
+
+    generation=False (evaluations during training) skips the slow parts: generation and the
+    general-text perplexity of the forgetting check (`general`, scored before and after only).
+    """
     pad_id = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
@@ -145,6 +151,10 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
                     metrics.update(
                         evaluate_generation(model, tokenizer, renderer, bundle.val_examples, gen.num_prompts, gen.max_new_tokens, device)
                     )
+            if generation and general:
+                general_scores = evaluate_loss(model, general, batch_size, pad_id, device, autocast)
+                metrics["general_loss"] = general_scores["val_loss"]
+                metrics["general_perplexity"] = general_scores["val_perplexity"]
     finally:
         model.train(was_training)
     return metrics
@@ -172,3 +182,17 @@ def base_model_view(model):
             yield model
     finally:
         model._ftcluster_base_view = False
+
+
+def few_shot_baseline(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, device, autocast) -> dict:
+    """The base model prompted with the first K training examples, scored like the fine-tuned model."""
+    gen, shots = eval_spec.generation, bundle.shots[: eval_spec.few_shot_baseline]
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast():
+            result = evaluate_generation(model, tokenizer, renderer, bundle.val_examples, gen.num_prompts,
+                                         gen.max_new_tokens, device, shots=shots)
+    finally:
+        model.train(was_training)
+    return {"shots": len(shots), "exact_match": result["exact_match"], "samples": result["samples"][:3]}

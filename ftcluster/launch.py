@@ -16,7 +16,7 @@ from ftcluster.engine.loop import train
 from ftcluster.errors import FtError
 from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.models.load import ALIASES
-from ftcluster.quiet import quiet_libraries
+from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
 from ftcluster.spec import JobSpec
 
 LOOPBACK = "127.0.0.1"
@@ -42,6 +42,7 @@ def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
 
 def _ray_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
+    quiet_ray_train_worker()
     spec = JobSpec.model_validate(config["spec"])
     train(spec, ray_context(spec.output_dir / CHECKPOINTS), resume=config["resume"], verbose=config.get("verbose", True))
 

@@ -200,6 +200,23 @@ class GenerationEvalSpec(Section):
     show: int = Field(3, ge=0, description="Examples printed in the before/after table.")
 
 
+class ForgettingSpec(Section):
+    """Score general-domain text before and after fine-tuning: did the model lose what it knew?"""
+
+    data: str = Field(
+        "builtin",
+        description="General-domain texts: builtin (a small sample ftcluster ships), or a .jsonl/.json/.csv/.parquet "
+        "file with a `text` column.",
+    )
+    max_increase_pct: float = Field(
+        10.0, gt=0, description="Perplexity rise on those texts, in percent, above which the run warns or fails."
+    )
+    action: Literal["warn", "fail"] = Field(
+        "warn", description="Above the threshold: warn (and record it), or fail the run (exit 2; outputs kept)."
+    )
+    max_texts: int = Field(64, ge=1, description="Score at most this many texts.")
+
+
 class EvalSpec(Section):
     every: int | None = Field(None, ge=1, description="Evaluate on validation data every N steps (and at the end).")
     max_batches: int | None = Field(None, ge=1, description="Cap validation batches per evaluation.")
@@ -218,6 +235,14 @@ class EvalSpec(Section):
     before_after: bool = Field(True, description="Evaluate the base model too and print both side by side.")
     generation: GenerationEvalSpec | None = Field(
         None, description="Generate on held-out prompts and score exact match against references."
+    )
+    forgetting: ForgettingSpec | None = Field(
+        None, description="Forgetting check: perplexity of general-domain text before vs after fine-tuning."
+    )
+    few_shot_baseline: int | None = Field(
+        None, ge=1, le=16,
+        description="Also score the base model prompted with this many training examples (same held-out prompts, "
+        "same exact-match metric): did fine-tuning beat prompting? Needs eval.generation.",
     )
 
 
@@ -350,6 +375,10 @@ class JobSpec(Section):
                 raise ValueError("distributed.deepspeed_overrides: " + "; ".join(clashes))
         if self.training.max_failures and not self.training.checkpoint_every:
             raise ValueError("training.max_failures needs training.checkpoint_every (restarts resume from a checkpoint)")
+        if self.eval.forgetting is not None and (self.model.task != "causal_lm" or not self.eval.before_after):
+            raise ValueError("eval.forgetting needs model.task: causal_lm and eval.before_after: true")
+        if self.eval.few_shot_baseline and (self.eval.generation is None or self.data.format not in ("instruction", "chat")):
+            raise ValueError("eval.few_shot_baseline needs eval.generation and instruction or chat data")
         if (self.data.format == "preference") != (self.method.objective == "dpo"):
             raise ValueError("method.objective dpo and data.format preference go together (preference rows: "
                              "prompt, chosen, rejected)")

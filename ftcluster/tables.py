@@ -122,6 +122,37 @@ def print_run_tables(summary: dict[str, Any], show_samples: int = 3, console: Co
     samples = samples_table(summary["samples"]["before"], summary["samples"]["after"], show_samples)
     if samples is not None:
         console.print(samples)
+    for line in (few_shot_line(summary), forgetting_line(summary)):
+        if line:
+            console.print(line)
+
+
+def few_shot_line(summary: dict[str, Any]) -> str | None:
+    """Did fine-tuning beat prompting the base model with a few examples?"""
+    few = summary.get("few_shot")
+    tuned = summary.get("after", {}).get("exact_match")
+    if not few or tuned is None:
+        return None
+    gap = (tuned - few["exact_match"]) * 100
+    if gap > 2:
+        verdict = f"fine-tuning wins by {gap:.0f} points"
+    elif gap >= -2:
+        verdict = "prompting is about as good: fine-tuning may not be needed"
+    else:
+        verdict = f"[yellow]prompting wins by {-gap:.0f} points[/]"
+    return (f"Fine-tune vs prompt: base model with {few['shots']} examples in the prompt: exact match "
+            f"{few['exact_match']:.2f}; fine-tuned: {tuned:.2f} — {verdict}")
+
+
+def forgetting_line(summary: dict[str, Any]) -> str | None:
+    result = summary.get("forgetting")
+    if not result:
+        return None
+    colour = "red" if result["exceeded"] else "green"
+    state = "ABOVE" if result["exceeded"] else "within"
+    return (f"Forgetting check: general-text perplexity {result['perplexity_before']:.2f} -> "
+            f"{result['perplexity_after']:.2f} ([{colour}]{result['increase_pct']:+.1f}%, {state} the "
+            f"{result['threshold_pct']:g}% threshold[/])")
 
 
 def _gb(value: float) -> str:

@@ -43,6 +43,7 @@ class DataBundle:
     val_examples: list[Example]
     label_names: list[str] | None
     report: DataReport
+    shots: list[Example] = field(default_factory=list)  # first training examples, for few-shot prompts
 
 
 def _parse_all(rows: list[Row], spec: DataSpec, report: DataReport) -> list[Example]:
@@ -176,4 +177,4 @@ def build_data(
         train = balance_classes(train, spec.seed)
     if spec.packing and label_names is None:
         train = pack(train, spec.max_length)
-    return DataBundle(train, val, val_examples, label_names, report)
+    return DataBundle(train, val, val_examples, label_names, report, shots=train_examples[:16])

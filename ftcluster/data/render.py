@@ -67,10 +67,16 @@ class Renderer:
             done = full
         return [(text, trained) for text, trained in pieces if text]
 
-    def prompt_text(self, example: Example) -> tuple[str, str]:
-        """The generation prompt (everything before the last assistant turn) and its reference."""
+    def prompt_text(self, example: Example, shots: list[Example] | None = None) -> tuple[str, str]:
+        """The generation prompt (everything before the last assistant turn) and its reference.
+
+        shots: worked examples (whole conversations) placed before it, for a few-shot prompt.
+        """
         last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-        prompt = self.render_messages(example.messages[:last], add_generation_prompt=True)
+        system = [m for m in example.messages[:1] if m["role"] == "system"]
+        turns = [m for shot in shots or [] for m in shot.messages if m["role"] != "system"]
+        history = system + turns + [m for m in example.messages[:last] if m["role"] != "system"]
+        prompt = self.render_messages(history, add_generation_prompt=True)
         return prompt, example.messages[last]["content"]
 
     def encode(self, example: Example, label_ids: dict[str, int] | None = None) -> Encoded:

@@ -33,11 +33,14 @@ from ftcluster.engine.checkpoint import (
 from ftcluster.engine.context import WorkerContext
 from ftcluster.engine.ds_config import deepspeed_config
 from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
+from ftcluster.engine.objectives import make_objective
 from ftcluster.engine.optim import build_optimizer, keep_spec_learning_rates, lr_lambda, param_groups
 from ftcluster.engine.progress import Progress
 from ftcluster.errors import FtError
-from ftcluster.engine.objectives import make_objective
-from ftcluster.evaluate import base_model_view, run_eval, scalar_metrics
+from ftcluster.evaluate import base_model_view, few_shot_baseline, run_eval, scalar_metrics
+from ftcluster.forgetting import general_items
+from ftcluster.forgetting import message as forgetting_message
+from ftcluster.forgetting import verdict as forgetting_verdict
 from ftcluster.layout import (
     CHECKPOINTS,
     EVAL_AFTER,
@@ -226,9 +229,11 @@ def train(
     eval_batch = cfg.batch_size
     pad_id = tokenizer.pad_token_id
 
+    general = general_items(spec.eval.forgetting, renderer) if spec.eval.forgetting else None
+
     def evaluate(generation: bool = True) -> dict:
         return run_eval(trained_model, tokenizer, bundle, renderer, spec.eval, eval_batch, device, autocast, generation,
-                        objective)
+                        objective, general)
 
     # --- resume -------------------------------------------------------------------------------
     start_step = 0
@@ -266,6 +271,9 @@ def train(
             say("Evaluating the base model ...")
             with base_model_view(trained_model):
                 before = evaluate()
+                if spec.eval.few_shot_baseline:
+                    before["few_shot"] = few_shot_baseline(trained_model, tokenizer, bundle, renderer, spec.eval,
+                                                           device, autocast)
             if main:
                 write_text_atomic(before_path, json.dumps(before, indent=1))
 
@@ -432,6 +440,12 @@ def train(
     summary["cost_per_point_usd"] = cost_per_point(
         summary["cost_usd"], summary["before"].get(metric), final_scores.get(metric), spec.eval.mode
     )
+    if before.get("few_shot"):
+        summary["few_shot"] = {k: v for k, v in before["few_shot"].items() if k != "samples"}
+    if spec.eval.forgetting and "general_perplexity" in before:
+        summary["forgetting"] = forgetting_verdict(before, after, spec.eval.forgetting)
+        if summary["forgetting"]["exceeded"]:
+            say(f"WARNING {forgetting_message(summary['forgetting'])}")
     if bundle.label_names is not None and "confusion_matrix" in after:
         summary["confusion"] = {"labels": bundle.label_names, "matrix": after["confusion_matrix"]}
     full_state = stepper.full_state_dict()  # collective under ZeRO-3
@@ -445,4 +459,8 @@ def train(
         tracker.finish(summary)
     # Last, once everything is on disk: a sweep scheduler may end the trial as soon as it sees this.
     ctx.report({**progress_fields, "step": step, **final_scores, "completed": 1})
+    forgetting = summary.get("forgetting")
+    if forgetting and forgetting["exceeded"] and forgetting["action"] == "fail":
+        raise FtError(f"{forgetting_message(forgetting)} (eval.forgetting.action: fail); the fine-tuned weights are "
+                      f"kept in {out_dir / FINAL} for inspection")
     return summary

@@ -153,9 +153,10 @@ class DPOObjective:
         }
 
 
-def make_objective(spec, model: torch.nn.Module, is_peft: bool):
-    """The job's objective; a DPO reference is fixed here, before any training step."""
+def make_objective(spec, model: torch.nn.Module, is_peft: bool, base_model: torch.nn.Module | None = None):
+    """The job's objective; a DPO reference is fixed here, before any training step (or, after
+    training, from `base_model`: the starting weights of a full / freeze fine-tune)."""
     if spec.method.objective == "sft":
         return SFTObjective()
-    reference = adapters_off_reference(model) if is_peft else frozen_copy_reference(model)
+    reference = adapters_off_reference(model) if is_peft else frozen_copy_reference(base_model or model)
     return DPOObjective(spec.method.dpo.beta, spec.method.dpo.label_smoothing, reference)
