@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import REPO, write_jsonl
+
 from ftcluster.data import build_data
 from ftcluster.engine.objectives import DPOObjective, adapters_off_reference, dpo_losses, sequence_logps
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
