@@ -92,7 +92,8 @@ def main() -> None:
         f"model.path={model}", f"training.max_steps={args.steps}", f"training.threads={args.threads}",
         f"scaling.cpus_per_worker={args.threads}", "training.log_every=1", "training.checkpoint_every=null",
         "training.scheduler=constant", "training.warmup_steps=0", "training.max_grad_norm=null",
-        "eval.every=null", "eval.before_after=false", "eval.generation=null", f"output.dir={work / 'run'}",
+        "eval.every=null", "eval.before_after=false", "eval.generation=null", "eval.forgetting=null",
+        "eval.few_shot_baseline=null", f"output.dir={work / 'run'}",
     ]
     if args.model == "tiny":
         overrides.append("data.max_length=512")  # byte-level tokens: longer sequences

@@ -18,3 +18,7 @@ def test_quickstart_learns_the_format(cli, tmp_path):
     assert summary["after"]["exact_match"] > 0.7
     assert "Base model vs fine-tuned" in result.out
     assert elapsed < 300
+    # the summary answers "would prompting have been enough?" and "did it forget?"
+    assert summary["few_shot"]["shots"] == 3 and summary["after"]["exact_match"] > summary["few_shot"]["exact_match"]
+    assert "Fine-tune vs prompt: base model with 3 examples in the prompt" in result.out
+    assert not summary["forgetting"]["exceeded"] and "Forgetting check" in result.out
