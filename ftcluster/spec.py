@@ -183,6 +183,13 @@ class TrainingSpec(Section):
         "auto", description="Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    loss_impl: Literal["auto", "standard", "chunked"] = Field(
+        "auto",
+        description="Causal-LM loss: chunked never builds the full (tokens x vocab) logits and skips untrained "
+        "positions; standard does. auto: chunked on GPUs (not under ZeRO-3, whose head weight is sharded).",
+    )
+    loss_chunk_tokens: int = Field(2048, ge=64, description="chunked loss: trained positions per logits chunk.")
+    compile: bool = Field(False, description="torch.compile the model (first steps are slow while it compiles).")
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
     log_every: int = Field(10, ge=1, description="Log train metrics every N steps.")
     checkpoint_every: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")

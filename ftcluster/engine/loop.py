@@ -201,7 +201,7 @@ def train(
     if quant is None and zero3 is None:
         model.to(device)
     is_peft = spec.method.name in PEFT_METHODS
-    objective = make_objective(spec, model, is_peft)  # fixes a DPO reference before any step
+    objective = make_objective(spec, model, is_peft, device_type=device.type)  # fixes a DPO reference now
     schedule = None
     if spec.method.unfreeze is not None:
         base = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -224,6 +224,8 @@ def train(
         stepper = TorchStepper(model, optimizer, precision=precision, max_grad_norm=cfg.max_grad_norm,
                                world_size=ctx.world_size, device=device, bucket_size_mb=spec.distributed.bucket_size_mb)
     trained_model, model = stepper.module, stepper.forward_model
+    if cfg.compile:
+        model = torch.compile(model)  # the training forward only; evaluation and generation stay eager
 
     renderer = Renderer(tokenizer, spec.data.max_length, spec.data.train_on_prompt)
     eval_batch = cfg.batch_size

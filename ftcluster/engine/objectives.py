@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ftcluster.data.batches import IGNORE, collate, count_targets
 from ftcluster.data.render import Encoded
+from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
 from ftcluster.evaluate import base_model_view, iter_batches, loss_sum
 
 ReferenceFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -45,7 +46,13 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refer
 
 
 class SFTObjective:
+    """Next-token loss; with `head`, computed chunk by chunk (see chunked_loss)."""
+
     name = "sft"
+
+    def __init__(self, head: torch.nn.Linear | None = None, chunk_tokens: int = 2048):
+        self.head = head
+        self.chunk_tokens = chunk_tokens
 
     def collate(self, items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(items, pad_id)
@@ -54,6 +61,8 @@ class SFTObjective:
         return count_targets(batch)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.head is not None and model.training and batch["labels"].dim() == 2:
+            return chunked_loss_sum(model, batch, self.head, self.chunk_tokens)
         return loss_sum(model, batch)
 
 
@@ -153,10 +162,21 @@ class DPOObjective:
         }
 
 
-def make_objective(spec, model: torch.nn.Module, is_peft: bool, base_model: torch.nn.Module | None = None):
+def use_chunked_loss(spec, device_type: str) -> bool:
+    training = spec.training
+    if spec.model.task != "causal_lm" or spec.method.name == "prefix" or training.compile:
+        return False  # prefix tuning prepends positions; compiled graphs must not see the head swapped
+    if spec.distributed.backend == "deepspeed" and spec.distributed.zero_stage == 3:
+        return False  # the head's weight exists only inside ZeRO-3's forward
+    return training.loss_impl == "chunked" or (training.loss_impl == "auto" and device_type == "cuda")
+
+
+def make_objective(spec, model: torch.nn.Module, is_peft: bool, base_model: torch.nn.Module | None = None,
+                   device_type: str = "cpu"):
     """The job's objective; a DPO reference is fixed here, before any training step (or, after
     training, from `base_model`: the starting weights of a full / freeze fine-tune)."""
     if spec.method.objective == "sft":
-        return SFTObjective()
+        head = output_head(model) if use_chunked_loss(spec, device_type) else None
+        return SFTObjective(head, spec.training.loss_chunk_tokens)
     reference = adapters_off_reference(model) if is_peft else frozen_copy_reference(base_model or model)
     return DPOObjective(spec.method.dpo.beta, spec.method.dpo.label_smoothing, reference)
