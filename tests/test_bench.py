@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -24,3 +25,23 @@ def test_sweep_efficiency_benchmark_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["grid"]["steps"] == 4 * 8  # 4 trials run to completion
     assert 0 < result["asha"]["steps_to_target"] <= result["asha"]["steps_total"] <= result["grid"]["steps"]
+
+
+def test_gpu_throughput_benchmark_smoke(tmp_path):
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "gpu_throughput.py"), "--smoke", "--json", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["runner"]) for r in rows] == [("lora", "baseline"), ("lora", "ftcluster"),
+                                                          ("full", "baseline"), ("full", "ftcluster")]
+    for baseline, ours in zip(rows[::2], rows[1::2]):  # same model, same batches, same loss: same numbers
+        assert ours["final_loss"] == pytest.approx(baseline["final_loss"], rel=1e-4)
+        assert ours["tokens_per_s"] > 0
+
+
+def test_llama3_shapes_match_published_sizes():
+    from ftcluster.models.methods import count_params
+    from ftcluster.models.shapes import known_shape, meta_model
+
+    assert count_params(meta_model(known_shape("meta-llama/Llama-3.2-1B"))).total == 1_235_814_400
+    assert count_params(meta_model(known_shape("meta-llama/Llama-3.1-8B"))).total == 8_030_261_248

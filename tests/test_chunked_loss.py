@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import train_losses
+
 from ftcluster.data import build_data
 from ftcluster.data.batches import collate
 from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head

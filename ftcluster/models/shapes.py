@@ -19,6 +19,11 @@ LLAMA_SHAPES: dict[str, dict[str, int]] = {
                       num_key_value_heads=64, vocab_size=32000),
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=32000),
+    # Llama 3 shapes (128k vocabulary; the 1B ties its input and output embeddings)
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256),
 }
 
 HUB_IDS: dict[str, str] = {
@@ -29,6 +34,8 @@ HUB_IDS: dict[str, str] = {
     "huggyllama/llama-30b": "llama-33b",
     "huggyllama/llama-65b": "llama-65b",
     "meta-llama/Llama-2-70b-hf": "llama-70b",
+    "meta-llama/Llama-3.2-1B": "llama-3.2-1b",
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
 }
 
 
@@ -44,6 +51,6 @@ def meta_model(shape: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlamaConfig(**{"tie_word_embeddings": False, **LLAMA_SHAPES[shape]}, max_position_embeddings=4096)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,210 @@
+"""Training-step throughput and memory on one GPU: ftcluster's step against the usual Hugging Face
+setup, same process, same GPU, same model, same batches. Runs without Ray (torch, transformers,
+peft; bitsandbytes for QLoRA).
+
+Model: Llama-architecture, random init in bf16 (weights do not change speed), Llama-3.2-1B shapes
+(or 8B), sequence length 2048, synthetic full-length sequences.
+
+    baseline   AutoModelForCausalLM (+ peft), SDPA attention, bf16, the model's own loss
+               (`labels=`: full logits tensor), torch AdamW defaults, loss.item() every step
+    ftcluster  the same model through ftcluster's method setup, its chunked loss (no full logits,
+               trained positions only), fused AdamW, no host sync inside the step
+
+Cases: lora (rank 16, all linear layers), full, qlora (4-bit NF4 base + LoRA).
+Reported: tokens/s, MFU against the GPU's peak (by device name), peak memory, ratio to baseline;
+for QLoRA also the planner's weight + adapter + activation estimate.
+
+    .venv/bin/python bench/gpu_throughput.py                          # 1B shapes, all cases
+    .venv/bin/python bench/gpu_throughput.py --shape llama-3.1-8b --cases lora,qlora
+    .venv/bin/python bench/gpu_throughput.py --smoke                  # CPU, tiny model: CI check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from ftcluster.models.shapes import LLAMA_SHAPES  # noqa: E402
+
+SHAPES = {
+    **{name: {"tie_word_embeddings": False, **LLAMA_SHAPES[name]} for name in ("llama-3.2-1b", "llama-3.1-8b")},
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False),
+}
+LORA = {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def build_model(shape: str, seq: int, folder: Path, dtype, device, method_name: str):
+    """A random-init Llama; QLoRA reloads it from disk through bitsandbytes, as a user would."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from ftcluster.models.methods import quantization_config
+    from ftcluster.spec import MethodSpec
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 2048), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    if method_name != "qlora":
+        return LlamaForCausalLM(config).to(dtype=dtype, device=device)
+    if not (folder / "config.json").exists():
+        LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
+    quant = quantization_config(MethodSpec(name="qlora"), dtype)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype,
+                                                device_map={"": device}, attn_implementation="sdpa")
+
+
+def batches(vocab: int, batch: int, seq: int, count: int, device) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": ids.clone().to(device)})
+    return out
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -> dict:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from ftcluster.engine.objectives import SFTObjective
+    from ftcluster.engine.optim import build_optimizer, param_groups
+    from ftcluster.models.methods import apply_method
+    from ftcluster.spec import MethodSpec
+
+    if device.type == "cuda":
+        import gc
+
+        gc.collect()  # the previous case's model and optimizer
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = build_model(args.shape, args.seq, folder, dtype, device, method_name)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if runner == "baseline":
+        if method_name == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_ckpt)
+        if method_name in ("lora", "qlora"):
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def loss_of(batch):
+            return model(**batch).loss
+    else:
+        method = MethodSpec(name=method_name, lora=LORA)
+        model = apply_method(model, method, "causal_lm", args.grad_ckpt)
+        groups = param_groups(model, 1e-4, 0.0, None, lambda name, p: p.requires_grad)
+        optimizer = build_optimizer(groups, (0.9, 0.999), device.type)
+        from ftcluster.engine.chunked_loss import output_head
+
+        objective = SFTObjective(output_head(model), chunk_tokens=args.chunk_tokens)
+
+        def loss_of(batch):
+            targets = (batch["labels"][:, 1:] != -100).sum()  # a tensor: no host sync
+            return objective.loss_sum(model, batch) / targets
+    model.train()
+    data = batches(SHAPES[args.shape]["vocab_size"], args.batch, args.seq, args.warmup + args.steps, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
+    losses = []
+    for index, batch in enumerate(data):
+        if index == args.warmup:
+            sync(device)
+            started = time.perf_counter()
+        with autocast:
+            loss = loss_of(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if runner == "baseline":
+            losses.append(loss.item())  # what a typical loop does every step: a host sync
+        else:
+            losses.append(loss.detach())
+    sync(device)
+    seconds = time.perf_counter() - started
+    tokens = args.steps * args.batch * args.seq
+    from ftcluster.track.flops import flops_per_token, model_flops_utilization, peak_flops
+
+    flops = flops_per_token(model, args.seq).total
+    row = {
+        "runner": runner, "method": method_name, "tokens_per_s": tokens / seconds,
+        "mfu": model_flops_utilization(tokens / seconds, flops, peak_flops(device), 1),
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "final_loss": float(losses[-1]),
+    }
+    return row
+
+
+def qlora_estimate_gb(args) -> float | None:
+    """The planner's per-GPU figure for the same QLoRA setup (weights + adapters + activations)."""
+    from ftcluster.plan import GB, plan_job
+    from ftcluster.spec import build_spec
+
+    if args.shape not in LLAMA_SHAPES:
+        return None
+    data = Path(tempfile.mkdtemp()) / "one-row.jsonl"  # the planner also sizes an epoch; one row will do
+    data.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    spec = build_spec({
+        "name": "bench", "model": {"path": args.shape}, "method": {"name": "qlora", "lora": LORA},
+        "data": {"train": str(data), "max_length": args.seq},
+        "training": {"batch_size": args.batch, "gradient_checkpointing": args.grad_ckpt, "precision": "bf16"},
+        "scaling": {"use_gpu": True, "num_workers": 1},
+    })
+    return plan_job(spec).gpu_total / GB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    parser.add_argument("--cases", default="lora,full,qlora", help="Comma-separated: lora, full, qlora.")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4, help="Micro batch (sequences per step).")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
+    parser.add_argument("--warmup", type=int, default=5, help="Untimed steps first.")
+    parser.add_argument("--grad-ckpt", action="store_true", help="Gradient checkpointing in both runners.")
+    parser.add_argument("--chunk-tokens", type=int, default=4096, help="ftcluster's chunked loss: tokens per chunk.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny model on CPU, 2 steps: checks the script runs.")
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    args = parser.parse_args()
+    if args.smoke:
+        args.shape, args.seq, args.batch, args.steps, args.warmup, args.cases = "tiny", 64, 2, 2, 1, "lora,full"
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ftcluster-gpu-bench-") as tmp:
+        for case in args.cases.split(","):
+            for runner in ("baseline", "ftcluster"):
+                rows.append(run_case(runner, case, args, device, dtype, Path(tmp) / "weights"))
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{name}, {args.shape}, seq {args.seq}, micro batch {args.batch}, grad ckpt {args.grad_ckpt}\n")
+    print("| case | runner | tokens/s | ratio | MFU | peak memory GB |\n|---|---|---|---|---|---|")
+    for row in rows:
+        base = next(r for r in rows if r["method"] == row["method"] and r["runner"] == "baseline")
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+        memory = f"{row['peak_memory_gb']:.2f}" if row["peak_memory_gb"] is not None else "n/a"
+        print(f"| {row['method']} | {row['runner']} | {row['tokens_per_s']:,.0f} | "
+              f"{row['tokens_per_s'] / base['tokens_per_s']:.2f} | {mfu} | {memory} |")
+    estimate = qlora_estimate_gb(args) if "qlora" in args.cases else None
+    if estimate is not None:
+        print(f"\nQLoRA planner estimate: {estimate:.2f} GB per GPU")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "shape": args.shape, "rows": rows,
+                                         "qlora_estimate_gb": estimate}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
