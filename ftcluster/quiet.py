@@ -23,7 +23,9 @@ def quiet_libraries() -> None:
 def quiet_ray_train_worker() -> None:
     """Ray Train logs every report and checkpoint in full at INFO from each worker; ftcluster prints
     its own progress lines, so keep those at WARNING (errors still show)."""
+    from ray.train._internal import storage as tune_storage
     from ray.train.v2._internal.execution import context, storage
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names this logger by file path
-    logging.getLogger(storage.__name__).setLevel(logging.WARNING)
+    for module in (storage, tune_storage):
+        logging.getLogger(module.__name__).setLevel(logging.WARNING)

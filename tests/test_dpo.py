@@ -130,6 +130,26 @@ def test_dpo_under_ray_with_two_workers_matches_one(make_job, cli, tmp_path, pre
     assert train_losses(tmp_path / "runs" / "dpo-two") == pytest.approx(train_losses(tmp_path / "runs" / "dpo-one"), rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_under_deepspeed_zero2_matches_one_worker(method, make_job, cli, tmp_path, preference_data):
+    # lora: the reference is the engine's module with adapters off; full: a frozen copy taken before
+    # DeepSpeed wraps the model.
+    common = dict(data={"train": str(preference_data["train"]), "validation": str(preference_data["val"]),
+                        "format": "preference"}, eval={"before_after": False})
+    chosen = {"name": method, "objective": "dpo", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}
+    training = {"max_steps": 3, "max_grad_norm": None}
+    one = make_job(f"ds-one-{method}", method=chosen, training={"batch_size": 8, **training}, **common)
+    two = make_job(f"ds-two-{method}", method=chosen, training={"batch_size": 4, **training},
+                   scaling={"num_workers": 2}, distributed={"backend": "deepspeed", "zero_stage": 2}, **common)
+    assert cli("train", one, "--no-ray").code == 0
+    result = cli("train", two)
+    assert result.code == 0, result
+    from conftest import train_losses
+
+    two_losses = train_losses(tmp_path / "runs" / f"ds-two-{method}")
+    assert two_losses == pytest.approx(train_losses(tmp_path / "runs" / f"ds-one-{method}"), rel=1e-4)
+
+
 def test_preference_rules_are_validation_errors(make_job, cli):
     result = cli("validate", make_job("mismatch", method={"objective": "dpo"}))
     assert result.code == 2 and "method.objective dpo and data.format preference go together" in result.err

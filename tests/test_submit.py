@@ -77,7 +77,9 @@ def test_head_listens_on_loopback_only(on_cluster):
     assert [n["node_ip"] for n in nodes["data"]["result"]["result"]] == ["127.0.0.1"]
 
 
-def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path):
+def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "local-wandb-key-never-uploaded")
+    monkeypatch.setenv("FTCLUSTER_EXAMPLE_SETTING", "1")
     job = make_job("remote", training={"max_steps": 6}, eval={"every": 3})
     result = cli("submit", job, "--address", on_cluster, "--wait")
     assert result.code == 0, result
@@ -89,6 +91,11 @@ def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path):
     assert status.code == 0 and "steps" in status.out and "SUCCEEDED" in status.out
     summary = json.loads((tmp_path / "runs" / "remote" / "summary.json").read_text())
     assert summary["steps"] == 6  # the cluster ran the job (its output.dir is on this machine)
+    info = resolve_target(on_cluster, None).client().get_job_info(submitted[-1])
+    env = info.runtime_env["env_vars"]
+    assert env["FTCLUSTER_EXAMPLE_SETTING"] == "1" and "WANDB_API_KEY" not in env
+    assert "local-wandb-key-never-uploaded" not in json.dumps(info.runtime_env)
+    assert info.metadata["spec_sha256"] and info.metadata["ftcluster_job"] == "remote"
     for text in (result.out, result.err, listed.out, status.out):
         assert TOKEN not in text
 
@@ -166,6 +173,14 @@ def test_upload_is_limited_and_never_carries_secrets(make_job, tmp_path):
     leaky = spec.model_copy(update={"data": spec.data.model_copy(update={"train": str(secret)})})
     with pytest.raises(FtError, match="prod.env looks like a credentials file"):
         build_package(leaky, tmp_path / "leak", None, max_upload_mb=10)
+
+
+def test_pinned_requirements_leave_torch_to_the_image():
+    from ftcluster.cluster.jobs import pinned_requirements
+
+    pins = pinned_requirements()
+    assert "ray[default,train,tune]==2.60.0" in pins
+    assert all("==" in pin for pin in pins) and not any(pin.startswith("torch==") for pin in pins)
 
 
 def test_address_is_required(cli, make_job, monkeypatch, tmp_path):

@@ -237,3 +237,17 @@ def test_interrupted_sweep_resumes(sweep_job, tmp_path):
     for row in board["rows"]:
         steps = [r["step"] for r in read_metrics(out / "trials" / row["trial"]) if "train_loss" in r]
         assert steps == sorted(set(steps))  # one history per trial, no restarts mixed in
+
+
+def test_multi_worker_trials_get_their_own_train_group(sweep_job, cli, tmp_path):
+    job, space = sweep_job(training={"max_steps": 4, "log_every": 2}, eval={"every": 2},
+                           scaling={"num_workers": 2, "cpus_per_worker": 0.5})
+    out = tmp_path / "sweep"
+    result = cli("tune", job, space, "--trials", "2", "--concurrent", "1", "--scheduler", "none", "--out", out)
+    assert result.code == 0, result
+    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["metric"] is not None for r in rows)
+    for row in rows:
+        summary = json.loads((out / "trials" / row["trial"] / "summary.json").read_text())
+        assert summary["world_size"] == 2  # a Ray Train group of two workers inside the trial
+        assert (out / "trials" / row["trial"] / "ray").is_dir()

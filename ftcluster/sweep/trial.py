@@ -72,9 +72,10 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     from ftcluster.engine.context import tune_context
     from ftcluster.engine.loop import train
     from ftcluster.launch import fit, make_trainer
-    from ftcluster.quiet import quiet_libraries
+    from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
 
     quiet_libraries()
+    quiet_ray_train_worker()
     trial_id = tune.get_context().get_trial_id()
     chosen = {key: value for key, value in config.items() if key in {p.path for p in setup.space.params}}
     spec = setup.spec_for(trial_id, chosen)
