@@ -79,3 +79,47 @@ def test_suggestions_are_feasible_and_sorted():
     costs = [p.cost_per_epoch for p in plans]
     assert costs == sorted(costs)
     assert {p.setup.method for p in plans} == {"lora", "qlora"}
+
+
+def _planner_memory_bench():
+    import importlib.util
+
+    location = REPO / "bench" / "planner_memory.py"
+    spec = importlib.util.spec_from_file_location("planner_memory", location)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_live_tensor_peak_agrees_with_pytorchs_memtracker(tiny_model):
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import AutoModelForCausalLM
+
+    bench = _planner_memory_bench()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 200, (8, 128))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    reference = MemTracker()
+    reference.track_external(model, optimizer)
+    with reference:
+        step()
+    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    ours = bench.LivePeak([*model.parameters(), *states, ids])
+    with ours:
+        step()
+    expected = reference.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    assert ours.peak == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("case", ["full:8", "lora+gc:8"])
+def test_planner_total_within_15_percent_of_measured_peak(case):
+    rows = _planner_memory_bench().run_cases("smollm2-135m-instruct", case, 128)
+    assert 0.85 <= rows[0]["ratio"] <= 1.15, rows[0]
