@@ -123,3 +123,26 @@ def test_live_tensor_peak_agrees_with_pytorchs_memtracker(tiny_model):
 def test_planner_total_within_15_percent_of_measured_peak(case):
     rows = _planner_memory_bench().run_cases("smollm2-135m-instruct", case, 128)
     assert 0.85 <= rows[0]["ratio"] <= 1.15, rows[0]
+
+
+def _gpu_node(kind: str, ram_gb: float) -> dict:
+    return {"CPU": 96.0, "GPU": 8.0, f"accelerator_type:{kind}": 8.0, "memory": ram_gb * 1e9}  # Ray counts bytes
+
+
+def test_cluster_capacity_check_uses_the_planner_against_the_cluster():
+    from ftcluster.capacity import ClusterView, capacity_problems
+
+    spec = load_spec(REPO / "jobs" / "llama-65b-qlora-zero3.yaml")
+    fits = ClusterView([_gpu_node("H100", 1500)] * 4)
+    assert capacity_problems(spec, fits) == []
+    lora_7b = load_spec(REPO / "jobs" / "llama-7b-lora-ddp.yaml")  # DDP: every GPU holds the 13 GB base
+    assert capacity_problems(lora_7b, ClusterView([_gpu_node("A100", 1500)])) == []
+    problems = capacity_problems(lora_7b, ClusterView([_gpu_node("T4", 1500)]))  # 16 GB GPUs
+    assert len(problems) == 1 and "GB per GPU needed, the cluster's T4 GPUs have 16 GB" in problems[0]
+    small_ram = ClusterView([_gpu_node("H100", 16)] * 4)  # the plan needs ~31 GB per node
+    assert any("GB of host RAM per node needed, the smallest GPU node offers 16.0 GB" in p
+               for p in capacity_problems(spec, small_ram))
+    too_few = ClusterView([_gpu_node("H100", 1500)] * 2)
+    assert "scaling: the job needs 32 GPU (32 workers), the Ray cluster has 16" in capacity_problems(spec, too_few)
+    thin_nodes = ClusterView([{"CPU": 4.0, "GPU": 8.0, "memory": 2**40}] * 4)  # 10 CPUs per worker fit nowhere
+    assert any("CPU" in p for p in capacity_problems(spec, thin_nodes))

@@ -168,6 +168,14 @@ def test_asha_sweep_stops_some_trials_and_writes_leaderboard_and_best(sweep_job,
     assert cli("report", out).code == 0
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "Pareto" in page
+    import base64
+    import re
+
+    for encoded in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page):
+        image = base64.b64decode(encoded)
+        assert image.startswith(b"\x89PNG\r\n\x1a\n") and len(image) > 5000  # real plots, not placeholders
+    for row in rows:  # every trial is in the table
+        assert row["trial"] in page
 
 
 def test_budget_stops_launching_new_trials(sweep_job, cli, tmp_path):
