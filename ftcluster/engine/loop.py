@@ -102,6 +102,13 @@ def set_dropout(model: torch.nn.Module, probability: float) -> None:
             module.p = probability
 
 
+def tokens_in(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of a host-side batch; packed batches have no padding to speak of."""
+    if "position_ids" in batch:
+        return batch["input_ids"].numel()
+    return int(batch["attention_mask"].sum())
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -305,8 +312,11 @@ def train(
             progress.message(f"step {step}: unfroze block group {schedule.current} "
                              f"({count_params(trained_model).trainable:,} trainable)")
         micro = [objective.collate([bundle.train[i] for i in ids], pad_id) for ids in order.micro_batches(step, ctx.rank)]
-        micro = [{k: v.to(device) for k, v in batch.items()} for batch in micro]
-        targets = torch.tensor(float(sum(objective.count(b) for b in micro)), device=device)
+        # Count on the host before the copy: counting device tensors would wait for the GPU every step.
+        step_targets = sum(objective.count(b) for b in micro)
+        window_tokens += sum(tokens_in(b) for b in micro)
+        micro = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in micro]
+        targets = torch.tensor(float(step_targets), device=device)
         if ctx.world_size > 1:
             with ctx.collective("all_reduce of the step's target count", step + 1, timeout):
                 torch.distributed.all_reduce(targets)
@@ -319,7 +329,6 @@ def train(
                 with ctx.collective("gradient all-reduce (backward)", step + 1, timeout):
                     stepper.backward(loss * ctx.world_size)
             step_loss += loss.detach() * ctx.world_size
-            window_tokens += int(batch["input_ids"].numel() if "position_ids" in batch else batch["attention_mask"].sum())
         with ctx.collective("optimizer step", step + 1, timeout):
             stepper.step()
         scheduler.step()
