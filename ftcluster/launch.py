@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
 from ftcluster.spec import JobSpec
 
 LOOPBACK = "127.0.0.1"
+RAY_STORAGE = "ray"  # OUTPUT/ray: Ray Train's copy of reported checkpoints, unless scaling.storage_path
 
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
@@ -112,14 +115,31 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=spec.name,
-            storage_path=scaling.storage_path or str(spec.output_dir / "ray"),
+            name=ray_run_name(spec),
+            storage_path=scaling.storage_path or str(spec.output_dir / RAY_STORAGE),
             failure_config=FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
             worker_runtime_env=forwarded_env(),
             callbacks=callbacks,
         ),
     )
+
+
+def ray_run_name(spec: JobSpec) -> str:
+    """A new name per launch. Ray Train resumes a run whose name already exists in its storage: a
+    fresh `train` (or one whose `--resume` should start from OUTPUT/checkpoints) must not silently
+    continue an earlier launch's checkpoint. Restarts after a worker failure stay within one launch."""
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def prune_ray_storage(spec: JobSpec, keep: str) -> None:
+    """After a successful launch, drop earlier launches' copies in the default local storage
+    (OUTPUT/ray); a user's own storage_path is left alone."""
+    if spec.scaling.storage_path:
+        return
+    for folder in (spec.output_dir / RAY_STORAGE).glob("*"):
+        if folder.is_dir() and folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def fit(trainer, spec: JobSpec) -> dict[str, Any]:
@@ -141,4 +161,7 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
     init_ray(address)
     spec = absolute_paths(spec)
     check_cluster_capacity(spec)
-    return fit(make_trainer(spec, resume), spec)
+    trainer = make_trainer(spec, resume)
+    summary = fit(trainer, spec)
+    prune_ray_storage(spec, keep=trainer.run_config.name)
+    return summary

@@ -2,7 +2,7 @@
 
 
 import pytest
-from conftest import train_losses
+from conftest import read_metrics, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,20 @@ def test_train_under_ray_matches_in_process(local_ray, make_job, tmp_path):
     local = load_spec(job, [f"output.dir={tmp_path / 'runs' / 'local'}"])
     run_in_process(local)
     assert train_losses(tmp_path / "runs" / "ray") == train_losses(tmp_path / "runs" / "local")
+
+
+def test_a_fresh_run_never_continues_an_earlier_launch(local_ray, make_job, tmp_path):
+    # Ray Train resumes a run whose name exists in its storage; `make demo` twice must train twice.
+    from ftcluster.launch import run_with_ray
+    from ftcluster.spec import load_spec
+
+    spec = load_spec(make_job("again", training={"max_steps": 4, "checkpoint_every": 2}, output={"overwrite": True}))
+    first = run_with_ray(spec)
+    second = run_with_ray(spec)
+    assert first["resumed_from_step"] is None and second["resumed_from_step"] is None
+    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "again") if "train_loss" in r]
+    assert steps == [1, 2, 3, 4]  # one history, not the first run's steps plus the second's
+    assert len(list((tmp_path / "runs" / "again" / "ray").iterdir())) == 1  # earlier launch's copy pruned
 
 
 def test_worker_user_error_reaches_the_driver_as_one_line(local_ray, make_job):
