@@ -31,16 +31,20 @@ OverridesArg = Annotated[
 RunArg = Annotated[Path, typer.Argument(help="A run folder written by `ftcluster train` (its output.dir).", show_default=False)]
 
 
-def check_spec_inputs(spec, job: Path) -> None:
-    """Problems the schema cannot see, all at once: missing data files, a model that isn't there."""
+def check_spec_inputs(spec, job: Path, model_here: bool = True) -> None:
+    """Problems the schema cannot see, all at once: missing data files, a model that isn't there.
+
+    model_here=False: the model is found where the job runs (a cluster path or hub id), not here.
+    """
     from ftcluster.models.load import locate_model
     from ftcluster.spec import check_files
 
     problems = check_files(spec, str(job))
-    try:
-        locate_model(spec.model.path)
-    except FtError as exc:
-        problems.append(f"{job}: {exc}")
+    if model_here:
+        try:
+            locate_model(spec.model.path)
+        except FtError as exc:
+            problems.append(f"{job}: {exc}")
     if problems:
         raise FtError("\n".join(problems))
 
@@ -223,12 +227,10 @@ def submit(
     from ftcluster.cluster.jobs import SubmitOptions
     from ftcluster.cluster.jobs import submit as submit_job
     from ftcluster.cluster.target import resolve_target
-    from ftcluster.spec import check_files, load_spec
+    from ftcluster.spec import load_spec
 
     spec = load_spec(job, overrides or [])
-    problems = check_files(spec, str(job))
-    if problems:
-        raise FtError("\n".join(problems))
+    check_spec_inputs(spec, job, model_here=False)
     if tune_space is not None:
         from ftcluster.sweep.space import load_space
 
@@ -463,12 +465,10 @@ def render_k8s(
 
     from ftcluster.atomic import write_text_atomic
     from ftcluster.cluster.kuberay import K8sOptions, dump_manifests, render
-    from ftcluster.spec import check_files, load_spec
+    from ftcluster.spec import load_spec
 
     spec = load_spec(job, overrides or [])
-    problems = check_files(spec, str(job))
-    if problems:
-        raise FtError("\n".join(problems))
+    check_spec_inputs(spec, job, model_here=False)
     options = K8sOptions(
         image=image, workers=workers or spec.scaling.num_workers,
         gpus_per_worker=gpus_per_worker if gpus_per_worker is not None else (1 if spec.scaling.use_gpu else 0),

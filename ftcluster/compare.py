@@ -11,11 +11,11 @@ import torch
 from ftcluster.data import build_data
 from ftcluster.data.render import Renderer
 from ftcluster.engine.objectives import make_objective
-from ftcluster.errors import FtError
 from ftcluster.evaluate import base_model_view, few_shot_baseline, run_eval, scalar_metrics
 from ftcluster.export import load_base, load_finetuned
 from ftcluster.forgetting import general_items
 from ftcluster.layout import FINAL, LABELS
+from ftcluster.spec import build_spec
 
 
 def compare_run(run_dir: str | Path, few_shot: int | None = None) -> dict[str, Any]:
@@ -23,8 +23,10 @@ def compare_run(run_dir: str | Path, few_shot: int | None = None) -> dict[str, A
     `few_shot`: also the base model prompted with that many training examples."""
     run = Path(run_dir)
     model, tokenizer, spec = load_finetuned(run)
-    if few_shot and (spec.eval.generation is None or spec.data.format not in ("instruction", "chat")):
-        raise FtError(f"--baseline few-shot:{few_shot}: needs a run with eval.generation on instruction or chat data")
+    if few_shot:  # the spec's own rules decide whether the run allows a few-shot baseline
+        raw = spec.model_dump(mode="json")
+        raw["eval"]["few_shot_baseline"] = few_shot
+        spec = build_spec(raw, f"--baseline few-shot:{few_shot}")
     bundle = build_data(spec.data, tokenizer)
     renderer = Renderer(tokenizer, spec.data.max_length, spec.data.train_on_prompt)
     device = torch.device("cpu")
@@ -42,8 +44,7 @@ def compare_run(run_dir: str | Path, few_shot: int | None = None) -> dict[str, A
         base_model = model if is_peft else base
         before = evaluate(base_model)
         if few_shot:
-            eval_spec = spec.eval.model_copy(update={"few_shot_baseline": few_shot})
-            before["few_shot"] = few_shot_baseline(base_model, tokenizer, bundle, renderer, eval_spec, device,
+            before["few_shot"] = few_shot_baseline(base_model, tokenizer, bundle, renderer, spec.eval, device,
                                                    contextlib.nullcontext)
     return {
         "before": scalar_metrics(before),

@@ -131,9 +131,7 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
     general-text perplexity of the forgetting check (`general`, scored before and after only).
     """
     pad_id = tokenizer.pad_token_id
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if bundle.label_names is not None:
             metrics = evaluate_loss(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
             metrics.pop("val_perplexity", None)
@@ -155,9 +153,18 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
                 general_scores = evaluate_loss(model, general, batch_size, pad_id, device, autocast)
                 metrics["general_loss"] = general_scores["val_loss"]
                 metrics["general_perplexity"] = general_scores["val_perplexity"]
+    return metrics
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """model.eval() for the block, then back to whichever mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return metrics
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:
@@ -187,12 +194,7 @@ def base_model_view(model):
 def few_shot_baseline(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, device, autocast) -> dict:
     """The base model prompted with the first K training examples, scored like the fine-tuned model."""
     gen, shots = eval_spec.generation, bundle.shots[: eval_spec.few_shot_baseline]
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast():
-            result = evaluate_generation(model, tokenizer, renderer, bundle.val_examples, gen.num_prompts,
-                                         gen.max_new_tokens, device, shots=shots)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), autocast():
+        result = evaluate_generation(model, tokenizer, renderer, bundle.val_examples, gen.num_prompts,
+                                     gen.max_new_tokens, device, shots=shots)
     return {"shots": len(shots), "exact_match": result["exact_match"], "samples": result["samples"][:3]}

@@ -9,6 +9,7 @@ the entrypoint only a fraction of a CPU. The client's own ftcluster code travels
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import ftcluster
 from ftcluster.capacity import ClusterView, capacity_problems
 from ftcluster.cluster.package import JOB_FILE, SPACE_FILE, build_package
-from ftcluster.cluster.target import ClusterTarget
+from ftcluster.cluster.target import ClusterTarget, first_line
 from ftcluster.errors import FtError
 from ftcluster.spec import JobSpec
 
@@ -86,7 +87,7 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
             runtime_env["pip"] = pinned_requirements()
         job_name = options.name or spec.name
         submission_id = f"ftcluster-{job_name}-{package.spec_sha256[:8]}-{int(time.time())}"
-        try:
+        with _refused(target, "submission refused"):
             job_id = target.client().submit_job(
                 entrypoint=" ".join(entrypoint),
                 submission_id=submission_id,
@@ -96,9 +97,16 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
                 entrypoint_num_cpus=ENTRYPOINT_CPUS,
                 entrypoint_num_gpus=0,
             )
-        except RuntimeError as exc:
-            raise FtError(f"{target.address}: submission refused: {str(exc).splitlines()[0][:300]}") from None
     return job_id, package.notes
+
+
+@contextlib.contextmanager
+def _refused(target: ClusterTarget, what: str):
+    """The Job Submission client's RuntimeErrors, as one line naming the cluster and the request."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise FtError(f"{target.address}: {what} ({first_line(exc)})") from None
 
 
 def _status(info) -> str:
@@ -106,10 +114,8 @@ def _status(info) -> str:
 
 
 def job_info(target: ClusterTarget, job_id: str) -> dict[str, Any]:
-    try:
+    with _refused(target, f"no job {job_id}"):
         info = target.client().get_job_info(job_id)
-    except RuntimeError as exc:
-        raise FtError(f"{target.address}: no job {job_id} ({str(exc).splitlines()[0][:200]})") from None
     return {
         "job_id": job_id,
         "status": _status(info),
@@ -123,10 +129,8 @@ def job_info(target: ClusterTarget, job_id: str) -> dict[str, Any]:
 
 
 def job_logs(target: ClusterTarget, job_id: str) -> str:
-    try:
+    with _refused(target, f"no logs for job {job_id}"):
         return target.client().get_job_logs(job_id)
-    except RuntimeError as exc:
-        raise FtError(f"{target.address}: no logs for job {job_id} ({str(exc).splitlines()[0][:200]})") from None
 
 
 def follow_logs(target: ClusterTarget, job_id: str, write) -> None:
@@ -152,21 +156,13 @@ def error_lines(logs: str) -> list[str]:
 
 
 def stop(target: ClusterTarget, job_id: str, wait_s: float = 60) -> str:
-    client = target.client()
-    try:
-        client.stop_job(job_id)
-    except RuntimeError as exc:
-        raise FtError(f"{target.address}: cannot stop job {job_id} ({str(exc).splitlines()[0][:200]})") from None
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        status = job_info(target, job_id)["status"]
-        if status in TERMINAL:
-            return status
-        time.sleep(1)
-    return job_info(target, job_id)["status"]
+    with _refused(target, f"cannot stop job {job_id}"):
+        target.client().stop_job(job_id)
+    return wait(target, job_id, wait_s)
 
 
 def wait(target: ClusterTarget, job_id: str, timeout_s: float) -> str:
+    """Poll until the job ends or `timeout_s` passes; its status then."""
     deadline = time.monotonic() + timeout_s
     while True:
         status = job_info(target, job_id)["status"]

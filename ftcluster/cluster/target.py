@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -33,17 +34,22 @@ def profiles_path() -> Path:
 class ClusterTarget:
     address: str  # the dashboard's HTTP address, e.g. http://127.0.0.1:8265
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the token: never print
+    _client: Any = field(default=None, init=False, repr=False, compare=False)
 
     def client(self):
+        """One JobSubmissionClient per target (creating one is an HTTP round trip)."""
         from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
 
+        if self._client is not None:
+            return self._client
         try:
-            return JobSubmissionClient(self.address, headers=dict(self.headers))
+            self._client = JobSubmissionClient(self.address, headers=dict(self.headers))
+            return self._client
         except AuthenticationError:
             raise FtError(self.auth_failed()) from None
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise FtError(f"cluster {self.address}: cannot reach the Ray dashboard ({_first_line(exc)})") from None
+            raise FtError(f"cluster {self.address}: cannot reach the Ray dashboard ({first_line(exc)})") from None
 
     def auth_failed(self, detail: str = "") -> str:
         token = "a token was sent" if self.headers else "no token was found"
@@ -57,14 +63,14 @@ class ClusterTarget:
         try:
             response = requests.get(self.address.rstrip("/") + path, headers=self.headers, timeout=30)
         except requests.RequestException as exc:
-            raise FtError(f"cluster {self.address}: cannot reach the Ray dashboard ({_first_line(exc)})") from None
+            raise FtError(f"cluster {self.address}: cannot reach the Ray dashboard ({first_line(exc)})") from None
         if response.status_code in (401, 403):
             raise FtError(self.auth_failed(f" (HTTP {response.status_code})"))
         response.raise_for_status()
         return response.json()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 

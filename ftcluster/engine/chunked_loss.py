@@ -51,6 +51,7 @@ def chunked_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], hea
     with hidden_states_as_logits(head):
         hidden = model(**inputs).logits[:, -labels.shape[1]:]
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()
+    # The one host sync of this loss: how many positions are trained decides the chunks' shapes.
     keep = (targets != IGNORE).nonzero().squeeze(1)
     hidden, targets = hidden.flatten(0, 1)[keep], targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)

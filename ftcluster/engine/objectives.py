@@ -12,7 +12,6 @@ the same model with its adapters off, so no second copy of the weights is held.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from ftcluster.data.batches import IGNORE, collate, count_targets
 from ftcluster.data.render import Encoded
 from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
-from ftcluster.evaluate import base_model_view, iter_batches, loss_sum
+from ftcluster.evaluate import base_model_view, eval_mode, iter_batches, loss_sum
 
 ReferenceFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -66,22 +65,12 @@ class SFTObjective:
         return loss_sum(model, batch)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def adapters_off_reference(model: torch.nn.Module) -> ReferenceFn:
     """The base model as reference: the same module with its adapters disabled (no extra memory)."""
 
     @torch.no_grad()
     def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with _eval_mode(model), base_model_view(model):
+        with eval_mode(model), base_model_view(model):
             return sequence_logps(model, batch)
 
     return reference

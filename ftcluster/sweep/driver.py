@@ -48,9 +48,15 @@ class Sweep:
     folder: Path
     setup: SweepSetup
     options: SweepOptions
-    metric: str
-    mode: str
-    base_spec: JobSpec = field(repr=False, default=None)
+    base_spec: JobSpec = field(repr=False)
+
+    @property
+    def metric(self) -> str:
+        return self.base_spec.eval.metric
+
+    @property
+    def mode(self) -> str:
+        return self.base_spec.eval.mode
 
     @property
     def trials(self) -> int:
@@ -127,7 +133,7 @@ def load_sweep(folder: Path) -> Sweep:
     spec = build_spec(record["job"], str(folder / SWEEP_FILE))
     space = parse_space(record["space"], record["space_source"], record["job"])
     setup = SweepSetup(name=f"{record['name']}-sweep", sweep_dir=str(folder), base=record["job"], space=space)
-    return Sweep(folder, setup, SweepOptions(**record["options"]), spec.eval.metric, spec.eval.mode, spec)
+    return Sweep(folder, setup, SweepOptions(**record["options"]), spec)
 
 
 # --- running ---------------------------------------------------------------------------------------

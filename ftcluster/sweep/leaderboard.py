@@ -40,7 +40,7 @@ class TrialRow:
     gpu_hours: float
     cpu_core_hours: float
     cost_usd: float | None
-    train_seconds: float
+    train_seconds: float  # wall time from the trial's first to its last record (evaluations included)
     error: str | None = None
 
 
@@ -73,7 +73,7 @@ def trial_row(folder: Path, metric: str, mode: str, sweep_finished: bool) -> Tri
         gpu_hours=progress.get("gpu_hours", 0.0),
         cpu_core_hours=progress.get("cpu_core_hours", 0.0),
         cost_usd=progress.get("cost_usd"),
-        train_seconds=progress.get("train_seconds", 0.0) if "train_seconds" in progress else _elapsed(records),
+        train_seconds=_elapsed(records),
         error=info.get("error"),
     )
 

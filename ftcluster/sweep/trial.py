@@ -77,7 +77,8 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     quiet_libraries()
     quiet_ray_train_worker()
     trial_id = tune.get_context().get_trial_id()
-    chosen = {key: value for key, value in config.items() if key in {p.path for p in setup.space.params}}
+    searched = {p.path for p in setup.space.params}
+    chosen = {key: value for key, value in config.items() if key in searched}
     spec = setup.spec_for(trial_id, chosen)
     folder = spec.output_dir
     values = setup.space.resolve(chosen, setup.base)
