@@ -20,6 +20,7 @@ from ftcluster.spec import load_spec
 from ftcluster.sweep.leaderboard import pareto_front
 from ftcluster.sweep.searchers import BudgetLimiter, GridSearcher, RandomSearcher
 from ftcluster.sweep.space import evaluate_expression, load_space, parse_space
+from ftcluster.sweep.trial import finished_report
 
 # Which job each shipped space is meant for.
 SHIPPED = {"lora.yaml": "quickstart.yaml", "unfreeze.yaml": "classify-minilm.yaml", "full.yaml": "classify-minilm.yaml"}
@@ -139,6 +140,15 @@ def test_asha_sweep_stops_some_trials_and_writes_leaderboard_and_best(sweep_job,
         trial_spec = yaml.safe_load((out / "trials" / row["trial"] / "run.yaml").read_text())
         assert trial_spec["output"]["dir"] == str(out / "trials" / row["trial"])
         assert trial_spec["method"]["lora"]["rank"] == row["params"]["method.lora.rank"]
+    for row in rows:  # a finished trial that Tune restarts (resume after Ctrl+C) replays its report
+        folder = out / "trials" / row["trial"]
+        replay = finished_report(folder, row["params"])
+        if row["status"] == "completed":
+            assert replay["completed"] == 1 and replay["val_loss"] == pytest.approx(row["metric"])
+            assert replay["step"] == 16 and replay["tokens"] > 0
+        else:
+            assert replay is None
+        assert finished_report(folder, {**row["params"], "training.lr": 1.0}) is None
     csv_lines = (out / "leaderboard.csv").read_text().splitlines()
     assert len(csv_lines) == 7 and "method.lora.rank" in csv_lines[0]
     assert "Sweep tiny-sweep" in result.out and "stopped early" in result.out

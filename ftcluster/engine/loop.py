@@ -459,6 +459,9 @@ def train(
             say(f"WARNING {forgetting_message(summary['forgetting'])}")
     if bundle.label_names is not None and "confusion_matrix" in after:
         summary["confusion"] = {"labels": bundle.label_names, "matrix": after["confusion_matrix"]}
+    # Kept in the summary so a sweep can replay it if Tune never saw it (interrupted right after).
+    final_report = {**progress_fields, "step": step, **final_scores, "completed": 1}
+    summary["final_report"] = final_report
     full_state = stepper.full_state_dict()  # collective under ZeRO-3
     if main:
         final = save_final_model(trained_model, tokenizer, out_dir, is_peft, bundle.label_names, full_state)
@@ -469,7 +472,7 @@ def train(
         tracker.samples_table("eval/samples_after", after.get("samples", []))
         tracker.finish(summary)
     # Last, once everything is on disk: a sweep scheduler may end the trial as soon as it sees this.
-    ctx.report({**progress_fields, "step": step, **final_scores, "completed": 1})
+    ctx.report(final_report)
     forgetting = summary.get("forgetting")
     if forgetting and forgetting["exceeded"] and forgetting["action"] == "fail":
         raise FtError(f"{forgetting_message(forgetting)} (eval.forgetting.action: fail); the fine-tuned weights are "

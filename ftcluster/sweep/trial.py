@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcluster.atomic import write_text_atomic
-from ftcluster.layout import CHECKPOINTS
+from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.spec import JobSpec
 from ftcluster.sweep.space import SearchSpace, trial_spec
 
@@ -65,6 +65,21 @@ def write_trial_info(folder: Path, trial_id: str, values: dict[str, Any], status
     write_text_atomic(folder / TRIAL_INFO, json.dumps(info, indent=1, default=str))
 
 
+def finished_report(folder: Path, values: dict[str, Any]) -> dict[str, Any] | None:
+    """The final report of a run this trial already finished with these values, if any.
+
+    A sweep interrupted just after a trial wrote its summary, but before Tune recorded the trial
+    as done, restarts that trial on `--resume`: it replays the report instead of training again.
+    """
+    try:
+        info = json.loads((folder / TRIAL_INFO).read_text())
+        summary = json.loads((folder / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    same_values = info.get("params") == json.loads(json.dumps(values, default=str))  # as trial.json stores them
+    return summary.get("final_report") if same_values else None
+
+
 def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     """The Tune function: build this trial's spec from its values, train, mark the outcome."""
     from ray import tune
@@ -82,6 +97,11 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     spec = setup.spec_for(trial_id, chosen)
     folder = spec.output_dir
     values = setup.space.resolve(chosen, setup.base)
+    replay = finished_report(folder, values)
+    if replay is not None:
+        write_trial_info(folder, trial_id, values, "completed")
+        tune.report(replay)
+        return
     write_trial_info(folder, trial_id, values, "running")
     try:
         if spec.scaling.num_workers == 1:
