@@ -44,14 +44,14 @@ SHAPES = {
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
-def build_model(shape: str, seq: int, folder: Path, dtype, device, method_name: str):
+def build_model(shape: str, seq: int, folder: Path, dtype, device, method_name: str, attention: str = "sdpa"):
     """A random-init Llama; QLoRA reloads it from disk through bitsandbytes, as a user would."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from ftcluster.models.methods import quantization_config
     from ftcluster.spec import MethodSpec
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 2048), attn_implementation="sdpa")
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 2048), attn_implementation=attention)
     torch.manual_seed(0)
     if method_name != "qlora":
         return LlamaForCausalLM(config).to(dtype=dtype, device=device)
@@ -59,17 +59,37 @@ def build_model(shape: str, seq: int, folder: Path, dtype, device, method_name: 
         LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
     quant = quantization_config(MethodSpec(name="qlora"), dtype)
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype,
-                                                device_map={"": device}, attn_implementation="sdpa")
+                                                device_map={"": device}, attn_implementation=attention)
 
 
-def batches(vocab: int, batch: int, seq: int, count: int, device) -> list[dict[str, torch.Tensor]]:
+def full_length_batches(vocab: int, batch: int, seq: int, count: int) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """(batch, real tokens) pairs of synthetic full-length sequences: nothing to pad or pack."""
     generator = torch.Generator().manual_seed(0)
     out = []
     for _ in range(count):
         ids = torch.randint(0, vocab, (batch, seq), generator=generator)
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": ids.clone().to(device)})
+        out.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}, batch * seq))
     return out
+
+
+def documents(vocab: int, seq: int, count: int) -> list[list[int]]:
+    """Synthetic documents of chat-data-like lengths: log-normal around seq / 6, clipped to [16, seq]."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.empty(count).log_normal_(mean=float(torch.log(torch.tensor(seq / 6))), std=0.8, generator=generator)
+    return [torch.randint(0, vocab, (int(n),), generator=generator).tolist() for n in lengths.clamp(16, seq)]
+
+
+def document_batches(runner: str, docs: list[list[int]], batch: int, seq: int) -> list[tuple[dict, int]]:
+    """The same documents, as each runner feeds them: the baseline pads each batch of documents to its
+    longest (what DataCollatorWithPadding does); ftcluster packs them into rows of `seq` tokens."""
+    from ftcluster.data.batches import collate
+    from ftcluster.data.dataset import pack
+    from ftcluster.data.render import Encoded
+
+    encoded = [Encoded(doc, [True] * len(doc)) for doc in docs]
+    rows = pack(encoded, seq) if runner == "ftcluster" else encoded
+    groups = [rows[i : i + batch] for i in range(0, len(rows) - batch + 1, batch)]
+    return [(collate(group, pad_id=0), sum(len(row.input_ids) for row in group)) for group in groups]
 
 
 def sync(device) -> None:
@@ -91,7 +111,8 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -
         gc.collect()  # the previous case's model and optimizer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(args.shape, args.seq, folder, dtype, device, method_name)
+    attention = args.attention if runner == "ftcluster" else "sdpa"
+    model = build_model(args.shape, args.seq, folder, dtype, device, method_name, attention)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if runner == "baseline":
@@ -103,7 +124,7 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def loss_of(batch):
-            return model(**batch).loss
+            return model(**batch, use_cache=False).loss
     else:
         method = MethodSpec(name=method_name, lora=LORA)
         model = apply_method(model, method, "causal_lm", args.grad_ckpt)
@@ -117,13 +138,20 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -
             targets = (batch["labels"][:, 1:] != -100).sum()  # a tensor: no host sync
             return objective.loss_sum(model, batch) / targets
     model.train()
-    data = batches(SHAPES[args.shape]["vocab_size"], args.batch, args.seq, args.warmup + args.steps, device)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    if args.lengths == "full":
+        data = full_length_batches(vocab, args.batch, args.seq, args.warmup + args.steps)
+    else:
+        data = document_batches(runner, documents(vocab, args.seq, args.documents), args.batch, args.seq)
     autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
     losses = []
-    for index, batch in enumerate(data):
+    tokens = 0
+    for index, (host_batch, real_tokens) in enumerate(data):
         if index == args.warmup:
             sync(device)
             started = time.perf_counter()
+        tokens += real_tokens if index >= args.warmup else 0
+        batch = {k: v.to(device) for k, v in host_batch.items()}
         with autocast:
             loss = loss_of(batch)
         loss.backward()
@@ -135,12 +163,11 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -
             losses.append(loss.detach())
     sync(device)
     seconds = time.perf_counter() - started
-    tokens = args.steps * args.batch * args.seq
     from ftcluster.track.flops import flops_per_token, model_flops_utilization, peak_flops
 
     flops = flops_per_token(model, args.seq).total
     row = {
-        "runner": runner, "method": method_name, "tokens_per_s": tokens / seconds,
+        "runner": runner, "method": method_name, "steps": len(data) - args.warmup, "tokens_per_s": tokens / seconds,
         "mfu": model_flops_utilization(tokens / seconds, flops, peak_flops(device), 1),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "final_loss": float(losses[-1]),
@@ -169,18 +196,28 @@ def qlora_estimate_gb(args) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
-    parser.add_argument("--cases", default="lora,full,qlora", help="Comma-separated: lora, full, qlora.")
+    parser.add_argument("--cases", help="Comma-separated: lora, full, qlora (default all; lora,full with --smoke).")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4, help="Micro batch (sequences per step).")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
     parser.add_argument("--warmup", type=int, default=5, help="Untimed steps first.")
     parser.add_argument("--grad-ckpt", action="store_true", help="Gradient checkpointing in both runners.")
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="ftcluster's chunked loss: tokens per chunk.")
+    parser.add_argument("--lengths", choices=["full", "documents"], default="full",
+                        help="full: every sequence seq tokens long (pure step speed). documents: variable-length "
+                             "documents, padded per batch by the baseline and packed by ftcluster; tokens/s then "
+                             "counts real tokens only.")
+    parser.add_argument("--documents", type=int, default=400, help="How many documents with --lengths documents.")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flex_attention", "flash_attention_2"],
+                        help="ftcluster runner's attention kernel (the baseline always uses sdpa).")
     parser.add_argument("--smoke", action="store_true", help="Tiny model on CPU, 2 steps: checks the script runs.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     if args.smoke:
-        args.shape, args.seq, args.batch, args.steps, args.warmup, args.cases = "tiny", 64, 2, 2, 1, "lora,full"
+        args.shape, args.seq, args.batch, args.steps, args.warmup = "tiny", 64, 2, 2, 1
+        args.cases = args.cases or "lora,full"
+        args.documents = 24
+    args.cases = args.cases or "lora,full,qlora"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -190,7 +227,8 @@ def main() -> None:
             for runner in ("baseline", "ftcluster"):
                 rows.append(run_case(runner, case, args, device, dtype, Path(tmp) / "weights"))
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{name}, {args.shape}, seq {args.seq}, micro batch {args.batch}, grad ckpt {args.grad_ckpt}\n")
+    print(f"\n{name}, {args.shape}, seq {args.seq}, micro batch {args.batch}, grad ckpt {args.grad_ckpt}, "
+          f"lengths {args.lengths}, ftcluster attention {args.attention}\n")
     print("| case | runner | tokens/s | ratio | MFU | peak memory GB |\n|---|---|---|---|---|---|")
     for row in rows:
         base = next(r for r in rows if r["method"] == row["method"] and r["runner"] == "baseline")
@@ -202,7 +240,7 @@ def main() -> None:
     if estimate is not None:
         print(f"\nQLoRA planner estimate: {estimate:.2f} GB per GPU")
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "shape": args.shape, "rows": rows,
+        args.json.write_text(json.dumps({"device": name, "shape": args.shape, "lengths": args.lengths, "rows": rows,
                                          "qlora_estimate_gb": estimate}, indent=1))
 
 

@@ -10,7 +10,7 @@ minus its fixed GPU runtime allowance (CUDA context and kernels do not exist on 
 Each case runs ftcluster's own step (method setup, optimizer groups, loss) twice on full-length
 sequences; the second step is measured (optimizer states exist by then).
 
-    .venv/bin/python bench/planner_memory.py                       # SmolLM2-135M, four setups
+    .venv/bin/python bench/planner_memory.py                       # SmolLM2-135M, five setups
     .venv/bin/python bench/planner_memory.py --cases full:8 --json out.json
 """
 
@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
-DEFAULT_CASES = "full:8,lora:8,full:16,lora+gc:8"
+DEFAULT_CASES = "full:8,lora:8,full:16,lora+gc:8,lora+gc2:8"
 
 
 class LivePeak(TorchDispatchMode):
@@ -66,19 +66,23 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
-def measure(model_path: str, method_name: str, batch: int, seq: int, checkpointing: bool) -> dict:
+def measure(model_path: str, method_name: str, batch: int, seq: int, gc_every: int) -> dict:
     from ftcluster.engine.objectives import SFTObjective
     from ftcluster.engine.optim import build_optimizer, param_groups
+    from ftcluster.models.blocks import checkpoint_every_nth_block
     from ftcluster.models.load import load_pretrained, resolve_model
     from ftcluster.models.methods import apply_method
     from ftcluster.spec import MethodSpec
 
+    checkpointing = gc_every > 0
     torch.manual_seed(0)
     model = load_pretrained(resolve_model(model_path), "causal_lm", dtype=torch.float32)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(model, MethodSpec(name=method_name, lora={"rank": 8, "alpha": 16, "dropout": 0.0}),
                          "causal_lm", checkpointing)
+    if gc_every > 1:
+        checkpoint_every_nth_block(model, gc_every)
     model.train()
     optimizer = build_optimizer(param_groups(model, 1e-4, 0.0, None, lambda n, p: p.requires_grad), (0.9, 0.999), "cpu")
     objective = SFTObjective()
@@ -97,7 +101,7 @@ def measure(model_path: str, method_name: str, batch: int, seq: int, checkpointi
     return peak
 
 
-def estimate(model_path: str, method_name: str, batch: int, seq: int, checkpointing: bool) -> dict:
+def estimate(model_path: str, method_name: str, batch: int, seq: int, gc_every: int) -> dict:
     from ftcluster.plan import plan_job
     from ftcluster.spec import build_spec
 
@@ -107,7 +111,8 @@ def estimate(model_path: str, method_name: str, batch: int, seq: int, checkpoint
         "name": "planner-check", "model": {"path": model_path},
         "method": {"name": method_name, "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}},
         "data": {"train": str(data), "max_length": seq},
-        "training": {"batch_size": batch, "precision": "fp32", "gradient_checkpointing": checkpointing},
+        "training": {"batch_size": batch, "precision": "fp32", "gradient_checkpointing": gc_every > 0,
+                     "gradient_checkpointing_every": max(1, gc_every)},
     })
     parts = dict(plan_job(spec).gpu_bytes)
     parts.pop("runtime")  # the CUDA context and kernels: nothing to compare with on CPU
@@ -118,9 +123,10 @@ def run_cases(model_path: str, cases: str, seq: int) -> list[dict]:
     rows = []
     for case in cases.split(","):
         setup, _, batch = case.partition(":")
-        method_name, checkpointing = setup.removesuffix("+gc"), setup.endswith("+gc")
-        measured = measure(model_path, method_name, int(batch), seq, checkpointing)
-        planned = estimate(model_path, method_name, int(batch), seq, checkpointing)
+        method_name, _, checkpointing = setup.partition("+gc")  # lora+gc: every block, lora+gc2: every 2nd
+        gc_every = (int(checkpointing) if checkpointing else 1) if "+gc" in setup else 0
+        measured = measure(model_path, method_name, int(batch), seq, gc_every)
+        planned = estimate(model_path, method_name, int(batch), seq, gc_every)
         rows.append({"case": case, "measured_mb": measured / 2**20, "estimated_mb": sum(planned.values()) / 2**20,
                      "ratio": measured / sum(planned.values()),
                      "estimated_parts_mb": {k: v / 2**20 for k, v in planned.items()}})
@@ -131,7 +137,8 @@ def run_cases(model_path: str, cases: str, seq: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Model path or alias.")
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="METHOD[+gc]:MICRO_BATCH, comma-separated.")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="METHOD[+gc[N]]:MICRO_BATCH, comma-separated "
+                        "(+gc: checkpoint every block, +gc2: every 2nd).")
     parser.add_argument("--seq", type=int, default=128, help="Tokens per sequence.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()

@@ -9,14 +9,14 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ftcluster.data.batches import IGNORE, collate, count_targets
+from ftcluster.data.batches import IGNORE, collate, count_targets, model_inputs
 from ftcluster.data.dataset import DataBundle
 from ftcluster.data.render import Encoded, Renderer
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of per-target cross-entropy terms (tokens for LM, examples for classification)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     logits = model(**inputs).logits
     labels = batch["labels"]
     if labels.dim() == 1:
@@ -83,7 +83,7 @@ def evaluate_classification(model, items, batch_size, pad_id, device, autocast, 
     predicted, actual = [], []
     for batch in iter_batches(items, batch_size, pad_id, device, limit):
         with autocast():
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            logits = model(**model_inputs(batch)).logits
         predicted += logits.argmax(-1).tolist()
         actual += batch["labels"].tolist()
     return classification_metrics(predicted, actual, label_names)

@@ -178,7 +178,9 @@ def activation_bytes(spec: JobSpec, config, context: int, precision: str) -> dic
     scale = 2 if precision == "fp32" else 1
     tokens = batch * context
     if spec.training.gradient_checkpointing:
-        activations = (layers * 2 * width + 34 * width) * tokens * scale
+        recomputed = math.ceil(layers / spec.training.gradient_checkpointing_every)  # blocks 0, every, 2*every, ...
+        kept = layers - recomputed
+        activations = (recomputed * 2 * width + kept * 34 * width + 34 * width) * tokens * scale
     else:
         activations = layers * 34 * width * tokens * scale
     vocab = getattr(config, "vocab_size", 0) if spec.model.task == "causal_lm" else 0

@@ -40,6 +40,12 @@ class ModelSpec(Section):
         description="Dtype of the loaded weights. auto: float32 on CPU, bfloat16 on GPUs that support it.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel (transformers' attn_implementation). auto: the model's default (sdpa "
+        "for most). flex_attention skips the cross-example blocks of packed sequences; flash_attention_2 "
+        "needs the flash-attn package and a CUDA GPU. Example: flex_attention",
+    )
 
 
 class LoraSpec(Section):
@@ -183,6 +189,11 @@ class TrainingSpec(Section):
         "auto", description="Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing_every: int = Field(
+        1, ge=1,
+        description="Selective checkpointing: with gradient_checkpointing, recompute only every N-th transformer "
+        "block (1: all of them). The others keep their activations: faster steps for more memory. Example: 2",
+    )
     loss_impl: Literal["auto", "standard", "chunked"] = Field(
         "auto",
         description="Causal-LM loss: chunked never builds the full (tokens x vocab) logits and skips untrained "
@@ -367,6 +378,13 @@ class JobSpec(Section):
             raise ValueError("data.format classification needs model.task: classification")
         if self.method.name == "prefix" and self.model.task == "classification":
             raise ValueError("method prefix supports causal_lm only; use lora for classification")
+        if self.training.gradient_checkpointing_every > 1 and not self.training.gradient_checkpointing:
+            raise ValueError("training.gradient_checkpointing_every needs training.gradient_checkpointing: true")
+        if self.data.packing and self.method.name == "prefix":
+            raise ValueError("data.packing does not work with method prefix (its virtual tokens ride in the "
+                             "attention cache, which hides where packed examples start); set it false or use lora")
+        if self.data.packing and self.model.task != "causal_lm":
+            raise ValueError("data.packing applies to model.task causal_lm only; set it false")
         if self.distributed.backend == "deepspeed":
             if self.method.name == "prefix":
                 raise ValueError("method prefix is not supported with backend deepspeed; use lora")

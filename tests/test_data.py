@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ftcluster.data import build_data
-from ftcluster.data.batches import StepOrder, collate
+from ftcluster.data.batches import StepOrder, collate, model_inputs
 from ftcluster.data.dataset import pack
 from ftcluster.data.readers import read_rows
 from ftcluster.errors import DataError
@@ -140,23 +140,28 @@ def test_split_is_seeded(tokenizer):
     assert [e.input_ids for e in one.val] != [e.input_ids for e in other.val]
 
 
-def test_packing_has_no_cross_example_attention(tiny_model, tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
+def test_packing_has_no_cross_example_attention(tiny_model, tokenizer, attention):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
     rows = [{"text": "first example"}, {"text": "the second, longer example"}, {"text": "third"}]
     bundle = build_data(DataSpec(train="-", format="text", val_fraction=0), tokenizer, train_records=rows)
     packed = pack(bundle.train, max_length=128)
     assert len(packed) == 1
-    batch = collate(packed, tokenizer.pad_token_id)
+    short = pack(bundle.train[2:], max_length=128)  # a shorter row in the same batch: a padding tail
+    batch = collate(packed + short, tokenizer.pad_token_id)
+    assert "attention_mask" not in batch  # transformers derives the mask from the position ids, on the device
     with torch.no_grad():
-        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        packed_logits = model(**model_inputs(batch)).logits
         offset = 0
         for item in bundle.train:
             alone = model(input_ids=torch.tensor([item.input_ids])).logits[0]
             n = len(item.input_ids)
-            torch.testing.assert_close(packed_logits[offset : offset + n], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(packed_logits[0, offset : offset + n], alone, atol=1e-5, rtol=1e-5)
             offset += n
+        n = len(bundle.train[2].input_ids)
+        torch.testing.assert_close(packed_logits[1, :n], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_step_order_is_the_same_for_accumulation_and_resume():

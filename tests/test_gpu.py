@@ -28,3 +28,16 @@ def test_fp16_full_fine_tune_with_loss_scaling(make_job, cli, tmp_path):
 def test_qlora_on_gpu(make_job, cli, tmp_path):
     job = make_job("gpu-qlora", method={"name": "qlora"}, scaling={"use_gpu": True}, training={"max_steps": 4})
     assert cli("train", job, "--no-ray").code == 0
+
+
+def test_packed_flex_attention_trains_like_sdpa(make_job, cli, tmp_path):
+    from conftest import train_losses
+
+    losses = {}
+    for attention in ("sdpa", "flex_attention"):
+        job = make_job(f"gpu-packed-{attention}", model={"attention": attention}, scaling={"use_gpu": True},
+                       data={"packing": True, "max_length": 128},
+                       training={"precision": "fp32", "max_steps": 4, "batch_size": 2})
+        assert cli("train", job, "--no-ray").code == 0
+        losses[attention] = train_losses(tmp_path / "runs" / f"gpu-packed-{attention}")
+    assert losses["flex_attention"] == pytest.approx(losses["sdpa"], rel=1e-3)

@@ -103,3 +103,28 @@ def test_schedules_warm_up_then_decay():
     linear = lr_lambda("linear", warmup_steps=0, total_steps=4)
     assert [linear(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert lr_lambda("constant", 0, 5)(3) == 1.0
+
+
+def test_selective_checkpointing_same_gradients_less_recompute(tmp_path):
+    from test_plan import _planner_memory_bench
+
+    from ftcluster.models.blocks import checkpoint_every_nth_block
+    from ftcluster.models.tiny import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "four-layers", layers=4)
+    ids = torch.randint(0, 200, (4, 96), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for every in (0, 1, 2):  # 0: no checkpointing
+        model = AutoModelForCausalLM.from_pretrained(folder).train()
+        if every:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert checkpoint_every_nth_block(model, every) == 4 // every
+            assert [layer.gradient_checkpointing for layer in model.model.layers] == [i % every == 0 for i in range(4)]
+        tracker = _planner_memory_bench().LivePeak([*model.parameters(), *model.buffers(), ids])
+        with tracker:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        gradients = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results[every] = (tracker.peak, gradients)
+    torch.testing.assert_close(results[1][1], results[0][1])
+    torch.testing.assert_close(results[2][1], results[0][1])
+    assert results[1][0] < results[2][0] < results[0][0]  # memory: all blocks < every 2nd < none

@@ -94,6 +94,10 @@ def test_cross_field_rules(make_job):
         load_spec(make_job(), ["method.unfreeze={every: 2}"])
     with pytest.raises(SpecError, match="needs data.format: classification"):
         load_spec(make_job(), ["model.task=classification"])
+    with pytest.raises(SpecError, match="gradient_checkpointing_every needs training.gradient_checkpointing: true"):
+        load_spec(make_job(), ["training.gradient_checkpointing_every=2"])
+    with pytest.raises(SpecError, match="data.packing applies to model.task causal_lm only"):
+        load_spec(make_job(), ["model.task=classification", "data.format=classification", "data.packing=true"])
 
 
 def test_every_field_is_documented():

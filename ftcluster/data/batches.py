@@ -45,18 +45,15 @@ class StepOrder:
         return step / self.steps_per_epoch
 
 
-def _packed_attention_mask(positions: torch.Tensor, padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4-D mask: causal, and no attention across examples packed in one sequence."""
-    document = (positions == 0).cumsum(-1)
-    length = positions.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = causal[None] & (document[:, :, None] == document[:, None, :]) & padding[:, None, :]
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into model inputs; labels hold IGNORE where not trained.
 
-
-def collate(items: list[Encoded], pad_id: int, mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples into model inputs; labels hold IGNORE where not trained."""
+    Packed sequences get position ids (restarting at each example) and no attention mask:
+    transformers then builds the mask its attention kernel wants from the position ids (a
+    block-diagonal causal mask for sdpa/eager, a block-sparse mask for flex_attention that skips
+    cross-example blocks, variable-length sequences for flash_attention_2), on the device, rather
+    than a (batch, 1, length, length) tensor built here and copied over every step.
+    """
     length = max(len(item.input_ids) for item in items)
     input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(items), length), dtype=torch.bool)
@@ -72,12 +69,24 @@ def collate(items: list[Encoded], pad_id: int, mask_dtype: torch.dtype = torch.f
     else:
         batch["labels"] = labels
     if items[0].positions is not None:
-        positions = torch.zeros((len(items), length), dtype=torch.long)
+        # The padding tail counts as one more (untrained) sequence of its own.
+        positions = torch.arange(length).repeat(len(items), 1)
         for row, item in enumerate(items):
             positions[row, : len(item.positions)] = torch.tensor(item.positions)
+            positions[row, len(item.positions) :] -= len(item.positions)
         batch["position_ids"] = positions
-        batch["attention_mask"] = _packed_attention_mask(positions, attention, mask_dtype)
+        del batch["attention_mask"]
     return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """A batch as forward() keywords: no labels (losses are computed outside), and for language
+    models no KV cache: training never reuses it, and transformers only reads packed sequences
+    from the position ids when there is none."""
+    inputs: dict[str, torch.Tensor | bool] = {k: v for k, v in batch.items() if k != "labels"}
+    if batch["labels"].dim() == 2:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

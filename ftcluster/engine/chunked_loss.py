@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ftcluster.data.batches import IGNORE
+from ftcluster.data.batches import IGNORE, model_inputs
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -46,7 +46,7 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tenso
 def chunked_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: torch.nn.Linear,
                      chunk_tokens: int = 2048) -> torch.Tensor:
     """Summed next-token cross-entropy over trained positions, one chunk of logits at a time."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     labels = batch["labels"]
     with hidden_states_as_logits(head):
         hidden = model(**inputs).logits[:, -labels.shape[1]:]

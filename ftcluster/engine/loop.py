@@ -35,6 +35,7 @@ from ftcluster.engine.ds_config import deepspeed_config
 from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
 from ftcluster.engine.objectives import make_objective
 from ftcluster.engine.optim import build_optimizer, keep_spec_learning_rates, lr_lambda, param_groups
+from ftcluster.engine.packing import check_packing_isolation
 from ftcluster.engine.progress import Progress
 from ftcluster.errors import FtError
 from ftcluster.evaluate import base_model_view, few_shot_baseline, run_eval, scalar_metrics
@@ -50,7 +51,9 @@ from ftcluster.layout import (
     METRICS,
     SUMMARY,
 )
+from ftcluster.models.blocks import checkpoint_every_nth_block
 from ftcluster.models.load import (
+    check_attention,
     load_pretrained,
     load_tokenizer,
     resolve_model,
@@ -195,16 +198,19 @@ def train(
     if use_deepspeed:
         autocast = contextlib.nullcontext  # DeepSpeed casts the model itself (bf16/fp16 sections)
     zero3 = zero3_init_context(ds_config) if use_deepspeed and spec.distributed.zero_stage == 3 else None
+    check_attention(spec.model.attention, device.type)
     model = load_pretrained(
         resolved, spec.model.task, dtype=dtype, label_names=bundle.label_names,
         pad_token_id=tokenizer.pad_token_id, quantization_config=quant, revision=spec.model.revision,
-        zero3_rank=ctx.rank if zero3 is not None else None,
+        zero3_rank=ctx.rank if zero3 is not None else None, attention=spec.model.attention,
     )
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(model, spec.method, spec.model.task, cfg.gradient_checkpointing)
+    if cfg.gradient_checkpointing and cfg.gradient_checkpointing_every > 1:
+        checkpoint_every_nth_block(model, cfg.gradient_checkpointing_every)
     if quant is None and zero3 is None:
         model.to(device)
     is_peft = spec.method.name in PEFT_METHODS
@@ -231,6 +237,8 @@ def train(
         stepper = TorchStepper(model, optimizer, precision=precision, max_grad_norm=cfg.max_grad_norm,
                                world_size=ctx.world_size, device=device, bucket_size_mb=spec.distributed.bucket_size_mb)
     trained_model, model = stepper.module, stepper.forward_model
+    if spec.data.packing:
+        check_packing_isolation(trained_model, device, autocast)
     if cfg.compile:
         model = torch.compile(model)  # the training forward only; evaluation and generation stay eager
 

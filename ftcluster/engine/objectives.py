@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ftcluster.data.batches import IGNORE, collate, count_targets
+from ftcluster.data.batches import IGNORE, collate, count_targets, model_inputs
 from ftcluster.data.render import Encoded
 from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
 from ftcluster.evaluate import base_model_view, eval_mode, iter_batches, loss_sum
@@ -28,7 +28,7 @@ ReferenceFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per row: the summed log-probability of its trained (response) tokens."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     labels = batch["labels"]
     logits = model(**inputs).logits[:, -labels.shape[1]:]
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)

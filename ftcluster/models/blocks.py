@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ftcluster.errors import ModelError
+
 HEAD_NAMES = ("lm_head", "classifier", "score")
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
 
@@ -34,3 +36,18 @@ def depth_from_top(name: str, blocks_prefix: str, num_blocks: int) -> int:
         index = int(name[len(blocks_prefix) + 1 :].split(".")[0])
         return num_blocks - index
     return num_blocks + 1
+
+
+def checkpoint_every_nth_block(model: nn.Module, every: int) -> int:
+    """Selective activation checkpointing: blocks 0, every, 2*every, ... keep recomputing in backward,
+    the others keep their activations. Call after checkpointing is enabled; returns how many blocks
+    recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    _, blocks = find_blocks(model)
+    if not isinstance(blocks[0], GradientCheckpointingLayer):
+        raise ModelError(f"training.gradient_checkpointing_every: {type(blocks[0]).__name__} blocks cannot be checkpointed "
+                         f"one by one; leave it at 1")
+    for index, block in enumerate(blocks):
+        block.gradient_checkpointing = block.gradient_checkpointing and index % every == 0
+    return sum(block.gradient_checkpointing for block in blocks)

@@ -135,6 +135,20 @@ def load_tokenizer(resolved: ResolvedModel, revision: str | None = None):
     return tokenizer
 
 
+def check_attention(attention: str, device_type: str) -> None:
+    """Refuse, in one line, an attention kernel this worker cannot run (before any weights load)."""
+    if attention == "flex_attention" and device_type == "cpu":
+        raise ModelError("model.attention flex_attention cannot train on CPU (torch has no CPU backward for it); "
+                         "use sdpa here")
+    if attention != "flash_attention_2":
+        return
+    if device_type != "cuda":
+        raise ModelError("model.attention flash_attention_2 needs a CUDA GPU; use sdpa or flex_attention here")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("model.attention flash_attention_2 needs the flash-attn package (pip install flash-attn); "
+                         "or use flex_attention, which ships with torch")
+
+
 def load_pretrained(
     resolved: ResolvedModel,
     task: str,
@@ -145,6 +159,7 @@ def load_pretrained(
     quantization_config=None,
     revision: str | None = None,
     zero3_rank: int | None = None,
+    attention: str = "auto",
 ):
     """Load the base model with the right head. Raises ModelError with a one-line reason.
 
@@ -158,9 +173,9 @@ def load_pretrained(
     )
 
     auto_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    head_kwargs = {}
+    head_kwargs = {} if attention == "auto" else {"attn_implementation": attention}
     if task == "classification":
-        head_kwargs = {
+        head_kwargs |= {
             "num_labels": len(label_names),
             "id2label": dict(enumerate(label_names)),
             "label2id": {name: index for index, name in enumerate(label_names)},
