@@ -10,7 +10,7 @@ minus its fixed GPU runtime allowance (CUDA context and kernels do not exist on 
 Each case runs ftcluster's own step (method setup, optimizer groups, loss) twice on full-length
 sequences; the second step is measured (optimizer states exist by then).
 
-    .venv/bin/python bench/planner_memory.py                       # SmolLM2-135M, five setups
+    .venv/bin/python bench/planner_memory.py                       # SmolLM2-135M, six setups
     .venv/bin/python bench/planner_memory.py --cases full:8 --json out.json
 """
 
@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
-DEFAULT_CASES = "full:8,lora:8,full:16,lora+gc:8,lora+gc2:8"
+DEFAULT_CASES = "full:8,lora:8,full:16,lora+gc:8,lora+gc2:8,lora+gc+chunk:8"
 
 
 class LivePeak(TorchDispatchMode):
@@ -66,7 +67,30 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
-def measure(model_path: str, method_name: str, batch: int, seq: int, gc_every: int) -> dict:
+CHUNK_TOKENS = 256  # the chunked-loss cases' chunk: a quarter of a micro batch of 8 x 128 tokens
+
+
+@dataclass
+class Case:
+    """METHOD[+gc[N]][+chunk]:MICRO_BATCH, e.g. lora+gc2+chunk:8."""
+
+    text: str
+    method: str
+    batch: int
+    gc_every: int  # 0: no gradient checkpointing; N: every N-th block recomputes
+    chunked: bool  # ftcluster's chunked loss instead of full logits
+
+    @classmethod
+    def parse(cls, text: str) -> Case:
+        setup, _, batch = text.partition(":")
+        method, *flags = setup.split("+")
+        gc_flags = [flag for flag in flags if flag.startswith("gc")]
+        gc_every = int(gc_flags[0][2:] or 1) if gc_flags else 0
+        return cls(text, method, int(batch), gc_every, "chunk" in flags)
+
+
+def measure(model_path: str, case: Case, seq: int) -> dict:
+    from ftcluster.engine.chunked_loss import output_head
     from ftcluster.engine.objectives import SFTObjective
     from ftcluster.engine.optim import build_optimizer, param_groups
     from ftcluster.models.blocks import checkpoint_every_nth_block
@@ -74,19 +98,19 @@ def measure(model_path: str, method_name: str, batch: int, seq: int, gc_every: i
     from ftcluster.models.methods import apply_method
     from ftcluster.spec import MethodSpec
 
-    checkpointing = gc_every > 0
+    checkpointing = case.gc_every > 0
     torch.manual_seed(0)
     model = load_pretrained(resolve_model(model_path), "causal_lm", dtype=torch.float32)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_method(model, MethodSpec(name=method_name, lora={"rank": 8, "alpha": 16, "dropout": 0.0}),
+    model = apply_method(model, MethodSpec(name=case.method, lora={"rank": 8, "alpha": 16, "dropout": 0.0}),
                          "causal_lm", checkpointing)
-    if gc_every > 1:
-        checkpoint_every_nth_block(model, gc_every)
+    if case.gc_every > 1:
+        checkpoint_every_nth_block(model, case.gc_every)
     model.train()
     optimizer = build_optimizer(param_groups(model, 1e-4, 0.0, None, lambda n, p: p.requires_grad), (0.9, 0.999), "cpu")
-    objective = SFTObjective()
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    objective = SFTObjective(output_head(model) if case.chunked else None, CHUNK_TOKENS)
+    ids = torch.randint(0, model.config.vocab_size, (case.batch, seq), generator=torch.Generator().manual_seed(0))
     batch_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     peak = 0
     for _ in range(2):  # the second step is the steady state: optimizer states exist
@@ -101,7 +125,7 @@ def measure(model_path: str, method_name: str, batch: int, seq: int, gc_every: i
     return peak
 
 
-def estimate(model_path: str, method_name: str, batch: int, seq: int, gc_every: int) -> dict:
+def estimate(model_path: str, case: Case, seq: int) -> dict:
     from ftcluster.plan import plan_job
     from ftcluster.spec import build_spec
 
@@ -109,10 +133,11 @@ def estimate(model_path: str, method_name: str, batch: int, seq: int, gc_every: 
     data.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
     spec = build_spec({
         "name": "planner-check", "model": {"path": model_path},
-        "method": {"name": method_name, "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}},
+        "method": {"name": case.method, "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}},
         "data": {"train": str(data), "max_length": seq},
-        "training": {"batch_size": batch, "precision": "fp32", "gradient_checkpointing": gc_every > 0,
-                     "gradient_checkpointing_every": max(1, gc_every)},
+        "training": {"batch_size": case.batch, "precision": "fp32", "gradient_checkpointing": case.gc_every > 0,
+                     "gradient_checkpointing_every": max(1, case.gc_every),
+                     "loss_impl": "chunked" if case.chunked else "standard", "loss_chunk_tokens": CHUNK_TOKENS},
     })
     parts = dict(plan_job(spec).gpu_bytes)
     parts.pop("runtime")  # the CUDA context and kernels: nothing to compare with on CPU
@@ -121,13 +146,11 @@ def estimate(model_path: str, method_name: str, batch: int, seq: int, gc_every: 
 
 def run_cases(model_path: str, cases: str, seq: int) -> list[dict]:
     rows = []
-    for case in cases.split(","):
-        setup, _, batch = case.partition(":")
-        method_name, _, checkpointing = setup.partition("+gc")  # lora+gc: every block, lora+gc2: every 2nd
-        gc_every = (int(checkpointing) if checkpointing else 1) if "+gc" in setup else 0
-        measured = measure(model_path, method_name, int(batch), seq, gc_every)
-        planned = estimate(model_path, method_name, int(batch), seq, gc_every)
-        rows.append({"case": case, "measured_mb": measured / 2**20, "estimated_mb": sum(planned.values()) / 2**20,
+    for text in cases.split(","):
+        case = Case.parse(text)
+        measured = measure(model_path, case, seq)
+        planned = estimate(model_path, case, seq)
+        rows.append({"case": text, "measured_mb": measured / 2**20, "estimated_mb": sum(planned.values()) / 2**20,
                      "ratio": measured / sum(planned.values()),
                      "estimated_parts_mb": {k: v / 2**20 for k, v in planned.items()}})
         print(json.dumps(rows[-1]), flush=True)
@@ -137,8 +160,8 @@ def run_cases(model_path: str, cases: str, seq: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Model path or alias.")
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="METHOD[+gc[N]]:MICRO_BATCH, comma-separated "
-                        "(+gc: checkpoint every block, +gc2: every 2nd).")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="METHOD[+gc[N]][+chunk]:MICRO_BATCH, comma-separated "
+                        "(+gc: checkpoint every block, +gc2: every 2nd; +chunk: chunked loss).")
     parser.add_argument("--seq", type=int, default=128, help="Tokens per sequence.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()

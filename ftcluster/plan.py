@@ -172,7 +172,19 @@ def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, pr
     return {"weights": weights, "gradients": 2 * trainable + 4 * trainable / w, "optimizer": 12 * trainable / w}
 
 
-def activation_bytes(spec: JobSpec, config, context: int, precision: str) -> dict[str, float]:
+def chunked_loss_on_gpu(spec: JobSpec, setup: Setup) -> bool:
+    """Whether this setup's loss runs chunked on a GPU (the loop's own rule, for the setup's method and
+    backend): then only one chunk of logits exists at a time."""
+    from ftcluster.engine.objectives import use_chunked_loss
+
+    candidate = spec.model_copy(update={
+        "method": spec.method.model_copy(update={"name": setup.method}),
+        "distributed": spec.distributed.model_copy(update={"backend": setup.backend, "zero_stage": setup.zero_stage}),
+    })
+    return use_chunked_loss(candidate, "cuda")
+
+
+def activation_bytes(spec: JobSpec, config, context: int, precision: str, chunked_loss: bool = False) -> dict[str, float]:
     """Per-GPU activations and logits for one micro batch."""
     batch, layers, width = spec.training.batch_size, config.num_hidden_layers, config.hidden_size
     scale = 2 if precision == "fp32" else 1
@@ -184,8 +196,9 @@ def activation_bytes(spec: JobSpec, config, context: int, precision: str) -> dic
     else:
         activations = layers * 34 * width * tokens * scale
     vocab = getattr(config, "vocab_size", 0) if spec.model.task == "causal_lm" else 0
-    # 16-bit logits, their 32-bit upcast for the loss, and its gradient
-    return {"activations": activations, "logits": tokens * vocab * 10}
+    # 16-bit logits, their 32-bit upcast for the loss, and its gradient: for every token, or one chunk
+    logit_rows = min(tokens, spec.training.loss_chunk_tokens) if chunked_loss else tokens
+    return {"activations": activations, "logits": logit_rows * vocab * 10}
 
 
 def host_bytes(setup: Setup, total: int, trainable: int, largest: int, precision: str) -> dict[str, float]:
@@ -254,7 +267,7 @@ def model_facts(spec: JobSpec, method: str, meta=None) -> ModelFacts:
 def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bool], facts: ModelFacts) -> Plan:
     precision = spec.training.precision if spec.training.precision != "auto" else "bf16"
     gpu = model_state_bytes(setup, facts.total, facts.trainable, facts.largest, precision)
-    gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision))
+    gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision, chunked_loss_on_gpu(spec, setup)))
     gpu["runtime"] = RUNTIME_GPU_BYTES
     capacity = (spec.scaling.gpu_memory_gb or GPU_MEMORY_GB.get(spec.scaling.gpu_type, 80)) * GB
     peak = peak_flops_of(spec.scaling.gpu_type)

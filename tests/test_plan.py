@@ -1,5 +1,7 @@
 """The planner: model states agree with DeepSpeed's own estimators; shipped big jobs fit."""
 
+import sys
+
 import pytest
 from conftest import REPO
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -87,6 +89,7 @@ def _planner_memory_bench():
     location = REPO / "bench" / "planner_memory.py"
     spec = importlib.util.spec_from_file_location("planner_memory", location)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -119,7 +122,7 @@ def test_live_tensor_peak_agrees_with_pytorchs_memtracker(tiny_model):
     assert ours.peak == pytest.approx(expected, rel=0.02)
 
 
-@pytest.mark.parametrize("case", ["full:8", "lora+gc:8", "lora+gc2:8"])
+@pytest.mark.parametrize("case", ["full:8", "lora+gc:8", "lora+gc2:8", "lora+gc+chunk:8"])
 def test_planner_total_within_15_percent_of_measured_peak(case):
     rows = _planner_memory_bench().run_cases("smollm2-135m-instruct", case, 128)
     assert 0.85 <= rows[0]["ratio"] <= 1.15, rows[0]
@@ -146,3 +149,12 @@ def test_cluster_capacity_check_uses_the_planner_against_the_cluster():
     assert "scaling: the job needs 32 GPU (32 workers), the Ray cluster has 16" in capacity_problems(spec, too_few)
     thin_nodes = ClusterView([{"CPU": 4.0, "GPU": 8.0, "memory": 2**40}] * 4)  # 10 CPUs per worker fit nowhere
     assert any("CPU" in p for p in capacity_problems(spec, thin_nodes))
+
+
+def test_planner_charges_one_chunk_of_logits_when_the_loss_is_chunked():
+    def logits(*overrides):
+        return plan_job(load_spec(REPO / "jobs" / "llama-7b-lora-ddp.yaml", list(overrides))).gpu_bytes["logits"]
+
+    standard = logits("training.loss_impl=standard")
+    assert logits("training.loss_impl=auto") == pytest.approx(standard * 2048 / (4 * 2048))  # one chunk of 4 x 2048
+    assert logits("training.loss_impl=auto", "training.compile=true") == standard  # compiled: not chunked
