@@ -25,8 +25,10 @@ class TorchStepper:
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # gradient_as_bucket_view: gradients live inside the all-reduce buckets, not in a second copy.
             self.forward_model = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_size_mb
+                model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_size_mb,
+                gradient_as_bucket_view=True,
             )
         # fp16 needs loss scaling against gradient underflow; otherwise this is a pass-through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
