@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,10 @@ def ray_head(tmp_path_factory):
                "--dashboard-host", "127.0.0.1", "--port", str(free_port()), "--dashboard-port", str(dashboard),
                "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
                "--metrics-export-port", str(free_port()), "--num-cpus", "2", "--temp-dir", str(temp)]
-    head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group: teardown ends the head and every Ray process it started at once (a polite
+    # SIGTERM to `ray start --block` takes half a minute to wind the cluster down).
+    head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     import requests
@@ -56,10 +60,10 @@ def ray_head(tmp_path_factory):
             pass
         time.sleep(1)
     else:
-        head.terminate()
+        os.killpg(head.pid, signal.SIGKILL)
         pytest.fail("the Ray head did not come up")
     yield address
-    head.terminate()
+    os.killpg(head.pid, signal.SIGKILL)
     head.wait(timeout=60)
 
 
