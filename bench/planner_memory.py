@@ -10,7 +10,7 @@ minus its fixed GPU runtime allowance (CUDA context and kernels do not exist on 
 Each case runs ftcluster's own step (method setup, optimizer groups, loss) twice on full-length
 sequences; the second step is measured (optimizer states exist by then).
 
-    .venv/bin/python bench/planner_memory.py                       # SmolLM2-135M, six setups
+    .venv/bin/python bench/planner_memory.py                       # SmolLM2-135M, eight setups
     .venv/bin/python bench/planner_memory.py --cases full:8 --json out.json
 """
 
@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
-DEFAULT_CASES = "full:8,lora:8,full:16,lora+gc:8,lora+gc2:8,lora+gc+chunk:8"
+DEFAULT_CASES = "full:8,lora:8,full:16,lora+gc:8,lora+gc2:8,lora+gc+chunk:8,qlora:8,qlora+gc:8"
 
 
 class LivePeak(TorchDispatchMode):
@@ -89,18 +89,31 @@ class Case:
         return cls(text, method, int(batch), gc_every, "chunk" in flags)
 
 
+def quantization_constants(model: torch.nn.Module) -> list[torch.Tensor]:
+    """bitsandbytes keeps 4-bit weights' block constants beside the parameters, not as parameters."""
+    out = []
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        while state is not None:
+            out += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
+            state = state.state2
+    return out
+
+
 def measure(model_path: str, case: Case, seq: int) -> dict:
     from ftcluster.engine.chunked_loss import output_head
     from ftcluster.engine.objectives import SFTObjective
     from ftcluster.engine.optim import build_optimizer, param_groups
     from ftcluster.models.blocks import checkpoint_every_nth_block
     from ftcluster.models.load import load_pretrained, resolve_model
-    from ftcluster.models.methods import apply_method
+    from ftcluster.models.methods import apply_method, quantization_config
     from ftcluster.spec import MethodSpec
 
     checkpointing = case.gc_every > 0
     torch.manual_seed(0)
-    model = load_pretrained(resolve_model(model_path), "causal_lm", dtype=torch.float32)
+    quantization = quantization_config(MethodSpec(name=case.method), torch.float32)  # qlora: 4-bit base
+    model = load_pretrained(resolve_model(model_path), "causal_lm", dtype=torch.float32,
+                            quantization_config=quantization)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(model, MethodSpec(name=case.method, lora={"rank": 8, "alpha": 16, "dropout": 0.0}),
@@ -115,7 +128,8 @@ def measure(model_path: str, case: Case, seq: int) -> dict:
     peak = 0
     for _ in range(2):  # the second step is the steady state: optimizer states exist
         states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-        tracker = LivePeak([*model.parameters(), *model.buffers(), *states, *batch_inputs.values()])
+        tracker = LivePeak([*model.parameters(), *model.buffers(), *quantization_constants(model), *states,
+                            *batch_inputs.values()])
         with tracker:
             loss = objective.loss_sum(model, batch_inputs) / objective.count(batch_inputs)
             loss.backward()

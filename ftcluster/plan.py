@@ -137,19 +137,37 @@ def _bytes_per_weight(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, precision: str) -> dict[str, float]:
+# bitsandbytes 4-bit: half a byte per weight plus one absmax per block of 64 (fp32, or 8-bit with
+# a second level of fp32 constants per 256 blocks when the constants are quantized too).
+FOUR_BIT_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
+
+
+def quantized_weights(model) -> int:
+    """Weights QLoRA stores in 4 bits: frozen nn.Linear weights other than the output head, which
+    transformers keeps in 16 bits along with the embeddings and norms."""
+    head = model.get_output_embeddings()
+    return sum(module.weight.numel() for module in model.modules()
+               if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad)
+
+
+def frozen_weight_bytes(setup: Setup, frozen: int, quantized: int, precision: str, double_quant: bool) -> float:
+    if setup.method != "qlora":
+        return frozen * _bytes_per_weight(precision)
+    return quantized * FOUR_BIT_BYTES[double_quant] + (frozen - quantized) * _bytes_per_weight(precision)
+
+
+def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, precision: str,
+                      quantized: int = 0, double_quant: bool = True) -> dict[str, float]:
     """Per-GPU weights, gradients and optimizer states.
 
     DeepSpeed (mixed precision): 16-bit weights, and per trained parameter 18 bytes of 16-bit and
     32-bit gradients, 32-bit master weights and two Adam moments, partitioned by ZeRO stage; ZeRO-3
     also holds the largest layer gathered in 32 bits. torch (DDP): weights, gradients and both
-    AdamW moments in the weights' dtype. Frozen weights of QLoRA cost half a byte each.
+    AdamW moments in the weights' dtype. QLoRA's `quantized` weights cost about half a byte each.
     """
     w = setup.world
     weight = _bytes_per_weight(precision)
-    frozen = total - trainable
-    frozen_weight = 0.5 if setup.method == "qlora" else weight
-    frozen_bytes = frozen * frozen_weight
+    frozen_bytes = frozen_weight_bytes(setup, total - trainable, quantized, precision, double_quant)
     if setup.backend == "ddp":
         return {
             "weights": frozen_bytes + trainable * weight,
@@ -201,7 +219,8 @@ def activation_bytes(spec: JobSpec, config, context: int, precision: str, chunke
     return {"activations": activations, "logits": logit_rows * vocab * 10}
 
 
-def host_bytes(setup: Setup, total: int, trainable: int, largest: int, precision: str) -> dict[str, float]:
+def host_bytes(setup: Setup, total: int, trainable: int, largest: int, precision: str,
+               quantized: int = 0, double_quant: bool = True) -> dict[str, float]:
     """Host RAM per node: workers' runtime, loading, and what CPU offload keeps there."""
     per_node = setup.gpus_per_node
     weight = _bytes_per_weight(precision)
@@ -216,7 +235,8 @@ def host_bytes(setup: Setup, total: int, trainable: int, largest: int, precision
         per_param = 18 if setup.offload_params else 16
         out["offloaded states"] = trainable * per_param / setup.nodes * DS_HOST_BUFFER
         if setup.offload_params:
-            out["offloaded states"] += (total - trainable) * (0.5 if setup.method == "qlora" else weight) / setup.nodes
+            frozen = frozen_weight_bytes(setup, total - trainable, quantized, precision, double_quant)
+            out["offloaded states"] += frozen / setup.nodes
     return out
 
 
@@ -251,6 +271,7 @@ class ModelFacts:
     largest: int
     config: Any
     flops_per_token: int
+    quantized: int  # QLoRA: weights stored in 4 bits (0 for other methods)
 
 
 def model_facts(spec: JobSpec, method: str, meta=None) -> ModelFacts:
@@ -261,12 +282,14 @@ def model_facts(spec: JobSpec, method: str, meta=None) -> ModelFacts:
         model = with_method(model, spec, method)
     counts = count_params(model)
     return ModelFacts(counts.total, counts.trainable, max(p.numel() for p in model.parameters()), model.config,
-                      flops_per_token(model, spec.data.max_length).total)
+                      flops_per_token(model, spec.data.max_length).total,
+                      quantized_weights(model) if method == "qlora" else 0)
 
 
 def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bool], facts: ModelFacts) -> Plan:
     precision = spec.training.precision if spec.training.precision != "auto" else "bf16"
-    gpu = model_state_bytes(setup, facts.total, facts.trainable, facts.largest, precision)
+    double_quant = spec.method.quant.double_quant
+    gpu = model_state_bytes(setup, facts.total, facts.trainable, facts.largest, precision, facts.quantized, double_quant)
     gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision, chunked_loss_on_gpu(spec, setup)))
     gpu["runtime"] = RUNTIME_GPU_BYTES
     capacity = (spec.scaling.gpu_memory_gb or GPU_MEMORY_GB.get(spec.scaling.gpu_type, 80)) * GB
@@ -278,7 +301,8 @@ def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bo
     return Plan(
         setup=setup, gpu_type=spec.scaling.gpu_type, total_params=facts.total, trainable_params=facts.trainable,
         largest_tensor=facts.largest, gpu_bytes=gpu, gpu_capacity=capacity,
-        host_bytes_per_node=host_bytes(setup, facts.total, facts.trainable, facts.largest, precision),
+        host_bytes_per_node=host_bytes(setup, facts.total, facts.trainable, facts.largest, precision, facts.quantized,
+                                       double_quant),
         host_capacity=spec.scaling.node_ram_gb * GB, tokens_per_epoch=tokens[0], tokens_estimated=tokens[1],
         flops_per_token=facts.flops_per_token, mfu=effective, hours_per_epoch=hours, cost_per_epoch=cost,
     )

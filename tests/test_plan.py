@@ -122,7 +122,7 @@ def test_live_tensor_peak_agrees_with_pytorchs_memtracker(tiny_model):
     assert ours.peak == pytest.approx(expected, rel=0.02)
 
 
-@pytest.mark.parametrize("case", ["full:8", "lora+gc:8", "lora+gc2:8", "lora+gc+chunk:8"])
+@pytest.mark.parametrize("case", ["full:8", "lora+gc:8", "lora+gc2:8", "lora+gc+chunk:8", "qlora+gc:8"])
 def test_planner_total_within_15_percent_of_measured_peak(case):
     rows = _planner_memory_bench().run_cases("smollm2-135m-instruct", case, 128)
     assert 0.85 <= rows[0]["ratio"] <= 1.15, rows[0]
@@ -158,3 +158,20 @@ def test_planner_charges_one_chunk_of_logits_when_the_loss_is_chunked():
     standard = logits("training.loss_impl=standard")
     assert logits("training.loss_impl=auto") == pytest.approx(standard * 2048 / (4 * 2048))  # one chunk of 4 x 2048
     assert logits("training.loss_impl=auto", "training.compile=true") == standard  # compiled: not chunked
+
+
+def test_qlora_quantizes_block_linears_only():
+    from ftcluster.plan import FOUR_BIT_BYTES, model_facts
+    from ftcluster.spec import build_spec
+
+    data = REPO / "jobs" / "data" / "quickstart-train.jsonl"
+    spec = build_spec({"name": "q", "model": {"path": "llama-3.2-1b"}, "method": {"name": "qlora"},
+                       "data": {"train": str(data), "max_length": 512}, "scaling": {"use_gpu": True}})
+    facts = model_facts(spec, "qlora")
+    config = facts.config
+    hidden, inner, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    per_block = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inner  # q, o; k, v; gate, up, down
+    assert facts.quantized == config.num_hidden_layers * per_block
+    plan = plan_job(spec)
+    sixteen_bit = facts.total - facts.quantized  # embeddings, head, norms and the adapters
+    assert plan.gpu_bytes["weights"] == pytest.approx(facts.quantized * FOUR_BIT_BYTES[True] + sixteen_bit * 2)
