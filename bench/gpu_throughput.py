@@ -38,6 +38,9 @@ from ftcluster.models.shapes import LLAMA_SHAPES  # noqa: E402
 
 SHAPES = {
     **{name: {"tie_word_embeddings": False, **LLAMA_SHAPES[name]} for name in ("llama-3.2-1b", "llama-3.1-8b")},
+    # ~25M parameters: big enough that compute, not Python, dominates a CPU step
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=16000, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False),
 }

@@ -75,3 +75,23 @@ def test_chunked_full_finetune_under_ddp_matches_one_worker(make_job, cli, tmp_p
     result = cli("train", two)
     assert result.code == 0, result
     assert train_losses(tmp_path / "runs" / "two") == pytest.approx(train_losses(tmp_path / "runs" / "one"), rel=1e-4)
+
+
+def test_linear_cross_entropy_matches_autograd_with_bias_and_scaling():
+    from ftcluster.engine.chunked_loss import LinearCrossEntropy
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(30, 8, generator=generator, requires_grad=True)
+    bias = torch.randn(30, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 30, (11,), generator=generator)
+    ours = LinearCrossEntropy.apply(hidden, weight, bias, targets, 4, torch.float32, True) / 3
+    ours.backward()
+    mine = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, targets, reduction="sum") / 3
+    reference.backward()
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    for got, tensor in zip(mine, (hidden, weight, bias)):
+        torch.testing.assert_close(got, tensor.grad, rtol=1e-5, atol=1e-6)

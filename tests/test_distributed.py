@@ -37,17 +37,18 @@ def test_ddp_two_workers_equal_one_worker_with_double_batch(local_ray, make_job,
     assert two[-1] < two[0]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_two_workers_equal_one_worker_with_double_batch(stage, local_ray, make_job, tmp_path):
+@pytest.mark.parametrize("stage, packing", [(2, False), (3, True)])  # ZeRO-3 also runs the packing check
+def test_deepspeed_zero_two_workers_equal_one_worker_with_double_batch(stage, packing, local_ray, make_job, tmp_path):
     from ftcluster.launch import run_in_process
     from ftcluster.spec import load_spec
 
     method = {"name": "full"}
     training = {"max_steps": 4, "max_grad_norm": None}
+    data = {"packing": packing}
     summary = two_worker_run(make_job, f"zero{stage}", method=method, training={"batch_size": 4, **training},
-                             distributed={"backend": "deepspeed", "zero_stage": stage})
+                             distributed={"backend": "deepspeed", "zero_stage": stage}, data=data)
     assert summary["world_size"] == 2
-    run_in_process(load_spec(make_job("single", method=method, training={"batch_size": 8, **training})))
+    run_in_process(load_spec(make_job("single", method=method, training={"batch_size": 8, **training}, data=data)))
     two, one = train_losses(tmp_path / "runs" / f"zero{stage}"), train_losses(tmp_path / "runs" / "single")
     assert two == pytest.approx(one, rel=1e-4)
     from transformers import AutoModelForCausalLM

@@ -4,9 +4,9 @@ A causal LM's loss normally materialises logits of shape (batch, tokens, vocab) 
 Llama-3's 128k vocabulary at 8 x 2048 tokens that is 8 GiB, plus as much again for its gradient.
 Here the model returns its final hidden states instead (the output head is bypassed for that one
 forward pass, through whatever wrapper — PEFT, DDP, DeepSpeed — sits around it), and the head is
-applied only to the positions that are trained, a chunk at a time, each chunk recomputed during
-backward. Peak memory for the loss drops to one chunk's logits; responses-only training also skips
-the prompt positions entirely.
+applied only to the positions that are trained, a chunk at a time, with each chunk's gradients
+taken right away (see LinearCrossEntropy). Peak memory for the loss drops to one chunk's logits;
+responses-only training also skips the prompt positions entirely.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ftcluster.data.batches import IGNORE, model_inputs
 
@@ -38,9 +37,54 @@ def hidden_states_as_logits(head: torch.nn.Linear):
         del head.forward
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, one chunk of rows at
+    a time. Each chunk's gradients are taken during the forward pass (softmax minus one-hot, then
+    the two matmuls backward would do), so no more than one chunk of logits or of their gradient
+    ever exists, and nothing is recomputed: the same three matmuls as an unchunked forward and
+    backward (two when the head is frozen, as under LoRA). Backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, compute_dtype: torch.dtype,
+                with_grads: bool):
+        want_hidden, want_weight, want_bias = (with_grads and needed for needed in ctx.needs_input_grad[:3])
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen here, once
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            rows_in = hidden.to(compute_dtype)
+            grad_hidden = torch.empty_like(hidden) if want_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                h, t = rows_in[rows], targets[rows]
+                logits = F.linear(h, w, b).float()
+                normalizer = torch.logsumexp(logits, dim=-1)
+                total += (normalizer - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (want_hidden or want_weight or want_bias):
+                    continue
+                grad = logits.sub_(normalizer[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(t.shape[0], device=t.device), t] -= 1
+                if want_bias:
+                    grad_bias += grad.sum(0)
+                grad = grad.to(compute_dtype)
+                if want_hidden:
+                    grad_hidden[rows] = (grad @ w).to(hidden.dtype)
+                if want_weight:
+                    grad_weight += (grad.t() @ h).float()
+        ctx.grads = (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        scaled = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return (*scaled, None, None, None, None)
 
 
 def chunked_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: torch.nn.Linear,
@@ -54,9 +98,8 @@ def chunked_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], hea
     # The one host sync of this loss: how many positions are trained decides the chunks' shapes.
     keep = (targets != IGNORE).nonzero().squeeze(1)
     hidden, targets = hidden.flatten(0, 1)[keep], targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], chunk_tokens):
-        piece = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_loss, hidden[piece], targets[piece], head.weight, head.bias,
-                                   use_reentrant=False)
-    return total
+    device_type = hidden.device.type
+    # The head's matmuls run in the dtype autocast would have given them.
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens, compute_dtype,
+                                    torch.is_grad_enabled())
