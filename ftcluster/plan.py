@@ -190,8 +190,8 @@ def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, pr
     return {"weights": weights, "gradients": 2 * trainable + 4 * trainable / w, "optimizer": 12 * trainable / w}
 
 
-def chunked_loss_on_gpu(spec: JobSpec, setup: Setup) -> bool:
-    """Whether this setup's loss runs chunked on a GPU (the loop's own rule, for the setup's method and
+def chunked_loss_for(spec: JobSpec, setup: Setup) -> bool:
+    """Whether this setup's loss runs chunked (the loop's own rule, for the setup's method and
     backend): then only one chunk of logits exists at a time."""
     from ftcluster.engine.objectives import use_chunked_loss
 
@@ -199,7 +199,7 @@ def chunked_loss_on_gpu(spec: JobSpec, setup: Setup) -> bool:
         "method": spec.method.model_copy(update={"name": setup.method}),
         "distributed": spec.distributed.model_copy(update={"backend": setup.backend, "zero_stage": setup.zero_stage}),
     })
-    return use_chunked_loss(candidate, "cuda")
+    return use_chunked_loss(candidate)
 
 
 def activation_bytes(spec: JobSpec, config, context: int, precision: str, chunked_loss: bool = False) -> dict[str, float]:
@@ -290,7 +290,7 @@ def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bo
     precision = spec.training.precision if spec.training.precision != "auto" else "bf16"
     double_quant = spec.method.quant.double_quant
     gpu = model_state_bytes(setup, facts.total, facts.trainable, facts.largest, precision, facts.quantized, double_quant)
-    gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision, chunked_loss_on_gpu(spec, setup)))
+    gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision, chunked_loss_for(spec, setup)))
     gpu["runtime"] = RUNTIME_GPU_BYTES
     capacity = (spec.scaling.gpu_memory_gb or GPU_MEMORY_GB.get(spec.scaling.gpu_type, 80)) * GB
     peak = peak_flops_of(spec.scaling.gpu_type)

@@ -197,7 +197,8 @@ class TrainingSpec(Section):
     loss_impl: Literal["auto", "standard", "chunked"] = Field(
         "auto",
         description="Causal-LM loss: chunked never builds the full (tokens x vocab) logits and skips untrained "
-        "positions; standard does. auto: chunked on GPUs (not under ZeRO-3, whose head weight is sharded).",
+        "positions; standard does. auto: chunked where it can run (not under ZeRO-3, whose head weight is "
+        "sharded, nor with prefix tuning or training.compile).",
     )
     loss_chunk_tokens: int = Field(2048, ge=64, description="chunked loss: trained positions per logits chunk.")
     compile: bool = Field(False, description="torch.compile the model (first steps are slow while it compiles).")

@@ -214,7 +214,7 @@ def train(
     if quant is None and zero3 is None:
         model.to(device)
     is_peft = spec.method.name in PEFT_METHODS
-    objective = make_objective(spec, model, is_peft, device_type=device.type)  # fixes a DPO reference now
+    objective = make_objective(spec, model, is_peft)  # fixes a DPO reference now
     schedule = None
     if spec.method.unfreeze is not None:
         base = {n for n, p in model.named_parameters() if p.requires_grad}
