@@ -96,3 +96,35 @@ def test_linear_cross_entropy_matches_autograd_with_bias_and_scaling():
     assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
     for got, tensor in zip(mine, (hidden, weight, bias)):
         torch.testing.assert_close(got, tensor.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_follows_autocast_dtypes():
+    generator = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(2, 9, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9), generator=generator)
+
+    class Body(torch.nn.Module):  # a "model" whose logits are the head applied to given hidden states
+        def __init__(self):
+            super().__init__()
+            self.lm_head = head
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids, use_cache=False):
+            return type("Out", (), {"logits": self.lm_head(hidden)})()
+
+    batch = {"input_ids": labels, "labels": labels}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_loss_sum(Body(), batch, head, chunk_tokens=5)
+        reference = torch.nn.functional.cross_entropy(
+            head(hidden)[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+    assert ours.dtype == torch.float32 and ours.item() == pytest.approx(reference.item(), rel=2e-2)
+    ours.backward()
+    mine = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad = head.weight.grad = None
+    reference.backward()
+    assert mine[0].dtype == torch.float32 and mine[1].dtype == torch.float32  # the leaves' own dtypes
+    torch.testing.assert_close(mine[0], hidden.grad, rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(mine[1], head.weight.grad, rtol=5e-2, atol=5e-3)
