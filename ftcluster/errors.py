@@ -1,6 +1,12 @@
 """User-facing errors: the CLI prints their message (one line per problem) and exits 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (at most 200 characters), for one-line error messages."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
 class FtError(Exception):
     """A problem the user can fix (bad spec, missing file, bad data). Printed without a traceback."""
 

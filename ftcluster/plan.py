@@ -150,9 +150,8 @@ def quantized_weights(model) -> int:
                if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad)
 
 
-def frozen_weight_bytes(setup: Setup, frozen: int, quantized: int, precision: str, double_quant: bool) -> float:
-    if setup.method != "qlora":
-        return frozen * _bytes_per_weight(precision)
+def frozen_weight_bytes(frozen: int, quantized: int, precision: str, double_quant: bool) -> float:
+    """Frozen weights: `quantized` of them in 4 bits (QLoRA; 0 otherwise), the rest in the weights' dtype."""
     return quantized * FOUR_BIT_BYTES[double_quant] + (frozen - quantized) * _bytes_per_weight(precision)
 
 
@@ -167,7 +166,7 @@ def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, pr
     """
     w = setup.world
     weight = _bytes_per_weight(precision)
-    frozen_bytes = frozen_weight_bytes(setup, total - trainable, quantized, precision, double_quant)
+    frozen_bytes = frozen_weight_bytes(total - trainable, quantized, precision, double_quant)
     if setup.backend == "ddp":
         return {
             "weights": frozen_bytes + trainable * weight,
@@ -235,7 +234,7 @@ def host_bytes(setup: Setup, total: int, trainable: int, largest: int, precision
         per_param = 18 if setup.offload_params else 16
         out["offloaded states"] = trainable * per_param / setup.nodes * DS_HOST_BUFFER
         if setup.offload_params:
-            frozen = frozen_weight_bytes(setup, total - trainable, quantized, precision, double_quant)
+            frozen = frozen_weight_bytes(total - trainable, quantized, precision, double_quant)
             out["offloaded states"] += frozen / setup.nodes
     return out
 

@@ -23,8 +23,8 @@ from typing import Any
 import ftcluster
 from ftcluster.capacity import ClusterView, capacity_problems
 from ftcluster.cluster.package import JOB_FILE, SPACE_FILE, build_package
-from ftcluster.cluster.target import ClusterTarget, first_line
-from ftcluster.errors import FtError
+from ftcluster.cluster.target import ClusterTarget
+from ftcluster.errors import FtError, first_line
 from ftcluster.spec import JobSpec
 
 ENTRYPOINT_CPUS = 0.25  # the `ftcluster train` driver; Ray Train's workers reserve their own

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ftcluster.errors import FtError
+from ftcluster.errors import FtError, first_line
 
 PROFILES_ENV = "FTCLUSTER_CLUSTERS"  # another profiles file (tests, CI)
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")
@@ -68,11 +68,6 @@ class ClusterTarget:
             raise FtError(self.auth_failed(f" (HTTP {response.status_code})"))
         response.raise_for_status()
         return response.json()
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _http(address: str) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from ftcluster.data.batches import collate, model_inputs
 from ftcluster.data.render import Encoded
-from ftcluster.errors import FtError
+from ftcluster.errors import FtError, first_line
 from ftcluster.evaluate import eval_mode
 
 # Two packed rows: different first examples, the same second one.
@@ -44,7 +44,7 @@ def check_packing_isolation(model: torch.nn.Module, device: torch.device,
             logits = model(**model_inputs(batch)).logits.float()
     except TypeError as exc:  # a forward() without position_ids
         raise FtError(f"data.packing: this model ({kind}) cannot take packed sequences "
-                      f"({str(exc).splitlines()[0]}); set data.packing: false") from None
+                      f"({first_line(exc)}); set data.packing: false") from None
     second = slice(len(FIRST_EXAMPLES[0]), None)
     difference = (logits[0, second] - logits[1, second]).abs().max()
     scale = logits[:, second].abs().max().clamp(min=1.0)

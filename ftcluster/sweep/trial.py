@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcluster.atomic import write_text_atomic
+from ftcluster.errors import first_line
 from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.spec import JobSpec
 from ftcluster.sweep.space import SearchSpace, trial_spec
@@ -111,6 +112,6 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
 
             fit(make_trainer(spec, callbacks=[TuneReportCallback()], verbose=False), spec)
     except Exception as exc:
-        write_trial_info(folder, trial_id, values, "error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        write_trial_info(folder, trial_id, values, "error", first_line(exc))
         raise
     write_trial_info(folder, trial_id, values, "completed")
