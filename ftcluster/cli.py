@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ftcluster.errors import FtError
+from ftcluster.errors import FtError, io_error_line, storage_errno
 from ftcluster.quiet import quiet_libraries
 
 app = typer.Typer(
@@ -89,6 +91,7 @@ def train(
         help="Ray cluster to run on (ray://HOST:10001); default: embedded local Ray on 127.0.0.1.")] = None,
     samples: Annotated[int, typer.Option(help="Held-out generations to show at the end (default: eval.generation.show).")] = -1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory/cost plan and exit without training.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: retrain a finished run from its last checkpoint.")] = False,
 ) -> None:
     """Fine-tune a model as the job spec says, then print the summary and the base-vs-fine-tuned table."""
     from ftcluster.spec import load_spec
@@ -99,17 +102,18 @@ def train(
         show_plan(spec, mfu=0.4)
         return
     from ftcluster.launch import run_in_process, run_with_ray
-    from ftcluster.runs import check_output
+    from ftcluster.runs import check_output, replacing_earlier_run
     from ftcluster.tables import print_run_tables
 
-    out = check_output(spec, resume)
+    out = check_output(spec, resume, force)
     console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {out}")
-    if no_ray:
-        if spec.scaling.num_workers > 1:
-            raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
-        summary = run_in_process(spec, resume)
-    else:
-        summary = run_with_ray(spec, resume, address)
+    if no_ray and spec.scaling.num_workers > 1:
+        raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
+    try:
+        with replacing_earlier_run(spec, resume):
+            summary = run_in_process(spec, resume) if no_ray else run_with_ray(spec, resume, address)
+    except KeyboardInterrupt as exc:
+        interrupted_run(exc, out)
     show = samples if samples >= 0 else (spec.eval.generation.show if spec.eval.generation else 0)
     print_run_tables(summary, show, console)
     print_summary_marker(summary)
@@ -180,6 +184,26 @@ def tune(
     if outcome.interrupted:
         err_console.print(f"interrupted; continue with `ftcluster tune --resume {sweep.folder}`")
         sys.exit(130)
+
+
+def interrupted_run(exc: KeyboardInterrupt, out: Path) -> None:
+    """One line for a run stopped by Ctrl+C or SIGTERM: the step, the checkpoint, the command that resumes."""
+    import shlex
+
+    from ftcluster.engine.checkpoint import latest_checkpoint
+    from ftcluster.interrupts import STOP, Interrupted
+
+    signum = exc.signum if isinstance(exc, Interrupted) else (STOP.signum or signal.SIGINT)
+    step = exc.step if isinstance(exc, Interrupted) else None
+    checkpoint = (exc.checkpoint if isinstance(exc, Interrupted) else None) or latest_checkpoint(out / "checkpoints")
+    words = [a for a in sys.argv[1:] if a != "--resume"]
+    where = f" at step {step}" if step is not None else ""
+    if checkpoint is None:
+        err_console.print(f"interrupted ({signal.Signals(signum).name}){where}; no checkpoint was saved yet")
+    else:
+        err_console.print(f"interrupted ({signal.Signals(signum).name}){where}; checkpoint: {checkpoint}; continue with: "
+                          f"ftcluster {shlex.join(words)} --resume", soft_wrap=True, highlight=False)
+    sys.exit(128 + signum)
 
 
 def print_summary_marker(summary: dict) -> None:
@@ -486,18 +510,40 @@ def render_k8s(
         console.print(f"[green]✓[/] wrote {out} (kubectl apply -f {out})")
 
 
+def interruptible(command):
+    """Ctrl+C / SIGTERM inside a command: one line and exit 128 + signal (typer would exit 130 silently)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            err_console.print(f"interrupted ({signal.Signals(signum).name})")
+            sys.exit(128 + signum)
+
+    return run
+
+
 def main() -> None:
     """Console entry point: user errors become one line per problem on stderr and exit code 2."""
+    from ftcluster.interrupts import STOP
+
     quiet_libraries()
+    STOP.install()
+    for command in app.registered_commands:
+        command.callback = interruptible(command.callback)
     try:
         app()
     except FtError as exc:
         for line in str(exc).splitlines():
             err_console.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; resume with `ftcluster train JOB --resume` if checkpoints were written")
-        sys.exit(130)
+    except Exception as exc:
+        if storage_errno(exc) is None:
+            raise
+        err_console.print(f"[red]error:[/] {io_error_line(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,31 @@
 """User-facing errors: the CLI prints their message (one line per problem) and exits 2."""
 
+import errno
+import os
+import re
+
+# Errors of the machine rather than the program (full disk, read-only or failing storage): one line, exit 2.
+IO_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of a storage failure: an OSError's, or the "(os error N)" that Rust libraries such as
+    safetensors put in their messages; None for anything else."""
+    if isinstance(exc, OSError):
+        number = exc.errno
+    else:
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        number = int(found.group(1)) if found else None
+    return number if number in IO_ERRNOS else None
+
+
+def io_error_line(exc: BaseException) -> str:
+    """One line for a storage error, naming the file where known."""
+    number = storage_errno(exc)
+    filename = getattr(exc, "filename", None)
+    where = f"{filename}: " if filename else ""
+    return f"{where}{os.strerror(number) if number else exc}; free space or fix the storage, then resume with --resume"
+
 
 def first_line(exc: BaseException) -> str:
     """An exception's first line (at most 200 characters), for one-line error messages."""

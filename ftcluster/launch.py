@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ftcluster.engine.context import WorkerContext, ray_context
 from ftcluster.engine.loop import train
-from ftcluster.errors import FtError
+from ftcluster.errors import FtError, io_error_line, storage_errno
+from ftcluster.interrupts import STOP
 from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.models.load import ALIASES
 from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
@@ -75,6 +77,8 @@ def user_error_in(exc: BaseException) -> FtError | None:
         seen.add(id(current))
         if isinstance(current, FtError):
             return current
+        if storage_errno(current) is not None:
+            return FtError(io_error_line(current))
         pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
         pending += list(getattr(current, "worker_failures", {}).values())
     return None
@@ -98,7 +102,9 @@ def forwarded_env() -> dict | None:
 def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = None, verbose: bool = True):
     """A TorchTrainer running the loop on `scaling.num_workers` workers (`spec` with absolute paths)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from ftcluster.ray_loopback import torch_config
 
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker}
@@ -107,7 +113,7 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume, "verbose": verbose},
-        torch_config=TorchConfig(timeout_s=spec.distributed.timeout_s),
+        torch_config=torch_config(spec.distributed.timeout_s),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -142,10 +148,42 @@ def prune_ray_storage(spec: JobSpec, keep: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def fit_interruptibly(trainer) -> None:
+    """``trainer.fit()``, ended by Ctrl+C or SIGTERM with ftcluster's one-line handling.
+
+    In the main thread Ray Train installs its own SIGINT handler (it aborts the run and exits 1);
+    running fit in a helper thread keeps ours. On a signal, every Ray process this driver started
+    (or its run on a cluster) is shut down before `Interrupted` reaches the CLI.
+    """
+    import ray
+
+    if threading.current_thread() is not threading.main_thread():
+        trainer.fit()  # a sweep trial: its Tune actor handles stopping
+        return
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        ray.shutdown()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def fit(trainer, spec: JobSpec) -> dict[str, Any]:
     """Run the trainer; a user error on a worker comes back as that one-line error."""
     try:
-        trainer.fit()
+        fit_interruptibly(trainer)
     except Exception as exc:
         user_error = user_error_in(exc)
         if user_error is not None:
@@ -159,6 +197,7 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
     # Ray Train polls workers every 2 s by default, which makes every report wait that long.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     init_ray(address)
+    STOP.install()  # after Ray's own handlers: Ctrl+C and SIGTERM end the run in one line
     spec = absolute_paths(spec)
     check_cluster_capacity(spec)
     trainer = make_trainer(spec, resume)

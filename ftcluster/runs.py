@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +31,93 @@ from ftcluster.layout import (
 )
 from ftcluster.spec import JobSpec, dump_spec, load_spec
 
+# A run that replaces an earlier one (output.overwrite) parks the earlier run's files here until it
+# completes; a failed replacement puts them back and keeps its own attempt in OUTPUT/failed.
+PREVIOUS = ".previous"
+FAILED = "failed"
+RUN_FILES = (RUN_SPEC, SUMMARY, EVAL_BEFORE, EVAL_AFTER, METRICS, FINAL, CHECKPOINTS)
 
-def check_output(spec: JobSpec, resume: bool) -> Path:
-    """Check (without writing) that the run folder may be used.
+
+def check_output(spec: JobSpec, resume: bool, force: bool = False) -> Path:
+    """Check that the run folder may be used (it is created, and probed for writing, if need be).
 
     A fresh run never writes over a folder that holds another run's results or checkpoints,
-    unless ``output.overwrite`` is set.
+    unless ``output.overwrite`` is set; ``--resume`` of a finished run needs ``force``.
     """
     out = spec.output_dir
+    _check_writable(out)
     if resume:
         if latest_checkpoint(out / CHECKPOINTS) is None:
             raise FtError(f"--resume: {out}/checkpoints has no complete checkpoint to resume from")
+        summary = out / SUMMARY
+        if summary.is_file() and not force:
+            done = json.loads(summary.read_text())
+            wanted = spec.training.max_steps
+            if wanted is None or wanted <= done.get("steps", 0):
+                raise FtError(f"--resume: {out} holds a finished run ({done.get('steps')} steps, "
+                              f"{done.get('stop_reason')}); raise training.max_steps to train further, "
+                              "or add --force to retrain from its last checkpoint")
     elif not spec.output.overwrite and ((out / SUMMARY).exists() or (out / CHECKPOINTS).exists()):
         raise FtError(
             f"output.dir: {out} already holds a run; use --resume to continue it, "
             f"output.overwrite=true to replace it, or another output.dir"
         )
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """output.dir must be a folder this process can write: one line instead of a traceback later."""
+    if out.exists() and not out.is_dir():
+        raise FtError(f"output.dir: {out} is a file, not a folder; choose another output.dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise FtError(f"output.dir: cannot write in {out} ({exc.strerror}); choose a writable output.dir") from None
+
+
+@contextlib.contextmanager
+def replacing_earlier_run(spec: JobSpec, resume: bool) -> Iterator[None]:
+    """Run a launch that may replace an earlier run (output.overwrite) without losing it if the new one fails.
+
+    The earlier run's files move to OUTPUT/.previous; they are dropped once the new run completes,
+    and put back (the failed attempt moving to OUTPUT/failed) if it ends with an error. An interrupt
+    leaves the new attempt in place for --resume.
+    """
+    out = spec.output_dir
+    previous = out / PREVIOUS
+    if resume or not spec.output.overwrite:
+        yield
+        return
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if present and not previous.exists():  # (if it exists, the folder holds an unfinished replacement)
+        previous.mkdir()
+        for name in present:
+            os.replace(out / name, previous / name)
+    try:
+        yield
+    except Exception as exc:
+        if not previous.exists():
+            raise
+        _put_back(out, previous)
+        if not isinstance(exc, FtError):
+            raise
+        raise type(exc)(f"{exc} (the earlier run in {out} is kept as it was; this attempt is in {out / FAILED})") from None
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _put_back(out: Path, previous: Path) -> None:
+    failed = out / FAILED
+    shutil.rmtree(failed, ignore_errors=True)
+    failed.mkdir()
+    for name in RUN_FILES:
+        if (out / name).exists():
+            os.replace(out / name, failed / name)
+    for item in previous.iterdir():
+        os.replace(item, out / item.name)
+    previous.rmdir()
 
 
 def start_output(spec: JobSpec, resume: bool) -> Path:
@@ -85,7 +158,18 @@ def final_weights(run: Path) -> tuple[Path, bool]:
     """The fine-tuned weights folder and whether it is a PEFT adapter."""
     adapter, model = run / FINAL / "adapter", run / FINAL / "model"
     if adapter.is_dir():
+        _require_weights(adapter, "adapter_config.json", "adapter_model.safetensors")
         return adapter, True
     if model.is_dir():
+        _require_weights(model, "config.json", "model.safetensors")
         return model, False
     raise FtError(f"{run}/final: no adapter/ or model/ folder; the run did not save its weights")
+
+
+def _require_weights(folder: Path, config: str, weights: str) -> None:
+    """A weights folder with its files missing is an error here, not a hub lookup of the folder's name."""
+    has_weights = (folder / weights).is_file() or any(folder.glob(weights.replace(".safetensors", "*.safetensors")))
+    for name, present in ((config, (folder / config).is_file()), (weights, has_weights)):
+        if not present:
+            raise FtError(f"{folder}: {name} is missing; the run's weights are incomplete "
+                          f"(re-run it, or export a checkpoint with --checkpoint)")

@@ -16,9 +16,10 @@ from ftcluster.errors import SpecError
 
 
 class Section(BaseModel):
-    """Base for every spec section: unknown keys are errors, values are checked on assignment."""
+    """Base for every spec section: unknown keys are errors, values are checked on assignment, and
+    numbers must be finite (``training.lr=inf`` would train to NaN weights)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -211,6 +212,15 @@ class TrainingSpec(Section):
         0, ge=0, description="Restart the worker group this many times after a worker dies, resuming from the "
         "latest checkpoint (set checkpoint_every)."
     )
+    checkpoint_on_preempt: bool = Field(
+        True, description="On Ctrl+C or SIGTERM (pod eviction, spot reclaim), finish the step in flight and save a "
+        "checkpoint before exiting, so --resume loses at most that step.",
+    )
+    skip_nonfinite_steps: int = Field(
+        0, ge=0,
+        description="A step whose loss or gradient norm is NaN/inf stops training as diverged; allow this many such "
+        "steps to be skipped (no update) first, as fp16 recipes do. The count is logged. Example: 3",
+    )
 
 
 class GenerationEvalSpec(Section):
@@ -399,6 +409,9 @@ class JobSpec(Section):
             clashes = contradictions(generated_config(self, explicit), self.distributed.deepspeed_overrides)
             if clashes:
                 raise ValueError("distributed.deepspeed_overrides: " + "; ".join(clashes))
+        if self.training.skip_nonfinite_steps and self.distributed.backend == "deepspeed":
+            raise ValueError("training.skip_nonfinite_steps needs backend ddp (DeepSpeed updates inside backward; "
+                             "under fp16 it skips overflowing steps itself)")
         if self.training.max_failures and not self.training.checkpoint_every:
             raise ValueError("training.max_failures needs training.checkpoint_every (restarts resume from a checkpoint)")
         if self.eval.forgetting is not None and (self.model.task != "causal_lm" or not self.eval.before_after):

@@ -1,5 +1,6 @@
 """Under Ray Train (embedded local Ray): the same loop, on loopback only, same losses as --no-ray."""
 
+import contextlib
 
 import pytest
 from conftest import read_metrics, train_losses
@@ -24,6 +25,41 @@ def test_local_ray_listens_on_loopback_only(local_ray):
 
     dashboard = global_worker.node.address_info.get("webui_url") or ""
     assert dashboard == "" or dashboard.startswith("127.0.0.1:")
+
+
+def test_no_socket_of_a_local_run_listens_beyond_loopback(local_ray, make_job):
+    """Every listening socket of this process tree during a 2-worker run (Ray's services, the
+    workers' torch store and gloo) is bound to loopback; torch's default store binds *:PORT."""
+    import threading
+    import time
+
+    import psutil
+
+    from ftcluster.launch import run_with_ray
+    from ftcluster.spec import load_spec
+
+    seen: set[tuple[str, str]] = set()
+    running = True
+
+    def watch() -> None:
+        me = psutil.Process()
+        while running:
+            tree = {me.pid} | {child.pid for child in me.children(recursive=True)}
+            for conn in psutil.net_connections("inet"):
+                if conn.status == psutil.CONN_LISTEN and conn.pid in tree:
+                    with contextlib.suppress(psutil.Error):
+                        seen.add((conn.laddr.ip, psutil.Process(conn.pid).name()))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_with_ray(load_spec(make_job("sockets", training={"max_steps": 8}, scaling={"num_workers": 2, "cpus_per_worker": 0.5})))
+    finally:
+        running = False
+        watcher.join()
+    assert any("RayTrainWorker" in name or "_join_group" in name for _, name in seen), seen  # the workers were seen
+    assert {ip for ip, _ in seen} <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, seen
 
 
 def test_train_under_ray_matches_in_process(local_ray, make_job, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,20 +46,32 @@ def rows_from_records(records: Iterable[Any], name: str = "<python>") -> list[Ro
 
 
 def _read_jsonl(path: Path) -> Iterable[Row]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            # A broken line is a bad row, not a broken file: the caller decides skip/fail.
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield Row(f"{path}:{number}", _Unparsable(f"invalid UTF-8 at byte {exc.start} of the line"))
+                continue
             if not line.strip():
                 continue
             try:
                 yield Row(f"{path}:{number}", json.loads(line))
             except json.JSONDecodeError as exc:
-                # A broken line is a bad row, not a broken file: the caller decides skip/fail.
                 yield Row(f"{path}:{number}", _Unparsable(f"invalid JSON: {exc.msg}"))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); is it the right file?") from None
 
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -69,12 +82,14 @@ def _read_json(path: Path) -> list[Row]:
 
 
 def _read_csv(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise DataError(f"{path}: empty CSV file (no header row)")
-        # Line 1 is the header, so data rows start at line 2.
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    if not reader.fieldnames:
+        raise DataError(f"{path}: empty CSV file (no header row)")
+    # Line 1 is the header, so data rows start at line 2.
+    try:
         return [Row(f"{path}:{reader.line_num}", dict(record)) for record in reader]
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({exc})") from None
 
 
 def _read_parquet(path: Path) -> list[Row]:

@@ -1,7 +1,8 @@
 """How one optimizer step is executed: plain / DDP (torch) or DeepSpeed ZeRO.
 
 The loop calls the same four things on either: `forward_model` for the forward pass,
-`micro_context(last)` around each micro batch, `backward(loss)`, then `step()` once per step.
+`micro_context(last)` around each micro batch, `backward(loss)`, then `clip_gradients()` and `step()`
+(or `skip()` for a non-finite step) once per step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class TorchStepper:
                 gradient_as_bucket_view=True,
             )
         # fp16 needs loss scaling against gradient underflow; otherwise this is a pass-through.
+        self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def micro_context(self, last: bool):
@@ -42,14 +44,26 @@ class TorchStepper:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
+    def clip_gradients(self) -> torch.Tensor | None:
+        """Clip (when max_grad_norm is set) and return the gradient norm for the divergence check; None
+        under fp16, where an infinite norm is the loss scaler's business (it skips that update)."""
+        if self.max_grad_norm is None:
+            return None
+        self.scaler.unscale_(self.optimizer)
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
+        return None if self.scaler.is_enabled() else norm
+
     def step(self) -> None:
-        if self.max_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self) -> None:
+        """Drop this step's gradients without updating (a non-finite step under skip_nonfinite_steps)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():  # back off as after an overflow, with a fresh per-step state
+            self.scaler = torch.amp.GradScaler(self.device_type, init_scale=self.scaler.get_scale() / 2)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """None: the module's own state dict is complete on every worker."""
@@ -78,8 +92,14 @@ class DeepSpeedStepper:
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
 
+    def clip_gradients(self) -> None:
+        return None  # the engine clips inside its own step
+
     def step(self) -> None:
         pass
+
+    def skip(self) -> None:
+        raise AssertionError("DeepSpeed cannot skip a step it has taken (spec validation forbids skip_nonfinite_steps)")
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Under ZeRO-3 each worker holds a shard: gather a full state dict (collective; full on rank 0)."""

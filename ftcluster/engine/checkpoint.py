@@ -19,10 +19,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftcluster.atomic import write_text_atomic
+from ftcluster.atomic import fsync_directory, fsync_tree, write_text_atomic
 
 LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's ZeRO shards
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of a step's checkpoint: step-0000120."""
+    return f"step-{step:07d}"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -98,8 +103,8 @@ def save_checkpoint(
     sharded format) into the staging folder; the main worker adds the trainer state and moves it
     into place.
     """
-    final = root / f"step-{step:07d}"
-    staging = root / f".tmp-step-{step:07d}"
+    final = root / checkpoint_name(step)
+    staging = root / f".tmp-{checkpoint_name(step)}"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -126,9 +131,11 @@ def save_checkpoint(
                 "rng": rng_meta,
             }
             (staging / "trainer_state.json").write_text(json.dumps(meta, default=_jsonable))
+            fsync_tree(staging)  # the files are on disk before any name points at them
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
+            fsync_directory(root)
     except BaseException:
         if is_main:
             shutil.rmtree(staging, ignore_errors=True)

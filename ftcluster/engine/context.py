@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftcluster.engine.checkpoint import checkpoint_name
 from ftcluster.errors import FtError
 
 # Testing hooks for fault tolerance, "RANK:STEP": that worker dies abruptly after that step
@@ -123,7 +124,7 @@ def restore_checkpoint(checkpoint, checkpoint_root: Path, replace: bool = False)
         return None
     with checkpoint.as_directory() as local:
         step = json.loads((Path(local) / "trainer_state.json").read_text())["step"]
-        target = checkpoint_root / f"step-{step:07d}"
+        target = checkpoint_root / checkpoint_name(step)
         if replace and target.exists():
             shutil.rmtree(target)
         if not (target / "trainer_state.json").is_file():
@@ -132,6 +133,8 @@ def restore_checkpoint(checkpoint, checkpoint_root: Path, replace: bool = False)
             shutil.copytree(local, staging, dirs_exist_ok=True)
             try:
                 os.replace(staging, target)
-            except OSError:  # another worker on this node restored it first
+            except OSError:  # another worker on this node restored it first (checked below)
                 shutil.rmtree(staging, ignore_errors=True)
+    if not (target / "trainer_state.json").is_file():
+        raise FtError(f"restoring the checkpoint of step {step} into {target} failed; the folder is incomplete")
     return target

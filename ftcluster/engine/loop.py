@@ -26,12 +26,14 @@ from ftcluster.data.batches import StepOrder
 from ftcluster.data.render import Renderer
 from ftcluster.engine.backends import DeepSpeedStepper, TorchStepper, zero3_init_context
 from ftcluster.engine.checkpoint import (
+    checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from ftcluster.engine.context import WorkerContext
 from ftcluster.engine.ds_config import deepspeed_config
+from ftcluster.engine.health import DivergedError, DivergenceGuard, check_weights_finite
 from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
 from ftcluster.engine.objectives import make_objective
 from ftcluster.engine.optim import build_optimizer, keep_spec_learning_rates, lr_lambda, param_groups
@@ -42,6 +44,7 @@ from ftcluster.evaluate import base_model_view, few_shot_baseline, run_eval, sca
 from ftcluster.forgetting import general_items
 from ftcluster.forgetting import message as forgetting_message
 from ftcluster.forgetting import verdict as forgetting_verdict
+from ftcluster.interrupts import STOP
 from ftcluster.layout import (
     CHECKPOINTS,
     EVAL_AFTER,
@@ -153,17 +156,35 @@ def save_final_model(model, tokenizer, out_dir: Path, is_peft: bool, label_names
     return final
 
 
-def train(
+def train(spec: JobSpec, ctx: WorkerContext | None = None, **options: Any) -> dict[str, Any]:
+    """Fine-tune as the spec says; returns the run summary (also written to OUTPUT/summary.json).
+
+    A run that diverges ends with a DivergedError naming its last good checkpoint; nothing from
+    the diverged model is saved as a result.
+    """
+    ctx = ctx or WorkerContext()
+    try:
+        return _train(spec, ctx, **options)
+    except DivergedError as exc:
+        checkpoint = latest_checkpoint(spec.output_dir.resolve() / CHECKPOINTS)
+        MetricsLog(spec.output_dir.resolve() / METRICS, ctx.is_main, None).write(
+            {"time": time.time(), "stop_reason": str(exc).split(":")[0].removeprefix("training ")})
+        where = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written before it"
+        raise DivergedError(
+            f"{exc}; no final weights were saved ({where}). Lower training.lr (now {spec.training.lr:g}) or set "
+            "training.max_grad_norm, then resume with --resume, or allow training.skip_nonfinite_steps"
+        ) from None
+
+
+def _train(
     spec: JobSpec,
-    ctx: WorkerContext | None = None,
+    ctx: WorkerContext,
     *,
     resume: bool = False,
     train_records=None,
     val_records=None,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune as the spec says; returns the run summary (also written to OUTPUT/summary.json)."""
-    ctx = ctx or WorkerContext()
     main = ctx.is_main
     say = print if (verbose and main) else (lambda *a, **k: None)
     out_dir = spec.output_dir.resolve()
@@ -302,6 +323,7 @@ def train(
     stopper = EarlyStopper(spec.eval.metric, spec.eval.mode, spec.eval.early_stopping_patience,
                            state.get("stopper"), spec.eval.min_delta)
     overfit = OverfitDetector(spec.eval.overfit_evals, state.get("overfit"))
+    guard = DivergenceGuard(cfg.skip_nonfinite_steps, state.get("skipped_nonfinite_steps", 0))
     tokens_seen = state.get("tokens_seen", 0)
     train_seconds = state.get("train_seconds", 0.0)
     progress = Progress(total_steps, start_step, enabled=verbose and main)
@@ -315,108 +337,131 @@ def train(
     stop_reason = "completed"
     timeout = spec.distributed.timeout_s
     step = start_step
-    while step < total_steps:
-        if schedule is not None and schedule.apply(step):
-            progress.message(f"step {step}: unfroze block group {schedule.current} "
-                             f"({count_params(trained_model).trainable:,} trainable)")
-        micro = [objective.collate([bundle.train[i] for i in ids], pad_id) for ids in order.micro_batches(step, ctx.rank)]
-        # Count on the host before the copy: counting device tensors would wait for the GPU every step.
-        step_targets = sum(objective.count(b) for b in micro)
-        window_tokens += sum(tokens_in(b) for b in micro)
-        micro = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in micro]
-        targets = torch.tensor(float(step_targets), device=device)
-        if ctx.world_size > 1:
-            with ctx.collective("all_reduce of the step's target count", step + 1, timeout):
-                torch.distributed.all_reduce(targets)
-        step_loss = torch.zeros((), device=device)
-        for index, batch in enumerate(micro):
-            with stepper.micro_context(last=index == len(micro) - 1):
-                with autocast():
-                    loss = objective.loss_sum(model, batch) / targets
-                # Workers' gradients are averaged; scale so the step sees the global sum / targets.
-                with ctx.collective("gradient all-reduce (backward)", step + 1, timeout):
-                    stepper.backward(loss * ctx.world_size)
-            step_loss += loss.detach() * ctx.world_size
-        with ctx.collective("optimizer step", step + 1, timeout):
-            stepper.step()
-        scheduler.step()
-        step += 1
-        window_loss += step_loss
-        window_steps += 1
 
-        if step % cfg.log_every == 0 or step == total_steps:
+    def checkpoint(at_step: int) -> Path:
+        check_weights_finite(trained_model, at_step, device, ctx.world_size)  # never checkpoint a diverged model
+        latest = latest_checkpoint(checkpoint_root)
+        if latest is not None and latest.name == checkpoint_name(at_step):
+            return latest
+        trainer_state = {
+            "skipped_nonfinite_steps": guard.skipped,
+            "tokens_seen": tokens_seen,
+            "train_seconds": train_seconds,
+            "stopper": stopper.state(),
+            "overfit": overfit.state(),
+        }
+        return save_checkpoint(checkpoint_root, at_step, trained_model, optimizer, scheduler, trainer_state,
+                               cfg.keep_checkpoints, engine=stepper.engine, is_main=main, barrier=ctx.barrier)
+
+    with STOP.at_step_boundaries():  # a signal waits for the step in flight, then checkpoints
+        while step < total_steps:
+            if schedule is not None and schedule.apply(step):
+                progress.message(f"step {step}: unfroze block group {schedule.current} "
+                                 f"({count_params(trained_model).trainable:,} trainable)")
+            micro = [objective.collate([bundle.train[i] for i in ids], pad_id) for ids in order.micro_batches(step, ctx.rank)]
+            # Count on the host before the copy: counting device tensors would wait for the GPU every step.
+            step_targets = sum(objective.count(b) for b in micro)
+            window_tokens += sum(tokens_in(b) for b in micro)
+            micro = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in micro]
+            targets = torch.tensor(float(step_targets), device=device)
             if ctx.world_size > 1:
-                with ctx.collective("all_reduce of the logged loss", step, timeout):
-                    torch.distributed.all_reduce(window_loss)
-                window_loss /= ctx.world_size
-            elapsed = time.perf_counter() - window_start
-            train_seconds += elapsed
-            tokens_seen += window_tokens * ctx.world_size
-            train_loss = float(window_loss) / window_steps
-            tokens_per_s = window_tokens * ctx.world_size / elapsed
-            record = {
-                "step": step,
-                "time": time.time(),
-                "epoch": round(order.epoch_of(step), 4),
-                "train_loss": train_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_per_s,
-                "tokens_per_s_per_worker": tokens_per_s / ctx.world_size,
-                "samples_per_s": window_steps * order.per_step / elapsed,
-                "step_time_s": elapsed / window_steps,
-                "tokens": tokens_seen,
-                "peak_memory_mb": peak_memory_mb(device),
-                "mfu": model_flops_utilization(tokens_per_s, flops.total, device_flops, ctx.world_size),
-                **run_cost(train_seconds, devices, kind, spec.cost),
-            }
-            log.write(record)
-            tracker.log(record)
-            progress.update(step, record)
-            progress_fields = {k: record[k] for k in ("tokens", "gpu_hours", "cpu_core_hours", "cost_usd")}
-            progress_fields["train_seconds"] = train_seconds
-            since_eval_loss += train_loss * window_steps
-            since_eval_steps += window_steps
-            window_loss.zero_()
-            window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                with ctx.collective("all_reduce of the step's target count", step + 1, timeout):
+                    torch.distributed.all_reduce(targets)
+            step_loss = torch.zeros((), device=device)
+            for index, batch in enumerate(micro):
+                with stepper.micro_context(last=index == len(micro) - 1):
+                    with autocast():
+                        loss = objective.loss_sum(model, batch) / targets
+                    # Workers' gradients are averaged; scale so the step sees the global sum / targets.
+                    with ctx.collective("gradient all-reduce (backward)", step + 1, timeout):
+                        stepper.backward(loss * ctx.world_size)
+                step_loss += loss.detach() * ctx.world_size
+            grad_norm = stepper.clip_gradients()
+            with ctx.collective("divergence check", step + 1, timeout):
+                skip = guard.should_skip(step + 1, step_loss, grad_norm, ctx.world_size)
+            if skip:
+                stepper.skip()
+                step_loss.zero_()
+                progress.message(f"step {step + 1}: non-finite loss or gradients, update skipped "
+                                 f"({guard.skipped} of training.skip_nonfinite_steps={guard.allowed_skips})")
+            else:
+                with ctx.collective("optimizer step", step + 1, timeout):
+                    stepper.step()
+            scheduler.step()
+            step += 1
+            window_loss += step_loss
+            window_steps += 1
 
-        at_eval = spec.eval.every is not None and step % spec.eval.every == 0 and step < total_steps
-        if at_eval:
-            scores = scalar_metrics(evaluate(generation=False))
-            train_avg = since_eval_loss / max(since_eval_steps, 1)
-            since_eval_loss, since_eval_steps = 0.0, 0
-            diverging = overfit.update(train_avg, scores.get("val_loss"))
-            improved = stopper.update(scores, step)
-            record = {"step": step, "time": time.time(), **scores, "overfitting": int(diverging)}
-            latest_scores = scores
-            log.write(record)
-            tracker.log(record)
-            ctx.report({**progress_fields, **record})
-            progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-                             + (" (best)" if improved else "") + (" [overfitting]" if diverging else ""))
-            if stopper.should_stop:
-                stop_reason = f"early stopping: no {spec.eval.metric} improvement in {stopper.patience} evaluations"
-            elif diverging and spec.eval.stop_on_overfit:
-                stop_reason = "overfitting: validation loss rising while training loss falls"
-            window_start = time.perf_counter()  # evaluation time is not training time
+            if step % cfg.log_every == 0 or step == total_steps:
+                if ctx.world_size > 1:
+                    with ctx.collective("all_reduce of the logged loss", step, timeout):
+                        torch.distributed.all_reduce(window_loss)
+                    window_loss /= ctx.world_size
+                elapsed = time.perf_counter() - window_start
+                train_seconds += elapsed
+                tokens_seen += window_tokens * ctx.world_size
+                train_loss = float(window_loss) / window_steps
+                tokens_per_s = window_tokens * ctx.world_size / elapsed
+                record = {
+                    "step": step,
+                    "time": time.time(),
+                    "epoch": round(order.epoch_of(step), 4),
+                    "train_loss": train_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_per_s,
+                    "tokens_per_s_per_worker": tokens_per_s / ctx.world_size,
+                    "samples_per_s": window_steps * order.per_step / elapsed,
+                    "step_time_s": elapsed / window_steps,
+                    "tokens": tokens_seen,
+                    "peak_memory_mb": peak_memory_mb(device),
+                    "mfu": model_flops_utilization(tokens_per_s, flops.total, device_flops, ctx.world_size),
+                    "skipped_nonfinite_steps": guard.skipped,
+                    **run_cost(train_seconds, devices, kind, spec.cost),
+                }
+                log.write(record)
+                tracker.log(record)
+                progress.update(step, record)
+                progress_fields = {k: record[k] for k in ("tokens", "gpu_hours", "cpu_core_hours", "cost_usd")}
+                progress_fields["train_seconds"] = train_seconds
+                since_eval_loss += train_loss * window_steps
+                since_eval_steps += window_steps
+                window_loss.zero_()
+                window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
 
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-            trainer_state = {
-                "tokens_seen": tokens_seen,
-                "train_seconds": train_seconds,
-                "stopper": stopper.state(),
-                "overfit": overfit.state(),
-            }
-            saved = save_checkpoint(checkpoint_root, step, trained_model, optimizer, scheduler, trainer_state,
-                                    cfg.keep_checkpoints, engine=stepper.engine, is_main=main, barrier=ctx.barrier)
-            ctx.report({**progress_fields, **latest_scores, "step": step}, saved if main else None)
-            window_start = time.perf_counter()
-        ctx.maybe_fail(step)
-        if stop_reason != "completed":
-            progress.message(f"Stopping at step {step}: {stop_reason}")
-            break
+            at_eval = spec.eval.every is not None and step % spec.eval.every == 0 and step < total_steps
+            if at_eval:
+                scores = scalar_metrics(evaluate(generation=False))
+                train_avg = since_eval_loss / max(since_eval_steps, 1)
+                since_eval_loss, since_eval_steps = 0.0, 0
+                diverging = overfit.update(train_avg, scores.get("val_loss"))
+                improved = stopper.update(scores, step)
+                record = {"step": step, "time": time.time(), **scores, "overfitting": int(diverging)}
+                latest_scores = scores
+                log.write(record)
+                tracker.log(record)
+                ctx.report({**progress_fields, **record})
+                progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                                 + (" (best)" if improved else "") + (" [overfitting]" if diverging else ""))
+                if stopper.should_stop:
+                    stop_reason = f"early stopping: no {spec.eval.metric} improvement in {stopper.patience} evaluations"
+                elif diverging and spec.eval.stop_on_overfit:
+                    stop_reason = "overfitting: validation loss rising while training loss falls"
+                window_start = time.perf_counter()  # evaluation time is not training time
+
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                saved = checkpoint(step)
+                ctx.report({**progress_fields, **latest_scores, "step": step}, saved if main else None)
+                window_start = time.perf_counter()
+            ctx.maybe_fail(step)
+            STOP.raise_if_requested(step, lambda: checkpoint(step) if cfg.checkpoint_on_preempt
+                                    else latest_checkpoint(checkpoint_root))
+            if stop_reason != "completed":
+                progress.message(f"Stopping at step {step}: {stop_reason}")
+                break
     progress.close()
 
     # --- wrap-up ------------------------------------------------------------------------------
+    check_weights_finite(trained_model, step, device, ctx.world_size)  # never save a diverged model as the result
     after = evaluate()
     final_scores = scalar_metrics(after)
     if main:
@@ -470,6 +515,7 @@ def train(
     # Kept in the summary so a sweep can replay it if Tune never saw it (interrupted right after).
     final_report = {**progress_fields, "step": step, **final_scores, "completed": 1}
     summary["final_report"] = final_report
+    summary["skipped_nonfinite_steps"] = guard.skipped
     full_state = stepper.full_state_dict()  # collective under ZeRO-3
     if main:
         final = save_final_model(trained_model, tokenizer, out_dir, is_peft, bundle.label_names, full_state)

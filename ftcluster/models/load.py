@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftcluster.atomic import atomic_directory
-from ftcluster.errors import ModelError
+from ftcluster.errors import ModelError, first_line
 
 # Short names for models that install offline from PyPI.
 ALIASES: dict[str, tuple[str, str]] = {
@@ -95,7 +95,11 @@ def convert_gguf(gguf_path: Path) -> Path:
     with (target.parent / f".{target.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").is_file():
-            _convert(gguf_path, target)
+            try:
+                _convert(gguf_path, target)
+            except Exception as exc:  # the gguf reader raises many kinds of errors on a damaged file
+                raise ModelError(f"model.path: {gguf_path} is not a readable GGUF file ({first_line(exc)}); "
+                                 "is it truncated? download it again") from None
     return target
 
 
@@ -129,7 +133,10 @@ def torch_dtype(name: str, device_type: str):
 def load_tokenizer(resolved: ResolvedModel, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolved.source, revision=revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.source, revision=revision)
+    except Exception as exc:  # corrupt config/tokenizer files surface as JSON, OS or value errors
+        raise ModelError(f"model.path: cannot load the tokenizer of {resolved.source}: {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -193,11 +200,15 @@ def load_pretrained(
         return auto_class.from_pretrained(resolved.source, **kwargs)
     except OSError as exc:
         where = "hub id (are you online?)" if not resolved.local else "folder"
-        raise ModelError(f"model.path: cannot load {where} {resolved.source}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"model.path: cannot load {where} {resolved.source}: {first_line(exc)}") from None
     except (ImportError, RuntimeError, ValueError) as exc:
-        if quantization_config is None:
+        if "out of memory" in str(exc).lower():
             raise
-        raise ModelError(
-            f"method qlora: bitsandbytes cannot load 4-bit weights on this device "
-            f"({str(exc).splitlines()[0]}); use method lora instead"
-        ) from None
+        if quantization_config is not None:
+            raise ModelError(f"method qlora: bitsandbytes cannot load 4-bit weights on this device "
+                             f"({first_line(exc)}); use method lora instead") from None
+        raise ModelError(f"model.path: cannot load {resolved.source} ({first_line(exc)}); "
+                         "a corrupt or truncated config or weights file? download it again") from None
+    except Exception as exc:  # e.g. safetensors' own error type for a truncated file
+        raise ModelError(f"model.path: cannot load {resolved.source} ({first_line(exc)}); "
+                         "a corrupt or truncated weights file? download it again") from None

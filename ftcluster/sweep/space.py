@@ -232,6 +232,21 @@ def trial_spec(space: SearchSpace, base: dict[str, Any], chosen: dict[str, Any])
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+# Every intermediate result stays within this magnitude, so an expression such as 9 ** 9 ** 9 ** 9
+# is refused at once instead of computing a number with billions of digits.
+MAX_MAGNITUDE = 2.0**64
+
+
+def _bounded(operation, left: Any, right: Any) -> Any:
+    """Apply a binary operator to two numbers, refusing huge or non-finite results before they are built."""
+    if not (_is_number(left) and _is_number(right)):
+        raise TypeError(f"operands must be numbers, got {left!r} and {right!r}")
+    if operation is operator.pow and abs(left) > 1 and abs(right) * math.log2(abs(left)) > 64:
+        raise ValueError(f"{left} ** {right} is larger than 2**64")
+    result = operation(left, right)
+    if isinstance(result, complex) or not math.isfinite(result) or abs(result) > MAX_MAGNITUDE:
+        raise ValueError(f"result {result!r} is not a finite number below 2**64")
+    return result
 _FUNCTIONS = {"min": min, "max": max, "int": int, "float": float, "round": round, "sqrt": math.sqrt}
 
 
@@ -272,7 +287,7 @@ def evaluate_expression(text: str, values: dict[str, Any], base: dict[str, Any],
         if name is not None:
             return lookup(name)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            return _BINARY[type(node.op)](walk(node.left), walk(node.right))
+            return _bounded(_BINARY[type(node.op)], walk(node.left), walk(node.right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](walk(node.operand))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS \

@@ -1,0 +1,72 @@
+"""Ctrl+C and SIGTERM (what Kubernetes sends before evicting a pod): stop cleanly, say where to resume.
+
+During the training steps the first signal is a request: the loop finishes the step in flight,
+saves a checkpoint (``training.checkpoint_on_preempt``) and raises `Interrupted`. Anywhere else,
+or on a second signal, `Interrupted` is raised at once. The CLI prints one line and exits with
+128 + the signal number (130 for Ctrl+C, 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop by signal. A KeyboardInterrupt, so libraries that clean up after Ctrl+C do so for SIGTERM too."""
+
+    def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequests:
+    """The process-wide signal state (installed once, in the main thread, by the CLI)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferring = False
+
+    def install(self) -> None:
+        """Route SIGINT and SIGTERM here (again after libraries such as Ray set their own handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in HANDLED:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not (first and self.deferring):
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def at_step_boundaries(self) -> Iterator[None]:
+        """Within this block a first signal waits for the loop to call `raise_if_requested`."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+    def raise_if_requested(self, step: int, save_checkpoint) -> None:
+        """At a step boundary: if a signal came, save a checkpoint (``save_checkpoint()`` → its path or None)
+        and raise `Interrupted`."""
+        if self.signum is None:
+            return
+        self.deferring = False  # a second signal while saving stops at once
+        raise Interrupted(self.signum, step, save_checkpoint())
+
+
+STOP = StopRequests()
