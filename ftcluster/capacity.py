@@ -64,10 +64,12 @@ def capacity_problems(spec: JobSpec, view: ClusterView, driver_cpus: float = 0.0
 def _plan_problems(spec: JobSpec, view: ClusterView) -> list[str]:
     """The planner's estimates against what the cluster reports: the memory of its GPU type,
     and the RAM of its smallest GPU node."""
-    from ftcluster.plan import GB, GPU_MEMORY_GB, plan_job
+    from ftcluster.accelerators import find_accelerator
+    from ftcluster.plan import GB, plan_job
 
     kinds = [key.split(":", 1)[1] for key in view.totals if key.startswith("accelerator_type:")]
-    memory = [GPU_MEMORY_GB[k] for kind in kinds for k in GPU_MEMORY_GB if k in kind]
+    found = [find_accelerator(kind) for kind in kinds]
+    memory = [accelerator.memory_gb for accelerator in found if accelerator is not None]
     node_ram = [node.get("memory", 0) / GB for node in view.nodes if node.get("GPU")]
     if not memory and not node_ram:
         return []

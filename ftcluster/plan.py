@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ftcluster.accelerators import find_accelerator
 from ftcluster.errors import FtError
 from ftcluster.models.methods import apply_method, count_params, full_precision
 from ftcluster.spec import JobSpec
@@ -24,7 +25,6 @@ from ftcluster.track.cost import hourly_price
 from ftcluster.track.flops import flops_per_token, peak_flops_of
 
 GB = 1e9
-GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10G": 24, "A10": 24, "L4": 24, "V100": 32, "T4": 16}
 RUNTIME_GPU_BYTES = 1.5 * GB  # CUDA context, NCCL buffers, allocator slack
 RUNTIME_HOST_BYTES_PER_WORKER = 3 * GB  # Python, torch, Ray worker
 CHECKPOINT_SHARD_BYTES = 5 * GB  # transformers loads one safetensors shard at a time
@@ -291,7 +291,7 @@ def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bo
     gpu = model_state_bytes(setup, facts.total, facts.trainable, facts.largest, precision, facts.quantized, double_quant)
     gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision, chunked_loss_for(spec, setup)))
     gpu["runtime"] = RUNTIME_GPU_BYTES
-    capacity = (spec.scaling.gpu_memory_gb or GPU_MEMORY_GB.get(spec.scaling.gpu_type, 80)) * GB
+    capacity = (spec.scaling.gpu_memory_gb or find_accelerator(spec.scaling.gpu_type).memory_gb) * GB
     peak = peak_flops_of(spec.scaling.gpu_type)
     effective = mfu * OFFLOAD_SPEED[setup.offload]
     hours = tokens[0] * facts.flops_per_token / (effective * peak * setup.world) / 3600 if peak else None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftcluster.errors import SpecError
 
@@ -289,7 +289,19 @@ class ScalingSpec(Section):
         description="Where Ray Train persists reported checkpoints: a local/NFS path or an s3:// / gs:// URI "
         "(multi-node runs need shared storage). None: OUTPUT/ray.",
     )
-    gpu_type: str = Field("H100", description="GPU model the job is planned for (prices, peak FLOPs, memory).")
+    gpu_type: str = Field(
+        "H100", description="GPU model the job is planned for (memory, peak FLOPs, price), by Ray's accelerator "
+        "type name: H200, H100, H100-PCIE, A100-80G, A100-40G, A100, L40S, L4, A10G, ... Example: A100-40G",
+    )
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu(cls, value: str) -> str:
+        from ftcluster.accelerators import find_accelerator, unknown_message
+
+        if find_accelerator(value) is None:
+            raise ValueError(unknown_message(value))
+        return value
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="Memory per GPU for planning; None: from gpu_type (H100 80, A100 80, H200 141, ...)."
     )

@@ -4,31 +4,29 @@ from __future__ import annotations
 
 import torch
 
-# On-demand USD per GPU-hour, rough 2026 cloud list prices; override with cost.gpu_hour_usd.
-DEFAULT_GPU_HOUR_USD: dict[str, float] = {
-    "H200": 3.80, "H100": 2.99, "A100": 1.79, "L40S": 1.20, "A10G": 1.01, "A10": 0.75, "L4": 0.70,
-    "V100": 0.90, "T4": 0.35,
-}
+from ftcluster.accelerators import find_accelerator, normalize
+
 DEFAULT_CPU_CORE_HOUR_USD = 0.04
 
 
 def device_kind(device: torch.device) -> str:
-    """'cpu' or the GPU family in the price table ('H100', ...); 'gpu' when not in the table."""
+    """'cpu', or the GPU's name in the accelerator table ('H100', 'A100-80G', ...); 'gpu' when not in it."""
     if device.type != "cuda":
         return "cpu"
-    name = torch.cuda.get_device_name(device)
-    for kind in sorted(DEFAULT_GPU_HOUR_USD, key=len, reverse=True):
-        if kind in name:
-            return kind
-    return "gpu"
+    accelerator = find_accelerator(torch.cuda.get_device_name(device))
+    return accelerator.name if accelerator else "gpu"
 
 
 def hourly_price(kind: str, cost_spec) -> float | None:
-    """USD per hour of one GPU of that kind, or of one CPU core; None when unknown."""
+    """USD per hour of one GPU of that kind (cost.gpu_hour_usd first, then the table), or of one CPU core;
+    None when unknown."""
     if kind == "cpu":
         return cost_spec.cpu_core_hour_usd
-    table = {**DEFAULT_GPU_HOUR_USD, **cost_spec.gpu_hour_usd}
-    return table.get(kind)
+    accelerator = find_accelerator(kind)
+    for name, price in cost_spec.gpu_hour_usd.items():
+        if normalize(name) == normalize(kind) or (accelerator and find_accelerator(name) == accelerator):
+            return price
+    return accelerator.hour_usd if accelerator else None
 
 
 def run_cost(seconds: float, units: float, kind: str, cost_spec) -> dict[str, float | None]:

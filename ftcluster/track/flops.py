@@ -14,28 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-# Dense (no sparsity) peak TFLOP/s by GPU, for bf16/fp16 tensor-core math. Matched by substring
-# of torch.cuda.get_device_name(); the first match wins, so specific names come first.
-PEAK_TFLOPS: list[tuple[str, float]] = [
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM / NVL
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A10G", 125.0),
-    ("A10", 125.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("RTX 4090", 165.0),
-    ("V100", 125.0),
-    ("T4", 65.0),
-]
+from ftcluster.accelerators import find_accelerator
 
 
 def peak_flops_of(gpu_name: str) -> float | None:
-    """Peak FLOP/s of a GPU by (part of) its name; None when it is not in the table."""
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in gpu_name), None)
+    """Dense bf16 peak FLOP/s of a GPU by name (see ftcluster.accelerators); None when unknown."""
+    accelerator = find_accelerator(gpu_name)
+    return accelerator.peak_tflops * 1e12 if accelerator else None
 
 
 def peak_flops(device: torch.device) -> float | None:
