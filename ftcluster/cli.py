@@ -190,12 +190,12 @@ def interrupted_run(exc: KeyboardInterrupt, out: Path) -> None:
     """One line for a run stopped by Ctrl+C or SIGTERM: the step, the checkpoint, the command that resumes."""
     import shlex
 
-    from ftcluster.engine.checkpoint import latest_checkpoint
     from ftcluster.interrupts import STOP, Interrupted
+    from ftcluster.layout import CHECKPOINTS, latest_checkpoint
 
     signum = exc.signum if isinstance(exc, Interrupted) else (STOP.signum or signal.SIGINT)
     step = exc.step if isinstance(exc, Interrupted) else None
-    checkpoint = (exc.checkpoint if isinstance(exc, Interrupted) else None) or latest_checkpoint(out / "checkpoints")
+    checkpoint = (exc.checkpoint if isinstance(exc, Interrupted) else None) or latest_checkpoint(out / CHECKPOINTS)
     words = [a for a in sys.argv[1:] if a != "--resume"]
     where = f" at step {step}" if step is not None else ""
     if checkpoint is None:

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 from ftcluster.atomic import atomic_directory
-from ftcluster.engine.checkpoint import DEEPSPEED_TAG, latest_checkpoint
+from ftcluster.engine.checkpoint import DEEPSPEED_TAG
 from ftcluster.errors import FtError
-from ftcluster.layout import CHECKPOINTS, FINAL, LABELS
+from ftcluster.layout import CHECKPOINTS, FINAL, LABELS, LATEST, TRAINER_STATE, latest_checkpoint
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 from ftcluster.models.methods import apply_method, full_precision
 from ftcluster.runs import final_weights, load_run, load_run_spec
@@ -65,9 +65,9 @@ def model_from_checkpoint(run: Path, checkpoint: str):
     the checkpoint's trained weights. DeepSpeed ZeRO shards are consolidated into full fp32 tensors."""
     spec = load_run_spec(run)
     path = run / CHECKPOINTS / checkpoint
-    if checkpoint == "latest":
+    if checkpoint == LATEST:
         path = latest_checkpoint(run / CHECKPOINTS)
-    if path is None or not (path / "trainer_state.json").is_file():
+    if path is None or not (path / TRAINER_STATE).is_file():
         raise FtError(f"export --checkpoint: no complete checkpoint {checkpoint!r} in {run / CHECKPOINTS}")
     labels = run / FINAL / LABELS
     base = load_base(spec, labels_file=labels if labels.is_file() else None)

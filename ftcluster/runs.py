@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ftcluster.atomic import write_text_atomic
-from ftcluster.engine.checkpoint import latest_checkpoint
 from ftcluster.errors import FtError
 from ftcluster.layout import (
     CHECKPOINTS,
@@ -28,6 +27,7 @@ from ftcluster.layout import (
     METRICS,
     RUN_SPEC,
     SUMMARY,
+    latest_checkpoint,
 )
 from ftcluster.spec import JobSpec, dump_spec, load_spec
 

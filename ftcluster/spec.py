@@ -415,7 +415,7 @@ class JobSpec(Section):
                 raise ValueError("unfreeze schedules are not supported with backend deepspeed (ZeRO fixes the "
                                  "trainable set at start); use backend ddp")
         if self.distributed.deepspeed_overrides:
-            from ftcluster.engine.ds_config import contradictions, generated_config
+            from ftcluster.ds_config import contradictions, generated_config
 
             explicit = None if self.training.precision == "auto" else self.training.precision
             clashes = contradictions(generated_config(self, explicit), self.distributed.deepspeed_overrides)

@@ -7,10 +7,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ftcluster.engine.progress import format_duration
-
 # Metrics where lower is better (for the arrow in the change column).
 LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _fmt(value: Any) -> str:

@@ -5,6 +5,7 @@ import torch
 
 from ftcluster.engine import checkpoint as ckpt
 from ftcluster.engine.optim import lr_lambda
+from ftcluster.layout import latest_checkpoint
 
 
 def small_setup():
@@ -31,7 +32,7 @@ def test_failed_save_leaves_previous_latest(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_file", crash)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {}, keep=3)
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
+    assert latest_checkpoint(tmp_path).name == "step-0000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000001"]
 
 
@@ -49,7 +50,7 @@ def test_round_trip_and_pruning(tmp_path):
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), fresh, fresh_optimizer, fresh_scheduler)
+    state = ckpt.load_checkpoint(latest_checkpoint(tmp_path), fresh, fresh_optimizer, fresh_scheduler)
     assert state["step"] == 3 and state["tokens_seen"] == 3
     for name, value in fresh.state_dict().items():
         torch.testing.assert_close(value, expected[name])

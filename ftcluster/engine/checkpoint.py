@@ -20,14 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftcluster.atomic import fsync_directory, fsync_tree, write_text_atomic
+from ftcluster.layout import LATEST, TRAINER_STATE, checkpoint_name
 
-LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's ZeRO shards
-
-
-def checkpoint_name(step: int) -> str:
-    """The folder name of a step's checkpoint: step-0000120."""
-    return f"step-{step:07d}"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -130,7 +125,7 @@ def save_checkpoint(
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_meta,
             }
-            (staging / "trainer_state.json").write_text(json.dumps(meta, default=_jsonable))
+            (staging / TRAINER_STATE).write_text(json.dumps(meta, default=_jsonable))
             fsync_tree(staging)  # the files are on disk before any name points at them
             if final.exists():
                 shutil.rmtree(final)
@@ -161,14 +156,6 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    marker = root / LATEST
-    if not marker.is_file():
-        return None
-    path = root / marker.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
-
-
 def load_checkpoint(
     path: Path,
     model: torch.nn.Module,
@@ -177,7 +164,7 @@ def load_checkpoint(
     engine=None,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG; return the trainer state (step, ...)."""
-    meta = json.loads((path / "trainer_state.json").read_text())
+    meta = json.loads((path / TRAINER_STATE).read_text())
     if engine is not None:
         engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
     else:

@@ -7,7 +7,6 @@ torch.distributed, or as a single process (``--no-ray``, benchmarks, tests).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -15,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftcluster.engine.checkpoint import checkpoint_name
 from ftcluster.errors import FtError
+from ftcluster.layout import TRAINER_STATE, checkpoint_name, checkpoint_step
 
 # Testing hooks for fault tolerance, "RANK:STEP": that worker dies abruptly after that step
 # (FAIL_AT, like a machine that goes away) or hangs there (STALL_AT, like a stuck GPU), on a
@@ -123,11 +122,11 @@ def restore_checkpoint(checkpoint, checkpoint_root: Path, replace: bool = False)
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as local:
-        step = json.loads((Path(local) / "trainer_state.json").read_text())["step"]
+        step = checkpoint_step(Path(local))
         target = checkpoint_root / checkpoint_name(step)
         if replace and target.exists():
             shutil.rmtree(target)
-        if not (target / "trainer_state.json").is_file():
+        if not (target / TRAINER_STATE).is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = checkpoint_root / f".restore-{os.getpid()}"
             shutil.copytree(local, staging, dirs_exist_ok=True)
@@ -135,6 +134,6 @@ def restore_checkpoint(checkpoint, checkpoint_root: Path, replace: bool = False)
                 os.replace(staging, target)
             except OSError:  # another worker on this node restored it first (checked below)
                 shutil.rmtree(staging, ignore_errors=True)
-    if not (target / "trainer_state.json").is_file():
+    if not (target / TRAINER_STATE).is_file():
         raise FtError(f"restoring the checkpoint of step {step} into {target} failed; the folder is incomplete")
     return target

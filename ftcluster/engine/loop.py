@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ftcluster.atomic import atomic_directory, write_text_atomic
-from ftcluster.engine.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from ftcluster.engine.checkpoint import load_checkpoint, save_checkpoint
 from ftcluster.engine.context import WorkerContext
 from ftcluster.engine.health import DivergedError, DivergenceGuard, check_weights_finite
 from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
@@ -29,7 +29,18 @@ from ftcluster.errors import FtError
 from ftcluster.evaluate import base_model_view, few_shot_baseline, scalar_metrics
 from ftcluster.forgetting import message as forgetting_message
 from ftcluster.interrupts import STOP
-from ftcluster.layout import CHECKPOINTS, EVAL_AFTER, EVAL_BEFORE, FINAL, LABELS, METRICS, SUMMARY
+from ftcluster.layout import (
+    CHECKPOINTS,
+    EVAL_AFTER,
+    EVAL_BEFORE,
+    FINAL,
+    LABELS,
+    METRICS,
+    SUMMARY,
+    checkpoint_name,
+    checkpoint_step,
+    latest_checkpoint,
+)
 from ftcluster.models.methods import count_params
 from ftcluster.runs import start_output
 from ftcluster.spec import JobSpec
@@ -143,7 +154,7 @@ def resume_from_checkpoint(setup: Setup) -> dict[str, Any]:
     if checkpoint is None:
         raise FtError(f"--resume: no checkpoint in {setup.checkpoint_root}")
     if setup.schedule is not None:
-        setup.schedule.apply(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+        setup.schedule.apply(checkpoint_step(checkpoint))
     spec_lrs = list(setup.scheduler.base_lrs)
     state = load_checkpoint(checkpoint, setup.module, setup.optimizer, setup.scheduler, engine=setup.stepper.engine)
     keep_spec_learning_rates(setup.scheduler, spec_lrs)

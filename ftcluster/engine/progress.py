@@ -6,12 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+from ftcluster.tables import format_duration
 
 
 class Progress:

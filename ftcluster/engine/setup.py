@@ -22,9 +22,9 @@ from rich.console import Console
 from ftcluster.data import build_data
 from ftcluster.data.batches import StepOrder
 from ftcluster.data.render import Renderer
+from ftcluster.ds_config import deepspeed_config
 from ftcluster.engine.backends import DeepSpeedStepper, TorchStepper, zero3_init_context
 from ftcluster.engine.context import WorkerContext
-from ftcluster.engine.ds_config import deepspeed_config
 from ftcluster.engine.objectives import make_objective
 from ftcluster.engine.optim import build_optimizer, lr_lambda, param_groups
 from ftcluster.engine.packing import check_packing_isolation
