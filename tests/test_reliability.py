@@ -291,3 +291,21 @@ def test_ctrl_c_under_ray_is_one_line_and_exit_130(make_job, tmp_path):
     assert TRACEBACK not in stdout + stderr
     ours = [line for line in stderr.splitlines() if line.startswith("interrupted")]
     assert len(ours) == 1 and "(SIGINT)" in ours[0] and "--resume" in ours[0], stderr[-3000:]
+
+
+@pytest.mark.parametrize("logged_steps", [2, 7])
+def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(logged_steps, make_job, cli, tmp_path):
+    """SIGKILL while a checkpoint is written every step: --resume always finds a complete one and
+    finishes with the loss of an uninterrupted run."""
+    training = {"max_steps": 40, "checkpoint_every": 1, "keep_checkpoints": 2}
+    job = make_job("killed", training=training)
+    process = start_cli("train", job, "--no-ray", cwd=tmp_path)
+    out = tmp_path / "runs" / "killed"
+    wait_for_steps(out, logged_steps, process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    resumed = cli("train", job, "--no-ray", "--resume")
+    assert resumed.code == 0 and "Resumed from" in resumed.out, resumed
+    assert cli("train", make_job("unkilled", training=training), "--no-ray").code == 0
+    assert train_losses(out)[-1] == pytest.approx(train_losses(tmp_path / "runs" / "unkilled")[-1], rel=1e-6)
