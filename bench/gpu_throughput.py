@@ -17,6 +17,12 @@ for QLoRA also the planner's weight + adapter + activation estimate.
     .venv/bin/python bench/gpu_throughput.py                          # 1B shapes, all cases
     .venv/bin/python bench/gpu_throughput.py --shape llama-3.1-8b --cases lora,qlora
     .venv/bin/python bench/gpu_throughput.py --smoke                  # CPU, tiny model: CI check
+    .venv/bin/python bench/gpu_throughput.py --profile profile.txt     # + kernel tables of missed targets
+
+Targets (ftcluster runner, full-length mode): LoRA tokens/s >= 1.5x the baseline's, full fine-tune
+MFU >= 50%. With --profile, a case that misses its target (or whose figure is unknown, e.g. MFU on
+CPU) runs a few more steps under torch.profiler and its top-kernels table is appended to the file
+(for LoRA the baseline's table too, taken in the same run, to compare).
 """
 
 from __future__ import annotations
@@ -45,11 +51,13 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False),
 }
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+# method: (row field, target); "ratio" is the ftcluster runner's tokens/s over the baseline's
+TARGETS = {"lora": ("ratio", 1.5), "full": ("mfu", 0.5)}
 
 
 def build_model(shape: str, seq: int, folder: Path, dtype, device, method_name: str, attention: str = "sdpa"):
     """A random-init Llama; QLoRA reloads it from disk through bitsandbytes, as a user would."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ftcluster.models.methods import quantization_config
     from ftcluster.spec import MethodSpec
@@ -57,12 +65,21 @@ def build_model(shape: str, seq: int, folder: Path, dtype, device, method_name: 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 2048), attn_implementation=attention)
     torch.manual_seed(0)
     if method_name != "qlora":
-        return LlamaForCausalLM(config).to(dtype=dtype, device=device)
+        return random_init(config, dtype, device)
     if not (folder / "config.json").exists():
-        LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
+        random_init(config, dtype, device).save_pretrained(folder)
     quant = quantization_config(MethodSpec(name="qlora"), dtype)
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype,
                                                 device_map={"": device}, attn_implementation=attention)
+
+
+def random_init(config, dtype, device):
+    """Random weights made where they will live, in their final dtype (on a GPU: seconds, not a
+    minute of CPU init for a 1B model). Both runners build their model the same way."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def full_length_batches(vocab: int, batch: int, seq: int, count: int) -> list[tuple[dict[str, torch.Tensor], int]]:
@@ -100,7 +117,37 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -> dict:
+def target_check(row: dict, baseline: dict | None) -> dict | None:
+    """Whether the ftcluster runner's row meets its case's target (None: the case has none)."""
+    if row["method"] not in TARGETS or row["runner"] != "ftcluster":
+        return None
+    field, target = TARGETS[row["method"]]
+    value = row["tokens_per_s"] / baseline["tokens_per_s"] if field == "ratio" and baseline else row.get(field)
+    return {"metric": "tokens/s ratio to baseline" if field == "ratio" else field, "value": value, "target": target,
+            "met": None if value is None else value >= target}
+
+
+def profile_table(step, steps: int, device) -> str:
+    """Top kernels (by self device time on a GPU, self CPU time on CPU) over `steps` more steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for index in range(steps):
+            step(index)
+        sync(device)
+    averages = prof.key_averages()
+    for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + (
+            "self_cpu_time_total",):
+        try:
+            return averages.table(sort_by=key, row_limit=25, max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return averages.table(row_limit=25)
+
+
+def run_case(runner: str, method_name: str, args, device, dtype, folder: Path, baseline: dict | None = None,
+             profiles: dict | None = None) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from ftcluster.engine.objectives import SFTObjective
@@ -148,12 +195,8 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -
         data = document_batches(runner, documents(vocab, args.seq, args.documents), args.batch, args.seq)
     autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
     losses = []
-    tokens = 0
-    for index, (host_batch, real_tokens) in enumerate(data):
-        if index == args.warmup:
-            sync(device)
-            started = time.perf_counter()
-        tokens += real_tokens if index >= args.warmup else 0
+
+    def step(host_batch) -> None:
         batch = {k: v.to(device) for k, v in host_batch.items()}
         with autocast:
             loss = loss_of(batch)
@@ -164,8 +207,17 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -
             losses.append(loss.item())  # what a typical loop does every step: a host sync
         else:
             losses.append(loss.detach())
+
+    tokens = 0
+    for index, (host_batch, real_tokens) in enumerate(data):
+        if index == args.warmup:
+            sync(device)
+            started = time.perf_counter()
+        tokens += real_tokens if index >= args.warmup else 0
+        step(host_batch)
     sync(device)
     seconds = time.perf_counter() - started
+    final_loss = float(losses[-1])
     from ftcluster.track.flops import flops_per_token, model_flops_utilization, peak_flops
 
     flops = flops_per_token(model, args.seq).total
@@ -173,8 +225,21 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path) -
         "runner": runner, "method": method_name, "steps": len(data) - args.warmup, "tokens_per_s": tokens / seconds,
         "mfu": model_flops_utilization(tokens / seconds, flops, peak_flops(device), 1),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "final_loss": float(losses[-1]),
+        "final_loss": final_loss,
     }
+    check = target_check(row, baseline) if args.lengths == "full" else None  # targets: full-length mode
+    if check is not None:
+        row["target"] = check
+    if profiles is not None:  # --profile: tables of the cases that miss their target (or cannot tell)
+        title = f"{method_name} / {runner}: {args.profile_steps} steps after the timed ones"
+        again = lambda index: step(data[index % len(data)][0])  # noqa: E731
+        ratio_case = args.lengths == "full" and TARGETS.get(method_name, ("",))[0] == "ratio"
+        if runner == "baseline" and ratio_case:  # kept until ftcluster's row says whether it is needed
+            profiles[(method_name, runner)] = (title, profile_table(again, args.profile_steps, device))
+        if check is not None and not check["met"]:
+            if (method_name, "baseline") in profiles:
+                profiles[(method_name, "baseline")] += ("missed",)  # written beside ours, to compare
+            profiles[(method_name, runner)] = (title, profile_table(again, args.profile_steps, device), "missed")
     return row
 
 
@@ -210,26 +275,39 @@ def main() -> None:
                         help="full: every sequence seq tokens long (pure step speed). documents: variable-length "
                              "documents, padded per batch by the baseline and packed by ftcluster; tokens/s then "
                              "counts real tokens only.")
-    parser.add_argument("--documents", type=int, default=400, help="How many documents with --lengths documents.")
+    parser.add_argument("--documents", type=int, help="How many documents with --lengths documents (400; 24 with "
+                        "--smoke).")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flex_attention", "flash_attention_2"],
                         help="ftcluster runner's attention kernel (the baseline always uses sdpa).")
     parser.add_argument("--smoke", action="store_true", help="Tiny model on CPU, 2 steps: checks the script runs.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument("--profile", type=Path, help="Append torch.profiler top-kernel tables of the cases that miss "
+                        "their target to this file (for LoRA also the baseline's, to compare).")
+    parser.add_argument("--profile-steps", type=int, default=3, help="Steps profiled per case with --profile.")
     args = parser.parse_args()
     if args.smoke:
         args.shape, args.seq, args.batch, args.steps, args.warmup = "tiny", 64, 2, 2, 1
         args.cases = args.cases or "lora,full"
-        args.documents = 24
+        args.documents = args.documents or 24
     args.cases = args.cases or "lora,full,qlora"
+    args.documents = args.documents or 400
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     rows = []
+    profiles: dict | None = {} if args.profile else None
     with tempfile.TemporaryDirectory(prefix="ftcluster-gpu-bench-") as tmp:
         for case in args.cases.split(","):
             for runner in ("baseline", "ftcluster"):
-                rows.append(run_case(runner, case, args, device, dtype, Path(tmp) / "weights"))
+                baseline = rows[-1] if runner == "ftcluster" else None
+                rows.append(run_case(runner, case, args, device, dtype, Path(tmp) / "weights", baseline, profiles))
                 print(json.dumps(rows[-1]), flush=True)
+    profiled = [key for key, value in (profiles or {}).items() if value[-1] == "missed"]
+    if args.profile and profiled:
+        with args.profile.open("a") as handle:
+            handle.write(f"# {name}, {args.shape}, seq {args.seq}, micro batch {args.batch}, lengths {args.lengths}\n")
+            for key in profiled:
+                handle.write(f"\n## {profiles[key][0]}\n{profiles[key][1]}\n")
     print(f"\n{name}, {args.shape}, seq {args.seq}, micro batch {args.batch}, grad ckpt {args.grad_ckpt}, "
           f"lengths {args.lengths}, ftcluster attention {args.attention}\n")
     print("| case | runner | tokens/s | ratio | MFU | peak memory GB |\n|---|---|---|---|---|---|")
@@ -243,8 +321,9 @@ def main() -> None:
     if estimate is not None:
         print(f"\nQLoRA planner estimate: {estimate:.2f} GB per GPU")
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "shape": args.shape, "lengths": args.lengths, "rows": rows,
-                                         "qlora_estimate_gb": estimate}, indent=1))
+        args.json.write_text(json.dumps({"device": name, "shape": args.shape, "seq": args.seq, "batch": args.batch,
+                                         "lengths": args.lengths, "rows": rows, "qlora_estimate_gb": estimate,
+                                         "profiled": [f"{method}/{runner}" for method, runner in profiled]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmarks still run (a tiny smoke run; the real numbers live in bench/RESULTS.md)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,77 @@ def test_llama3_shapes_match_published_sizes():
 
     assert count_params(meta_model(known_shape("meta-llama/Llama-3.2-1B"))).total == 1_235_814_400
     assert count_params(meta_model(known_shape("meta-llama/Llama-3.1-8B"))).total == 8_030_261_248
+
+
+def run_gpu_script(name: str, out, *args: str, timeout: int):
+    """bench/gpu/NAME.sh --smoke ARGS OUT with this interpreter; returns the process and its JSON."""
+    env = {**os.environ, "FTC_PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu" / f"{name}.sh"), "--smoke", *args, str(out)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert (out / f"{name}.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    return done, json.loads((out / f"{name}.json").read_text())
+
+
+def test_gpu_run_script_smoke(tmp_path):
+    """bench/gpu/run.sh --smoke: the GPU throughput script's rehearsal on CPU, without Ray, W&B, Optuna,
+    DeepSpeed or gguf importable (as on the GPU machine); the wheel step is skipped (all importable)."""
+    done, result = run_gpu_script("run", tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert result["smoke"] and result["state"] == "finished"
+    steps = {step["name"]: step for step in result["steps"]}
+    assert steps["wheels"]["status"] == "skipped" and "already importable" in steps["wheels"]["note"]
+    assert steps["throughput"]["status"] == steps["documents"]["status"] == "ok"
+    assert {"ray", "wandb", "optuna", "deepspeed"} <= set(result["no_ray"]["blocked"])
+    assert result["no_ray"]["violations"] == []
+    summary = result["summary"]
+    assert set(summary["cases"]) == {"lora", "full", "qlora"}
+    assert all(case["ftcluster_tokens_per_s"] > 0 for case in summary["cases"].values())
+    assert summary["targets"]["lora"]["target"] == 1.5 and summary["targets"]["full"]["target"] == 0.5
+    # no MFU on CPU: the full case cannot show its target met, so its kernel table is taken
+    assert "full/ftcluster" in summary["profiled"]
+    assert "## full / ftcluster" in (tmp_path / "run-profile.txt").read_text()
+    assert summary["documents"]["steps"]["packed"] < summary["documents"]["steps"]["padded"]
+    assert (tmp_path / "run.log").read_text().count("=====") == 2  # one section per sub-step that ran
+
+
+@pytest.mark.slow
+def test_gpu_memory_script_smoke(tmp_path):
+    """bench/gpu/memory.sh --smoke (about 90 s on 2 cores, hence slow): planner against measured memory
+    on tiny models, DeepSpeed ZeRO-2/3 in one process without Ray, bf16 against fp32; the GPU tests skip."""
+    done, result = run_gpu_script("memory", tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    statuses = {step["name"]: step["status"] for step in result["steps"]}
+    assert statuses == {"wheels": "skipped", "planner_1b": "ok", "qlora_8b": "ok", "pytest_gpu": "ok", "zero2": "ok",
+                        "zero3": "ok", "bf16_vs_fp32": "ok"}
+    summary = result["summary"]
+    assert summary["pytest_gpu"]["skipped"] >= 4 and summary["pytest_gpu"]["passed"] == 0  # no CUDA here
+    assert set(summary["planner_1b"]) == {"full:2", "lora:2", "lora+gc:2", "qlora:2"}
+    assert summary["qlora_8b_fits_and_trains"] and len(summary["qlora_8b"]["qlora+gc:2"]["losses"]) == 3
+    assert summary["zero2"]["passed"] and summary["zero3"]["passed"] and summary["bf16_vs_fp32"]["passed"]
+    assert result["no_ray"]["violations"] == []
+
+
+def test_gpu_script_steps_record_failures_timeouts_and_the_budget(tmp_path):
+    """The scripts' step runner: a failing or timed-out sub-step is recorded and the script goes on;
+    a sub-step's own JSON lands in the record; past the budget a sub-step is skipped, not started."""
+    script = f"""
+source {REPO}/bench/gpu/setup.sh
+gpu_init robust --smoke {tmp_path}
+step fails 20 bash -c 'echo boom; exit 3'
+step slow 1 sleep 30
+step fine 20 bash -c 'echo "{{\\"answer\\": 42}}" > "$0"' "$WORK/fine.json"
+DEADLINE=$(date +%s)
+step late 20 true
+gpu_finish
+"""
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FTC_PYTHON": sys.executable})
+    assert done.returncode == 1, done.stdout + done.stderr  # a step failed
+    result = json.loads((tmp_path / "robust.json").read_text())
+    steps = {step["name"]: step for step in result["steps"]}
+    assert steps["fails"]["status"] == "failed" and steps["fails"]["exit_code"] == 3
+    assert "boom" in steps["fails"]["output_tail"]
+    assert steps["slow"]["status"] == "timeout" and steps["slow"]["seconds"] < 20
+    assert steps["fine"]["status"] == "ok" and steps["fine"]["result"] == {"answer": 42}
+    assert steps["late"]["status"] == "skipped" and "out of time" in steps["late"]["note"]
+    assert result["status_counts"] == {"ok": 1, "failed": 1, "timeout": 1, "skipped": 1}
