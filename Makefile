@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo check test test-slow lint bench clean gpu-wheels
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ftcluster train jobs/quickstart.yaml output.overwrite=true
 
+# The fast tier: units, validation and single short runs (no Ray, no subprocesses); under 3 minutes.
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not gpu and not integration"
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -39,9 +43,26 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ftcluster tests bench
+	$(BIN)/mypy ftcluster
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Wheels for bench/gpu/run.sh and memory.sh: what the GPU machine (Python 3.12, x86-64, no network)
+# lacks, pinned in bench/gpu/requirements.txt, into bench/gpu/wheels (ignored; ~46 MiB, under the
+# device tool's 64 MiB carry limit). DeepSpeed has no Linux wheel: its source package comes instead
+# (built there with DS_BUILD_OPS=0; preparing its metadata here imports the .venv's torch).
+GPU_WHEELS := bench/gpu/wheels
+GPU_WHEEL_PLATFORMS := $(foreach tag,2014 _2_17 _2_24 _2_28,--platform manylinux$(tag)_x86_64)
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	grep -v '^deepspeed==' bench/gpu/requirements.txt > $(GPU_WHEELS)/binary.txt
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_WHEEL_PLATFORMS) -d $(GPU_WHEELS) -r $(GPU_WHEELS)/binary.txt
+	$(BIN)/pip download -q --no-deps --no-binary=:all: --no-build-isolation -d $(GPU_WHEELS) \
+		"$$(grep '^deepspeed==' bench/gpu/requirements.txt)"
+	rm $(GPU_WHEELS)/binary.txt
+	ls -l $(GPU_WHEELS) && du -ch $(GPU_WHEELS)/* | tail -1

@@ -6,7 +6,7 @@ import functools
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,7 +26,7 @@ err_console = Console(stderr=True)
 
 JobArg = Annotated[Path, typer.Argument(help="Job spec YAML file, e.g. jobs/quickstart.yaml.", show_default=False)]
 OverridesArg = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Argument(help="Dotted overrides KEY=VALUE applied to the spec, e.g. training.lr=1e-4 method.lora.rank=16.",
                    show_default=False),
 ]
@@ -62,7 +62,7 @@ def validate(job: JobArg, overrides: OverridesArg = None) -> None:
 
 
 @app.command(epilog="Examples:\n\n  ftcluster fields\n\n  ftcluster fields method.lora\n\n  ftcluster fields distributed")
-def fields(section: Annotated[Optional[str], typer.Argument(help="Only keys under this dotted prefix, e.g. training.")] = None) -> None:
+def fields(section: Annotated[str | None, typer.Argument(help="Only keys under this dotted prefix, e.g. training.")] = None) -> None:
     """List every job-spec key with its type, default and meaning (the same text validation uses)."""
     from rich.markup import escape
 
@@ -86,7 +86,7 @@ def train(
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in output.dir.")] = False,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="Run the loop in this process without Ray (1 worker).")] = False,
-    address: Annotated[Optional[str], typer.Option(
+    address: Annotated[str | None, typer.Option(
         "--address", envvar="RAY_ADDRESS",
         help="Ray cluster to run on (ray://HOST:10001); default: embedded local Ray on 127.0.0.1.")] = None,
     samples: Annotated[int, typer.Option(help="Held-out generations to show at the end (default: eval.generation.show).")] = -1,
@@ -127,25 +127,25 @@ def train(
              "  ftcluster tune jobs/classify-minilm.yaml tune_spaces/unfreeze.yaml --scheduler none\n\n"
              "  ftcluster tune --resume runs/quickstart-sweep")
 def tune(
-    job: Annotated[Optional[Path], typer.Argument(help="Job spec YAML every trial starts from.", show_default=False)] = None,
-    space: Annotated[Optional[Path], typer.Argument(
+    job: Annotated[Path | None, typer.Argument(help="Job spec YAML every trial starts from.", show_default=False)] = None,
+    space: Annotated[Path | None, typer.Argument(
         help="Search space YAML: dotted spec keys -> {loguniform|uniform|quniform|randint|choice|grid|expr: ...}, "
              "e.g. tune_spaces/lora.yaml.", show_default=False)] = None,
     overrides: OverridesArg = None,
-    trials: Annotated[Optional[int], typer.Option(help="Trials in total (default: the grid's size for --searcher grid, else 8).")] = None,
+    trials: Annotated[int | None, typer.Option(help="Trials in total (default: the grid's size for --searcher grid, else 8).")] = None,
     concurrent: Annotated[int, typer.Option(help="Trials running at once.")] = 2,
     scheduler: Annotated[str, typer.Option(help="asha (stop weak trials at evaluations), pbt (population based "
                                            "training: copy good checkpoints, perturb values) or none.")] = "asha",
     searcher: Annotated[str, typer.Option(help="random, grid (every grid point once) or optuna (TPE).")] = "random",
-    grace_steps: Annotated[Optional[int], typer.Option(help="ASHA: steps every trial runs before any is stopped (default: eval.every).")] = None,
+    grace_steps: Annotated[int | None, typer.Option(help="ASHA: steps every trial runs before any is stopped (default: eval.every).")] = None,
     reduction_factor: Annotated[float, typer.Option(help="ASHA: keep 1/this of the trials at each rung.")] = 2,
-    max_gpu_hours: Annotated[Optional[float], typer.Option(help="Start no new trial once the trials have used this many GPU-hours.")] = None,
-    max_cost_usd: Annotated[Optional[float], typer.Option(help="Start no new trial once the trials have cost this much (cost section prices).")] = None,
+    max_gpu_hours: Annotated[float | None, typer.Option(help="Start no new trial once the trials have used this many GPU-hours.")] = None,
+    max_cost_usd: Annotated[float | None, typer.Option(help="Start no new trial once the trials have cost this much (cost section prices).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the searcher (same seed, same trials).")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: runs/NAME-sweep).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Sweep folder (default: runs/NAME-sweep).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing sweep in the folder.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted sweep in this folder.")] = None,
-    address: Annotated[Optional[str], typer.Option(
+    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted sweep in this folder.")] = None,
+    address: Annotated[str | None, typer.Option(
         "--address", envvar="RAY_ADDRESS", help="Ray cluster to run on; default: embedded local Ray on 127.0.0.1.")] = None,
 ) -> None:
     """Run many fine-tunes of one job in parallel with Ray Tune; print the leaderboard; write best.yaml."""
@@ -219,10 +219,10 @@ def print_summary_marker(summary: dict) -> None:
         print(SUMMARY_MARKER + json.dumps({k: summary.get(k) for k in keys}), flush=True)
 
 
-AddressOption = Annotated[Optional[str], typer.Option(
+AddressOption = Annotated[str | None, typer.Option(
     "--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: --cluster's, else RAY_ADDRESS).",
     show_default=False)]
-ClusterOption = Annotated[Optional[str], typer.Option(
+ClusterOption = Annotated[str | None, typer.Option(
     "--cluster", help="A profile in ~/.config/ftcluster/clusters.yaml (address, token_file).", show_default=False)]
 JobIdArg = Annotated[str, typer.Argument(help="The job id `ftcluster submit` printed (see `ftcluster jobs`).",
                                          show_default=False)]
@@ -237,9 +237,9 @@ def submit(
     overrides: OverridesArg = None,
     address: AddressOption = None,
     cluster: ClusterOption = None,
-    tune_space: Annotated[Optional[Path], typer.Option("--tune", help="Run a sweep over this space instead of one training run.")] = None,
+    tune_space: Annotated[Path | None, typer.Option("--tune", help="Run a sweep over this space instead of one training run.")] = None,
     tune_options: Annotated[str, typer.Option(help="Options for `ftcluster tune` on the cluster, in one string.")] = "",
-    name: Annotated[Optional[str], typer.Option(help="Job name in the metadata (default: the spec's name).")] = None,
+    name: Annotated[str | None, typer.Option(help="Job name in the metadata (default: the spec's name).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Refuse uploads (spec + data) above this size.")] = 100,
     pip: Annotated[bool, typer.Option("--pip", help="Install ftcluster's pinned requirements into the job's "
                                       "environment (for clusters whose image lacks them).")] = False,
@@ -364,7 +364,7 @@ def show_plan(spec, mfu: float, suggest: bool = False, top: int = 10) -> None:
              "  ftcluster eval runs/quickstart --baseline few-shot:3   # did fine-tuning beat prompting?")
 def eval_run(
     run: RunArg,
-    baseline: Annotated[Optional[str], typer.Option(
+    baseline: Annotated[str | None, typer.Option(
         help="Also score the base model prompted with K training examples (few-shot:K) on the same held-out "
              "prompts and metric.")] = None,
 ) -> None:
@@ -393,10 +393,10 @@ def eval_run(
              "  ftcluster export runs/llama-65b --checkpoint latest --merge --out exported/step")
 def export(
     run: RunArg,
-    out: Annotated[Optional[Path], typer.Option(help="Destination folder (default: RUN/export or RUN/merged).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Destination folder (default: RUN/export or RUN/merged).")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Merge adapters into the base weights: a plain transformers folder.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty destination folder.")] = False,
-    checkpoint: Annotated[Optional[str], typer.Option(
+    checkpoint: Annotated[str | None, typer.Option(
         help="Export a training checkpoint instead of the final weights: step-0000200 or latest. "
              "DeepSpeed ZeRO shards are consolidated into one safetensors model.")] = None,
 ) -> None:
@@ -455,34 +455,34 @@ def _toleration(text: str) -> dict[str, str]:
                     "  kubectl apply -f rayjob.yaml && kubectl get rayjobs -w")
 def render_k8s(
     job: JobArg,
+    image: Annotated[str, typer.Option(help="Container image with ftcluster and its dependencies (k8s/Dockerfile).")],
     overrides: OverridesArg = None,
-    image: Annotated[str, typer.Option(help="Container image with ftcluster and its dependencies (k8s/Dockerfile).")] = ...,
-    workers: Annotated[Optional[int], typer.Option(help="Worker pods (default: scaling.num_workers).")] = None,
-    gpus_per_worker: Annotated[Optional[int], typer.Option(help="GPUs per worker pod; one Ray Train worker per GPU "
+    workers: Annotated[int | None, typer.Option(help="Worker pods (default: scaling.num_workers).")] = None,
+    gpus_per_worker: Annotated[int | None, typer.Option(help="GPUs per worker pod; one Ray Train worker per GPU "
                                                                 "(default: 1 if scaling.use_gpu else 0).")] = None,
     cpus_per_worker: Annotated[int, typer.Option(help="CPUs per worker pod.")] = 8,
     memory_per_worker: Annotated[str, typer.Option(help="Memory per worker pod (Kubernetes quantity).")] = "64Gi",
     shm_size: Annotated[str, typer.Option(help="Shared memory (/dev/shm) per pod, for NCCL and data loading.")] = "16Gi",
-    node_selector: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE node labels for worker pods, e.g. "
+    node_selector: Annotated[list[str] | None, typer.Option(help="KEY=VALUE node labels for worker pods, e.g. "
                                                                "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3.")] = None,
-    toleration: Annotated[Optional[list[str]], typer.Option(help="KEY[=VALUE]:EFFECT taints the workers tolerate, "
+    toleration: Annotated[list[str] | None, typer.Option(help="KEY[=VALUE]:EFFECT taints the workers tolerate, "
                                                             "e.g. nvidia.com/gpu:NoSchedule.")] = None,
-    pvc: Annotated[Optional[str], typer.Option(help="PersistentVolumeClaim mounted at /mnt/shared (data, outputs, "
+    pvc: Annotated[str | None, typer.Option(help="PersistentVolumeClaim mounted at /mnt/shared (data, outputs, "
                                                "checkpoints).")] = None,
-    namespace: Annotated[Optional[str], typer.Option(help="Namespace of the manifests.")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Namespace of the manifests.")] = None,
     wandb_secret: Annotated[str, typer.Option(help="Secret with key api-key for WANDB_API_KEY ('' for none).")] = "wandb",
-    working_dir_uri: Annotated[Optional[str], typer.Option(help="Remote working_dir for the job (s3://.../pkg.zip).")] = None,
+    working_dir_uri: Annotated[str | None, typer.Option(help="Remote working_dir for the job (s3://.../pkg.zip).")] = None,
     submission_mode: Annotated[str, typer.Option(help="RayJob submissionMode: K8sJobMode, HTTPMode, InteractiveMode "
                                                  "or SidecarMode.")] = "K8sJobMode",
     active_deadline_s: Annotated[int, typer.Option(help="Fail the RayJob after this many seconds (0: no limit).")] = 86400,
     ttl_s: Annotated[int, typer.Option(help="Delete the finished RayJob's cluster after this many seconds.")] = 3600,
     backoff_limit: Annotated[int, typer.Option(help="Retries of the whole RayJob after a failure.")] = 0,
-    tune_space: Annotated[Optional[Path], typer.Option("--tune", help="Run a sweep over this space.")] = None,
+    tune_space: Annotated[Path | None, typer.Option("--tune", help="Run a sweep over this space.")] = None,
     tune_options: Annotated[str, typer.Option(help="Options for `ftcluster tune`, in one string.")] = "",
     cluster_only: Annotated[bool, typer.Option("--cluster-only", help="A standalone RayCluster (for `ftcluster "
                                                "submit`) instead of a RayJob.")] = False,
-    name: Annotated[Optional[str], typer.Option(help="Kubernetes name (default: from the spec's name).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the manifests here (default: print them).")] = None,
+    name: Annotated[str | None, typer.Option(help="Kubernetes name (default: from the spec's name).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the manifests here (default: print them).")] = None,
 ) -> None:
     """Render a KubeRay RayJob (or RayCluster) plus a ConfigMap holding the job spec, ready for kubectl apply."""
     import shlex

@@ -24,7 +24,7 @@ def load_finetuned(run_dir: str | Path, *, merged: bool = False):
     """(model, tokenizer, spec) of a finished run: base + adapter (merged on request) or full model."""
     import torch
 
-    run, spec, summary = load_run(run_dir)
+    run, spec, _summary = load_run(run_dir)
     weights, is_adapter = final_weights(run)
     from transformers import AutoTokenizer
 
@@ -64,7 +64,7 @@ def model_from_checkpoint(run: Path, checkpoint: str):
     """(model, tokenizer, spec) rebuilt from a training checkpoint: base weights + method +
     the checkpoint's trained weights. DeepSpeed ZeRO shards are consolidated into full fp32 tensors."""
     spec = load_run_spec(run)
-    path = run / CHECKPOINTS / checkpoint
+    path: Path | None = run / CHECKPOINTS / checkpoint
     if checkpoint == LATEST:
         path = latest_checkpoint(run / CHECKPOINTS)
     if path is None or not (path / TRAINER_STATE).is_file():

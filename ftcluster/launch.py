@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftcluster.engine.context import WorkerContext, ray_context
+from ftcluster.engine.context import WorkerContext, restore_checkpoint
 from ftcluster.engine.loop import train
 from ftcluster.errors import FtError, io_error_line, storage_errno
 from ftcluster.interrupts import STOP
@@ -45,6 +45,34 @@ def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
     return train(spec, WorkerContext(), resume=resume)
 
 
+def ray_context(checkpoint_root: Path) -> WorkerContext:
+    """The context of a Ray Train worker (call inside the training function)."""
+    import ray.train
+
+    context = ray.train.get_context()
+
+    def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
+        # Every worker must call this (it is a barrier). Ray copies the checkpoint to its storage
+        # in the background (training goes on) and keeps our local copy for `--resume`.
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=False,
+        )
+
+    return WorkerContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        local_rank=context.get_local_rank(),
+        report=report,
+        restored=restore_checkpoint(ray.train.get_checkpoint(), checkpoint_root),
+    )
+
+
 def _ray_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
     quiet_ray_train_worker()
@@ -69,7 +97,7 @@ def init_ray(address: str | None) -> None:
 def user_error_in(exc: BaseException) -> FtError | None:
     """The FtError a worker raised, if that is what ended training (Ray wraps worker errors)."""
     seen: set[int] = set()
-    pending = [exc]
+    pending: list[BaseException | None] = [exc]
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
@@ -125,7 +153,9 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
             storage_path=scaling.storage_path or str(spec.output_dir / RAY_STORAGE),
             failure_config=FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
-            worker_runtime_env=forwarded_env(),
+            # Ray's typing: ray.train exports Train v2's RunConfig (which has worker_runtime_env) when v2 is enabled,
+            # the default; mypy only sees the v1 RunConfig that it conditionally replaces.
+            worker_runtime_env=forwarded_env(),  # type: ignore[call-arg]
             callbacks=callbacks,
         ),
     )

@@ -291,7 +291,12 @@ def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bo
     gpu = model_state_bytes(setup, facts.total, facts.trainable, facts.largest, precision, facts.quantized, double_quant)
     gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision, chunked_loss_for(spec, setup)))
     gpu["runtime"] = RUNTIME_GPU_BYTES
-    capacity = (spec.scaling.gpu_memory_gb or find_accelerator(spec.scaling.gpu_type).memory_gb) * GB
+    capacity_gb = spec.scaling.gpu_memory_gb
+    if not capacity_gb:
+        accelerator = find_accelerator(spec.scaling.gpu_type)
+        assert accelerator is not None, "ScalingSpec validates gpu_type"
+        capacity_gb = accelerator.memory_gb
+    capacity = capacity_gb * GB
     peak = peak_flops_of(spec.scaling.gpu_type)
     effective = mfu * OFFLOAD_SPEED[setup.offload]
     hours = tokens[0] * facts.flops_per_token / (effective * peak * setup.world) / 3600 if peak else None

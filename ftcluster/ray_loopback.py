@@ -13,15 +13,17 @@ developer API): ``tests/test_reliability.py`` fails when a Ray upgrade changes i
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 from dataclasses import dataclass
 
-from ray.train.backend import Backend
+from ray.train.backend import Backend, BackendConfig
 from ray.train.torch import TorchConfig
 
 LOOPBACK = "127.0.0.1"
+SHUTDOWN_TIMEOUT_S = 30
 _listening: socket.socket | None = None  # rank 0's bound store socket, between on_start's two calls
 
 
@@ -57,6 +59,7 @@ def _join_group(backend: str, world_rank: int, world_size: int, port: int, timeo
     })
     timeout = datetime.timedelta(seconds=timeout_s)
     if world_rank == 0:
+        assert _listening is not None, "rank 0 binds its store socket in on_start before joining"
         store = dist.TCPStore(LOOPBACK, port, world_size, True, timeout, master_listen_fd=_listening.fileno())
     else:
         store = dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
@@ -77,8 +80,10 @@ def _leave_group() -> None:
 class _LoopbackTorchBackend(Backend):
     share_cuda_visible_devices: bool = True
 
-    def on_start(self, worker_group, backend_config: LoopbackTorchConfig) -> None:
+    def on_start(self, worker_group, backend_config: BackendConfig) -> None:
         import ray
+
+        assert isinstance(backend_config, LoopbackTorchConfig)  # Ray passes the config whose backend_cls this is
 
         uses_gpu = worker_group.get_resources_per_worker().get("GPU", 0) > 0
         backend = backend_config.backend or ("nccl" if uses_gpu else "gloo")
@@ -89,7 +94,11 @@ class _LoopbackTorchBackend(Backend):
                  for rank in range(size)])
 
     def on_shutdown(self, worker_group, backend_config) -> None:
-        worker_group.execute(_leave_group)
+        """Leave the group on every worker, but never wait on a hung or frozen one for long."""
+        import ray
+
+        with contextlib.suppress(ray.exceptions.GetTimeoutError):  # a stuck worker: Ray kills the group's processes next
+            ray.get(worker_group.execute_async(_leave_group), timeout=SHUTDOWN_TIMEOUT_S)
 
 
 @dataclass

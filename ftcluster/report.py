@@ -174,8 +174,8 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         + "</tr>"
         for rank, r in enumerate(rows, 1)
     )
-    overview = _table(list(board["totals"].items()) + [("interrupted", board.get("interrupted")),
-                                                       ("budget reached", board.get("budget_reached"))])
+    overview = _table([*board["totals"].items(), ("interrupted", board.get("interrupted")),
+                       ("budget reached", board.get("budget_reached"))])
     figures = "".join(_figure(title, data) for title, data in _sweep_plots(sweep, board))
     out = sweep / REPORT
     write_text_atomic(out, _page(f"ftcluster sweep: {board.get('sweep', sweep.name)}",

@@ -512,7 +512,7 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             break
-        candidates = [a for a in getattr(field.annotation, "__args__", ()) or (field.annotation,)]
+        candidates = list(getattr(field.annotation, "__args__", ()) or (field.annotation,))
         model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if model is None:
             return []
@@ -577,7 +577,7 @@ def dump_spec(spec: JobSpec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_fields(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+def describe_fields(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, description) for every field of the spec, nested sections included."""
     model = model or JobSpec
     rows = []

@@ -35,7 +35,7 @@ def param_table(parts: dict, method: str) -> Table:
     table.add_column("%", justify="right")
     trainable = sum(c.trainable for c in parts.values())
     total = sum(c.total for c in parts.values())
-    for name, counts in list(parts.items()) + [("all", type(next(iter(parts.values())))(trainable, total))]:
+    for name, counts in [*parts.items(), ("all", type(next(iter(parts.values())))(trainable, total))]:
         table.add_row(name, f"{counts.trainable:,}", f"{counts.total:,}", f"{counts.percent:.2f}")
     return table
 
@@ -46,8 +46,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("value")
     rows = [
         ("method", summary["method"]),
-        ("trainable params", f"{summary['trainable_params']:,} of {summary['total_params']:,} "
-                             f"({100 * summary['trainable_params'] / max(summary['total_params'], 1):.2f}%)"),
+        ("trainable params", (f"{summary['trainable_params']:,} of {summary['total_params']:,} "
+                              f"({100 * summary['trainable_params'] / max(summary['total_params'], 1):.2f}%)")),
         ("steps", f"{summary['steps']} of {summary['total_steps']} ({summary['epochs']} epochs)"),
         ("stopped", summary["stop_reason"]),
         ("tokens", summary["tokens"]),

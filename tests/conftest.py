@@ -19,6 +19,19 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Test modules whose tests start Ray, subprocesses or several end-to-end runs: the `integration`
+# tier. `make check` runs the rest (units, validation, single short runs) in under three minutes.
+INTEGRATION_MODULES = {
+    "test_distributed", "test_ray", "test_submit", "test_sweep", "test_quickstart", "test_recipes", "test_dpo",
+    "test_bench", "test_tracking", "test_invariance", "test_forgetting", "test_export", "test_report",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:

@@ -78,7 +78,7 @@ def test_no_import_cycles():
             if target == module or target == "ftcluster":
                 continue
             if state.get(target) == 1:
-                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+                cycles.append(" -> ".join([*stack[stack.index(target):], target]))
             elif target not in state:
                 visit(target)
         stack.pop()
@@ -111,9 +111,9 @@ def test_private_ray_imports_stay_in_one_module():
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
                 [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
             for name in names:
-                if name.startswith("ray") and ("._internal" in name or "._private" in name or "._raylet" in name):
-                    if module_name(path) not in allowed:
-                        private.append(f"{path.relative_to(REPO)}: {name}")
+                if (name.startswith("ray") and ("._internal" in name or "._private" in name or "._raylet" in name)
+                        and module_name(path) not in allowed):
+                    private.append(f"{path.relative_to(REPO)}: {name}")
     assert not private, "\n".join(private)
 
 

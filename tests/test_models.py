@@ -16,16 +16,17 @@ def test_minilm_alias_is_a_folder():
 
 
 def test_unknown_paths_are_one_line_errors(tmp_path):
-    with pytest.raises(ModelError, match="model.path: not found: ./missing"):
+    with pytest.raises(ModelError, match=r"model\.path: not found: \./missing"):
         resolve_model("./missing")
     with pytest.raises(ModelError, match="GGUF file not found"):
         resolve_model(str(tmp_path / "x.gguf"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="has no config.json"):
+    with pytest.raises(ModelError, match=r"has no config\.json"):
         resolve_model(str(tmp_path / "empty"))
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").local is False  # a hub id
 
 
+@pytest.mark.integration  # converts the real 135M GGUF (over a minute on 2 cores)
 def test_gguf_converts_once_and_is_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))
     first = resolve_model("smollm2-135m-instruct")

@@ -122,6 +122,7 @@ def test_live_tensor_peak_agrees_with_pytorchs_memtracker(tiny_model):
     assert ours.peak == pytest.approx(expected, rel=0.02)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["full:8", "lora+gc2:8", "lora+gc+chunk:8", "qlora+gc:8"])
 def test_planner_total_within_15_percent_of_measured_peak(case):
     rows = _planner_memory_bench().run_cases("smollm2-135m-instruct", case, 128)

@@ -96,7 +96,7 @@ def test_worker_user_error_reaches_the_driver_as_one_line(local_ray, make_job):
     from ftcluster.spec import load_spec
 
     spec = load_spec(make_job("ray-bad", eval={"every": 2, "metric": "nope"}))
-    with pytest.raises(FtError, match="eval.metric: 'nope' is not computed"):
+    with pytest.raises(FtError, match=r"eval\.metric: 'nope' is not computed"):
         run_with_ray(spec)
 
 
@@ -110,5 +110,5 @@ def test_a_job_the_cluster_can_never_run_is_refused_with_numbers(local_ray, make
     with pytest.raises(FtError, match=rf"needs {int(cpus) + 2} CPU \({int(cpus) + 2} workers\), the Ray cluster has {cpus:g}"):
         run_with_ray(spec)
     gpu = load_spec(make_job("needs-gpu", scaling={"use_gpu": True}))
-    with pytest.raises(FtError, match="needs 1 GPU .* the Ray cluster has 0"):
+    with pytest.raises(FtError, match=r"needs 1 GPU .* the Ray cluster has 0"):
         run_with_ray(gpu)

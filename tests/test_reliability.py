@@ -257,6 +257,7 @@ def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: fl
     raise AssertionError(f"no {steps} logged steps within {timeout}s")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_checkpoints_and_resume_matches_an_uninterrupted_run(signum, make_job, cli, tmp_path):
     training = {"max_steps": 150, "checkpoint_every": 1000, "scheduler": "cosine", "warmup_steps": 5}
@@ -281,6 +282,7 @@ def test_signal_checkpoints_and_resume_matches_an_uninterrupted_run(signum, make
     assert train_losses(out)[-1] == pytest.approx(train_losses(tmp_path / "runs" / "sig-whole")[-1], rel=1e-6)
 
 
+@pytest.mark.integration
 def test_ctrl_c_under_ray_is_one_line_and_exit_130(make_job, tmp_path):
     job = make_job("ray-sig", training={"max_steps": 100000, "checkpoint_every": 2})
     process = start_cli("train", job, cwd=tmp_path)
@@ -293,6 +295,7 @@ def test_ctrl_c_under_ray_is_one_line_and_exit_130(make_job, tmp_path):
     assert len(ours) == 1 and "(SIGINT)" in ours[0] and "--resume" in ours[0], stderr[-3000:]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("logged_steps", [2, 7])
 def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(logged_steps, make_job, cli, tmp_path):
     """SIGKILL while a checkpoint is written every step: --resume always finds a complete one and

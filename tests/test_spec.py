@@ -31,7 +31,7 @@ def test_every_problem_is_reported_at_once_with_its_path(tmp_path, cli):
     )
     result = cli("validate", bad)
     assert result.code == 2
-    lines = [l for l in result.err.splitlines() if l.strip()]
+    lines = [line for line in result.err.splitlines() if line.strip()]
     joined = "\n".join(lines)
     assert "data.formt: unknown key (valid keys:" in joined
     assert "training.lr: Input should be greater than 0" in joined
@@ -92,11 +92,11 @@ def test_override_needs_key_and_value():
 def test_cross_field_rules(make_job):
     with pytest.raises(SpecError, match="unfreeze schedules apply to full and freeze"):
         load_spec(make_job(), ["method.unfreeze={every: 2}"])
-    with pytest.raises(SpecError, match="needs data.format: classification"):
+    with pytest.raises(SpecError, match=r"needs data\.format: classification"):
         load_spec(make_job(), ["model.task=classification"])
-    with pytest.raises(SpecError, match="gradient_checkpointing_every needs training.gradient_checkpointing: true"):
+    with pytest.raises(SpecError, match=r"gradient_checkpointing_every needs training\.gradient_checkpointing: true"):
         load_spec(make_job(), ["training.gradient_checkpointing_every=2"])
-    with pytest.raises(SpecError, match="data.packing applies to model.task causal_lm only"):
+    with pytest.raises(SpecError, match=r"data\.packing applies to model\.task causal_lm only"):
         load_spec(make_job(), ["model.task=classification", "data.format=classification", "data.packing=true"])
 
 

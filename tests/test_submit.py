@@ -170,12 +170,12 @@ def test_upload_is_limited_and_never_carries_secrets(make_job, tmp_path):
     names = sorted(p.relative_to(package.folder).as_posix() for p in package.folder.rglob("*") if p.is_file())
     assert names == ["data/train-train.jsonl", "data/validation-val.jsonl", "job.yaml"]
     assert yaml.safe_load((package.folder / "job.yaml").read_text())["data"]["train"] == "data/train-train.jsonl"
-    with pytest.raises(FtError, match="MB is over the 1e-05 MB limit .* put the data on shared storage"):
+    with pytest.raises(FtError, match=r"MB is over the 1e-05 MB limit .* put the data on shared storage"):
         build_package(spec, tmp_path / "small", None, max_upload_mb=0.00001)
     secret = tmp_path / "prod.env"
     secret.write_text("WANDB_API_KEY=abc\n")
     leaky = spec.model_copy(update={"data": spec.data.model_copy(update={"train": str(secret)})})
-    with pytest.raises(FtError, match="prod.env looks like a credentials file"):
+    with pytest.raises(FtError, match=r"prod\.env looks like a credentials file"):
         build_package(leaky, tmp_path / "leak", None, max_upload_mb=10)
 
 

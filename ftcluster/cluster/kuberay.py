@@ -122,7 +122,7 @@ def job_files(spec: JobSpec, space: Path | None) -> dict[str, str]:
 
 
 def _env(options: K8sOptions) -> list[dict[str, Any]]:
-    env = [{"name": "RAY_TRAIN_ENABLE_PRINT_PATCH", "value": "0"}]
+    env: list[dict[str, Any]] = [{"name": "RAY_TRAIN_ENABLE_PRINT_PATCH", "value": "0"}]
     if options.wandb_secret:
         env.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": options.wandb_secret, "key": "api-key", "optional": True}}})
@@ -130,9 +130,9 @@ def _env(options: K8sOptions) -> list[dict[str, Any]]:
 
 
 def _volumes(options: K8sOptions, configmap: str) -> tuple[list[dict], list[dict]]:
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
-               {"name": "job", "configMap": {"name": configmap}}]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "job", "mountPath": JOB_MOUNT, "readOnly": True}]
+    volumes: list[dict] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
+                           {"name": "job", "configMap": {"name": configmap}}]
+    mounts: list[dict] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "job", "mountPath": JOB_MOUNT, "readOnly": True}]
     if options.pvc:
         volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": options.pvc}})
         mounts.append({"name": "shared", "mountPath": SHARED_MOUNT})

@@ -72,6 +72,7 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         # The padding tail counts as one more (untrained) sequence of its own.
         positions = torch.arange(length).repeat(len(items), 1)
         for row, item in enumerate(items):
+            assert item.positions is not None  # a batch is packed all through or not at all
             positions[row, : len(item.positions)] = torch.tensor(item.positions)
             positions[row, len(item.positions) :] -= len(item.positions)
         batch["position_ids"] = positions

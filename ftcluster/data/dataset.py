@@ -71,7 +71,7 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Ex
     return train, val
 
 
-def _label_names(train: list[Example], declared: list[str] | None) -> list[str]:
+def _label_names(train: list[Example], declared: list[str | int] | None) -> list[str]:
     if declared:
         return [str(label) for label in declared]
     labels = sorted({e.label for e in train if e.label is not None})
@@ -96,6 +96,7 @@ def balance_classes(encoded: list[Encoded], seed: int) -> list[Encoded]:
     """Oversample each class (with a seeded draw) up to the majority class count."""
     by_label: dict[int, list[Encoded]] = {}
     for item in encoded:
+        assert item.label is not None  # classification examples carry their label id
         by_label.setdefault(item.label, []).append(item)
     target = max(len(items) for items in by_label.values())
     rng = random.Random(seed)
@@ -122,7 +123,7 @@ def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
             packed.append(Encoded(ids, trained, positions=positions))
             ids, trained, positions = [], [], []
         ids += item.input_ids
-        trained += [False] + item.trained[1:]  # never predict an example's first token from the last one
+        trained += [False, *item.trained[1:]]  # never predict an example's first token from the last one
         positions += list(range(len(item.input_ids)))
     if ids:
         packed.append(Encoded(ids, trained, positions=positions))
@@ -139,9 +140,10 @@ def build_data(
     report = DataReport()
     train_rows = rows_from_records(train_records, "train") if train_records is not None else read_rows(spec.train)
     examples = _parse_all(train_rows, spec, report)
-    if val_records is not None or spec.validation:
-        val_rows = rows_from_records(val_records, "validation") if val_records is not None else read_rows(spec.validation)
-        train_examples, val_examples = examples, _parse_all(val_rows, spec, report)
+    if val_records is not None:
+        train_examples, val_examples = examples, _parse_all(rows_from_records(val_records, "validation"), spec, report)
+    elif spec.validation:
+        train_examples, val_examples = examples, _parse_all(read_rows(spec.validation), spec, report)
     else:
         train_examples, val_examples = _split(examples, spec.val_fraction, spec.seed)
     if not train_examples:

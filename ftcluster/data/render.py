@@ -82,6 +82,7 @@ class Renderer:
     def encode(self, example: Example, label_ids: dict[str, int] | None = None) -> Encoded:
         tokenizer = self.tokenizer
         if example.label is not None:  # classification: the whole text, special tokens included
+            assert label_ids is not None, "classification examples need the label ids"
             ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
             return self._cut(Encoded(ids, [False] * len(ids), label=label_ids[example.label]))
         if example.text is not None:  # plain text: trained everywhere, ends with EOS
@@ -91,7 +92,7 @@ class Renderer:
             return self._cut(Encoded(ids, [True] * len(ids)))
         if example.rejected is not None:
             chosen = self._encode_conversation(example.messages)
-            other = example.messages[:-1] + [{"role": "assistant", "content": example.rejected}]
+            other = [*example.messages[:-1], {"role": "assistant", "content": example.rejected}]
             chosen.rejected = self._encode_conversation(other)
             chosen.truncated = chosen.truncated or chosen.rejected.truncated
             return chosen

@@ -70,12 +70,25 @@ class TorchStepper:
         return None
 
 
+def skip_unused_deepspeed_ops() -> None:
+    """Off CUDA, keep DeepSpeed from compiling its shared-memory all-reduce (about 3 minutes of g++ on
+    first use): only its inference all-reduce uses it, training collectives go through gloo."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedStepper:
     """DeepSpeed ZeRO 1/2/3: the engine owns accumulation, clipping, loss scaling and partitioning."""
 
     def __init__(self, model, optimizer, config: dict[str, Any]):
         import deepspeed
 
+        skip_unused_deepspeed_ops()
         self.config = config
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False
@@ -112,5 +125,7 @@ def zero3_init_context(config: dict[str, Any]):
     """Register the DeepSpeed config with transformers so `from_pretrained` builds the model
     partitioned from the start (zero.Init): each worker materialises only its shard."""
     from transformers.integrations import HfDeepSpeedConfig
+
+    skip_unused_deepspeed_ops()
 
     return HfDeepSpeedConfig(config)  # must stay referenced until the model is built

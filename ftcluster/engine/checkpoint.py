@@ -60,7 +60,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{index}"] = state
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default, spelled out: numpy's stub types a bare call as the dict form
+    assert isinstance(np_state, tuple)  # the global RandomState is MT19937, whose legacy state is a tuple
     meta = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],

@@ -30,7 +30,7 @@ def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 @contextlib.contextmanager
 def hidden_states_as_logits(head: torch.nn.Linear):
     """For one forward pass, the head returns its input: the model's `.logits` are hidden states."""
-    head.forward = lambda hidden: hidden  # an instance attribute: state-dict keys stay the same
+    vars(head)["forward"] = lambda hidden: hidden  # an instance attribute: state-dict keys stay the same
     try:
         yield
     finally:
@@ -66,12 +66,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad = logits.sub_(normalizer[:, None]).exp_()  # softmax, in place of the logits
                 grad[torch.arange(t.shape[0], device=t.device), t] -= 1
-                if want_bias:
+                if grad_bias is not None:  # want_bias
                     grad_bias += grad.sum(0)
                 grad = grad.to(compute_dtype)
-                if want_hidden:
+                if grad_hidden is not None:  # want_hidden
                     grad_hidden[rows] = (grad @ w).to(hidden.dtype)
-                if want_weight:
+                if grad_weight is not None:  # want_weight
                     grad_weight += (grad.t() @ h).float()
         ctx.grads = (
             grad_hidden,

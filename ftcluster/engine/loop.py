@@ -111,7 +111,6 @@ def run_steps(setup: Setup, state: RunState) -> None:
                 setup.ctx.report({**state.report_fields, **state.latest_scores, "step": step},
                                  saved if setup.ctx.is_main else None)
                 state.window.restart_clock()
-            setup.ctx.maybe_fail(step)
             STOP.raise_if_requested(step, lambda: checkpoint(setup, state) if cfg.checkpoint_on_preempt
                                     else latest_checkpoint(setup.checkpoint_root))
             if state.stop_reason != "completed":

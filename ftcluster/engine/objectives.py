@@ -99,7 +99,9 @@ class DPOObjective:
 
     def collate(self, items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         """Chosen replies in the first half of the batch, their rejected partners in the second."""
-        return collate(items + [item.rejected for item in items], pad_id)
+        rejected = [item.rejected for item in items if item.rejected is not None]
+        assert len(rejected) == len(items), "DPO batches hold preference pairs only"
+        return collate(items + rejected, pad_id)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2

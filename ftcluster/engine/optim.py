@@ -75,7 +75,7 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int],
     return factor
 
 
-def keep_spec_learning_rates(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+def keep_spec_learning_rates(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float | torch.Tensor]) -> None:
     """After loading a checkpoint, use this spec's peak learning rates, not the checkpoint's.
 
     The same for a plain resume; different after a PBT exploit, which mutates the learning rate

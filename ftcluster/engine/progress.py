@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 from ftcluster.tables import format_duration
 
@@ -38,7 +39,7 @@ class Progress:
             return 0.0
         return (time.perf_counter() - self.started) / done * (self.total - step)
 
-    def update(self, step: int, metrics: dict[str, float]) -> None:
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         info = f"loss {metrics.get('train_loss', float('nan')):.4f} | {metrics.get('tokens_per_s', 0):,.0f} tok/s"

@@ -14,9 +14,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The largest ModuleList whose children are all the same class: the transformer blocks."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best[1])):
-                best = (name, module)
+        if (isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(child) for child in module}) == 1
+                and (best is None or len(module) > len(best[1]))):
+            best = (name, module)
     if best is None:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
     return best
@@ -48,6 +48,8 @@ def checkpoint_every_nth_block(model: nn.Module, every: int) -> int:
     if not isinstance(blocks[0], GradientCheckpointingLayer):
         raise ModelError(f"training.gradient_checkpointing_every: {type(blocks[0]).__name__} blocks cannot be checkpointed "
                          f"one by one; leave it at 1")
-    for index, block in enumerate(blocks):
+    layers = [block for block in blocks if isinstance(block, GradientCheckpointingLayer)]
+    assert len(layers) == len(blocks)  # find_blocks: every block has blocks[0]'s class
+    for index, block in enumerate(layers):
         block.gradient_checkpointing = block.gradient_checkpointing and index % every == 0
-    return sum(block.gradient_checkpointing for block in blocks)
+    return sum(block.gradient_checkpointing for block in layers)

@@ -12,6 +12,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ftcluster.atomic import atomic_directory
 from ftcluster.errors import ModelError, first_line
@@ -46,7 +47,7 @@ def resolve_alias(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"model alias {name!r} needs its package: {ALIAS_INSTALL_HINT[name]}")
-    return Path(list(spec.submodule_search_locations)[0]) / inner
+    return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
 def locate_model(reference: str) -> Path | None:
@@ -111,7 +112,7 @@ def _convert(gguf_path: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
     # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch annotates Module.__setattr__ as Tensor | Module; any value works
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     with atomic_directory(target) as staging:
@@ -180,8 +181,9 @@ def load_pretrained(
     )
 
     auto_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    head_kwargs = {} if attention == "auto" else {"attn_implementation": attention}
+    head_kwargs: dict[str, Any] = {} if attention == "auto" else {"attn_implementation": attention}
     if task == "classification":
+        assert label_names is not None, "a classification head needs the label names"
         head_kwargs |= {
             "num_labels": len(label_names),
             "id2label": dict(enumerate(label_names)),

@@ -46,15 +46,15 @@ def _apply_peft(model: nn.Module, method: MethodSpec, task: str, gradient_checkp
     )
 
     if method.name == "prefix":
-        config = PrefixTuningConfig(task_type=_peft_task(task), num_virtual_tokens=method.prefix.num_virtual_tokens)
-        return get_peft_model(model, config)
+        prefix_config = PrefixTuningConfig(task_type=_peft_task(task), num_virtual_tokens=method.prefix.num_virtual_tokens)
+        return get_peft_model(model, prefix_config)
     if method.name == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     lora = method.lora
     config = LoraConfig(
         task_type=_peft_task(task),
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft's annotation says int; it only divides it (alpha / r)
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         use_dora=method.name == "dora",
@@ -133,6 +133,7 @@ class UnfreezeSchedule:
 
     def __init__(self, model: nn.Module, method: MethodSpec, steps_per_epoch: int, base_trainable: set[str]):
         spec = method.unfreeze
+        assert spec is not None, "UnfreezeSchedule needs method.unfreeze"
         prefix, blocks = find_blocks(model)
         self.period_steps = spec.every * (steps_per_epoch if spec.unit == "epochs" else 1)
         self.initial_groups = spec.initial_groups

@@ -7,6 +7,8 @@ names a model they cannot fetch.
 
 from __future__ import annotations
 
+from typing import Any
+
 LLAMA_SHAPES: dict[str, dict[str, int]] = {
     # name: LlamaConfig fields (original LLaMA / Llama 2 shapes)
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -51,6 +53,7 @@ def meta_model(shape: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**{"tie_word_embeddings": False, **LLAMA_SHAPES[shape]}, max_position_embeddings=4096)
+    fields: dict[str, Any] = {"tie_word_embeddings": False, **LLAMA_SHAPES[shape]}  # LlamaConfig's keywords have many types
+    config = LlamaConfig(**fields, max_position_embeddings=4096)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

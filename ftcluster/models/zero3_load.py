@@ -103,6 +103,7 @@ def load_partitioned(config, auto_class, dtype, folder: Path, rank: int) -> torc
                     continue
                 with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
                     if rank == 0:
+                        assert value is not None  # rank 0 reads the tensors, the other ranks only their names
                         target.data.copy_(value.to(target.dtype))
     return model
 

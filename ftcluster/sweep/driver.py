@@ -144,12 +144,14 @@ def _scheduler(sweep: Sweep):
 
     options, spec = sweep.options, sweep.base_spec
     if options.scheduler == "asha":
-        return ASHAScheduler(time_attr="step", max_t=spec.training.max_steps or 10**9,
-                             grace_period=options.grace_steps or spec.eval.every,
+        grace_period = options.grace_steps or spec.eval.every
+        assert grace_period is not None, "check_options requires eval.every for asha"
+        return ASHAScheduler(time_attr="step", max_t=spec.training.max_steps or 10**9, grace_period=grace_period,
                              reduction_factor=options.reduction_factor)
     if options.scheduler == "pbt":
         mutations = {p.path: (p.args if p.kind == "grid" else p.domain()) for p in sweep.setup.space.params
                      if p.kind != "expr"}
+        assert spec.training.checkpoint_every, "check_options requires training.checkpoint_every for pbt"
         return PopulationBasedTraining(time_attr="step", perturbation_interval=spec.training.checkpoint_every,
                                        hyperparam_mutations=mutations)
     return None

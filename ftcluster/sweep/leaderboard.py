@@ -55,7 +55,7 @@ def trial_row(folder: Path, metric: str, mode: str, sweep_finished: bool) -> Tri
     info = json.loads((folder / TRIAL_INFO).read_text())
     records = read_records(folder)
     scored = [r[metric] for r in records if r.get(metric) is not None]
-    progress = next((r for r in reversed(records) if "tokens" in r), {})
+    progress: dict[str, Any] = next((r for r in reversed(records) if "tokens" in r), {})
     if info["status"] == "error":
         status = ERROR
     elif (folder / SUMMARY).is_file():  # the loop's last act: the trial ran to its end

@@ -52,7 +52,8 @@ class RandomSearcher(PickledState, Searcher):
 class GridSearcher(RandomSearcher):
     """Every grid point once (random values for keys that are not on the grid), then done."""
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Ray's stub: Searcher.suggest is annotated Optional[Dict], though it documents and handles Searcher.FINISHED.
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.count >= len(self.points):
             return Searcher.FINISHED
         return super().suggest(trial_id)

@@ -18,6 +18,7 @@ import itertools
 import math
 import operator
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,9 +230,10 @@ def trial_spec(space: SearchSpace, base: dict[str, Any], chosen: dict[str, Any])
 
 # --- tied expressions ----------------------------------------------------------------------------
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 # Every intermediate result stays within this magnitude, so an expression such as 9 ** 9 ** 9 ** 9
 # is refused at once instead of computing a number with billions of digits.
 MAX_MAGNITUDE = 2.0**64
@@ -247,7 +249,7 @@ def _bounded(operation, left: Any, right: Any) -> Any:
     if isinstance(result, complex) or not math.isfinite(result) or abs(result) > MAX_MAGNITUDE:
         raise ValueError(f"result {result!r} is not a finite number below 2**64")
     return result
-_FUNCTIONS = {"min": min, "max": max, "int": int, "float": float, "round": round, "sqrt": math.sqrt}
+_FUNCTIONS: dict[str, Callable[..., Any]] = {"min": min, "max": max, "int": int, "float": float, "round": round, "sqrt": math.sqrt}
 
 
 def evaluate_expression(text: str, values: dict[str, Any], base: dict[str, Any], where: str) -> Any:

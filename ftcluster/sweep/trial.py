@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcluster.atomic import write_text_atomic
+from ftcluster.engine.context import WorkerContext, restore_checkpoint
 from ftcluster.errors import first_line
 from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.spec import JobSpec
@@ -81,11 +82,21 @@ def finished_report(folder: Path, values: dict[str, Any]) -> dict[str, Any] | No
     return summary.get("final_report") if same_values else None
 
 
+def tune_context(checkpoint_root: Path) -> WorkerContext:
+    """The context of a one-worker sweep trial that runs the loop inside its Ray Tune actor."""
+    from ray import tune
+
+    def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+
+    # A PBT exploit brings another trial's checkpoint: it replaces this trial's own of that step.
+    return WorkerContext(report=report, restored=restore_checkpoint(tune.get_checkpoint(), checkpoint_root, replace=True))
+
+
 def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     """The Tune function: build this trial's spec from its values, train, mark the outcome."""
     from ray import tune
 
-    from ftcluster.engine.context import tune_context
     from ftcluster.engine.loop import train
     from ftcluster.launch import fit, make_trainer
     from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker

@@ -47,7 +47,8 @@ def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     from ftcluster.models.methods import logical_size
 
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)  # a transformers model's method
+    head = get_output_embeddings() if get_output_embeddings is not None else None
     counted: list[torch.Tensor] = []
     for parameter in model.parameters():
         packed = getattr(parameter, "quant_state", None) is not None

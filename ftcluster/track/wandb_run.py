@@ -57,7 +57,7 @@ class WandbTracker(NoTracker):
         import wandb
 
         if samples:
-            columns = ["prompt", "reference", "output", "match"]
+            columns: list[str | int] = ["prompt", "reference", "output", "match"]  # wandb.Table's column keys
             self.run.log({name: wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])})
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -85,7 +85,7 @@ def log_sweep_table(settings, sweep_dir: Path, sweep_name: str, metric: str, row
     run = wandb.init(project=settings.project, entity=settings.entity, group=sweep_name, tags=[*settings.tags, "sweep"],
                      mode=settings.mode, name=f"{sweep_name}-summary", job_type="sweep-summary", dir=str(sweep_dir),
                      settings=wandb.Settings(console="off", quiet=True))
-    columns = ["trial", "params", metric, "steps", "status", "tokens", "gpu_hours", "cpu_core_hours", "cost_usd"]
+    columns: list[str | int] = ["trial", "params", metric, "steps", "status", "tokens", "gpu_hours", "cpu_core_hours", "cost_usd"]
     data = [[r.trial, json.dumps(r.params), r.metric, r.steps, r.status, r.tokens, r.gpu_hours, r.cpu_core_hours,
              r.cost_usd] for r in rows]
     run.log({"sweep/cost_table": wandb.Table(columns=columns, data=data)})
