@@ -40,8 +40,11 @@ def load_finetuned(run_dir: str | Path, *, merged: bool = False):
 
 def merge_adapters(model, spec):
     """Fold LoRA/DoRA adapters into the base weights (prefix tuning has nothing to fold)."""
-    if spec.method.name == "prefix":
-        raise FtError("export --merge: prefix-tuning adapters cannot be merged into the weights; export without --merge")
+    from ftcluster.registry import METHODS
+
+    if not METHODS[spec.method.name].mergeable:
+        raise FtError(f"export --merge: {spec.method.name} adapters cannot be merged into the weights; "
+                      "export without --merge")
     return model.merge_and_unload()
 
 

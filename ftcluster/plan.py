@@ -20,6 +20,7 @@ import torch
 from ftcluster.accelerators import find_accelerator
 from ftcluster.errors import FtError
 from ftcluster.models.methods import apply_method, count_params, full_precision
+from ftcluster.registry import METHODS
 from ftcluster.spec import JobSpec
 from ftcluster.track.cost import hourly_price
 from ftcluster.track.flops import flops_per_token, peak_flops_of
@@ -348,7 +349,7 @@ def suggest(spec: JobSpec, mfu: float = 0.4, max_nodes: int = 8) -> list[Plan]:
     nodes_options = [n for n in (1, 2, 4, 8, 16) if n <= max_nodes]
     plans = []
     for method, (backend, stage, off_opt, off_par), nodes in itertools.product(methods, backends, nodes_options):
-        if method == "prefix" and backend == "deepspeed":
+        if backend == "deepspeed" and not METHODS[method].deepspeed:
             continue
         setup = Setup(method, backend, stage, off_opt, off_par, nodes, spec.scaling.gpus_per_node)
         plan = plan_setup(spec, setup, mfu=mfu, tokens=tokens, facts=facts[method])

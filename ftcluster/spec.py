@@ -395,56 +395,76 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:
-        if self.model.task == "classification" and self.data.format != "classification":
-            raise ValueError("model.task classification needs data.format: classification")
-        if self.data.format == "classification" and self.model.task != "classification":
-            raise ValueError("data.format classification needs model.task: classification")
-        if self.method.name == "prefix" and self.model.task == "classification":
-            raise ValueError("method prefix supports causal_lm only; use lora for classification")
-        if self.training.gradient_checkpointing_every > 1 and not self.training.gradient_checkpointing:
-            raise ValueError("training.gradient_checkpointing_every needs training.gradient_checkpointing: true")
-        if self.data.packing and self.method.name == "prefix":
-            raise ValueError("data.packing does not work with method prefix (its virtual tokens ride in the "
-                             "attention cache, which hides where packed examples start); set it false or use lora")
-        if self.data.packing and self.model.task != "causal_lm":
-            raise ValueError("data.packing applies to model.task causal_lm only; set it false")
-        if self.distributed.backend == "deepspeed":
-            if self.method.name == "prefix":
-                raise ValueError("method prefix is not supported with backend deepspeed; use lora")
-            if self.method.unfreeze is not None:
-                raise ValueError("unfreeze schedules are not supported with backend deepspeed (ZeRO fixes the "
-                                 "trainable set at start); use backend ddp")
-        if self.distributed.deepspeed_overrides:
+        """Rules that span sections, from the registry's entries; every problem at once (one per line)."""
+        problems = [*self._combination_problems(), *self._setting_problems()]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _combination_problems(self) -> list[str]:
+        """Does the method, the objective, the data format and the task go together?"""
+        from ftcluster.registry import FORMATS, METHODS, OBJECTIVES
+
+        method, objective, fmt = METHODS[self.method.name], OBJECTIVES[self.method.objective], FORMATS[self.data.format]
+        task, problems = self.model.task, []
+        if fmt.task != task:
+            problems.append(f"data.format {fmt.name} needs model.task: {fmt.task}" if fmt.task != "causal_lm" else
+                            f"model.task {task} needs data.format: "
+                            + " | ".join(name for name, f in FORMATS.items() if f.task == task))
+        if task not in method.tasks:
+            problems.append(f"method {method.name} supports {', '.join(method.tasks)} only; use lora for {task}")
+        if fmt.name not in objective.formats:
+            pair = objective if objective.name != "sft" else next(o for o in OBJECTIVES.values() if fmt.name in o.formats)
+            rows = FORMATS[pair.formats[0]]
+            problems.append(f"method.objective {pair.name} and data.format {' | '.join(pair.formats)} go together "
+                            f"({rows.name} rows: {rows.fields})")
+        elif task not in objective.tasks:
+            problems.append(f"method.objective {objective.name} needs model.task: {' | '.join(objective.tasks)}")
+        if objective.methods is not None and method.name not in objective.methods:
+            problems.append(f"method.objective {objective.name} supports {', '.join(objective.methods)}, not {method.name}")
+        if self.data.packing:
+            if not method.packing:
+                problems.append(f"data.packing does not work with method {method.name} ({method.why_not}, which hides "
+                                "where packed examples start); set it false or use lora")
+            if task != "causal_lm":
+                problems.append("data.packing applies to model.task causal_lm only; set it false")
+            elif not objective.packing:
+                problems.append(f"data.packing does not apply to method.objective {objective.name} "
+                                f"({fmt.name} rows); set it false")
+        deepspeed = self.distributed.backend == "deepspeed"
+        if deepspeed and not method.deepspeed:
+            problems.append(f"method {method.name} is not supported with backend deepspeed; use lora")
+        if deepspeed and objective.needs_reference and not method.adapters and self.distributed.zero_stage == 3:
+            problems.append(f"{objective.name} with a {method.name} model under ZeRO-3 would need a partitioned reference "
+                            "copy; use lora (its reference is the base with adapters off) or zero_stage 2")
+        if self.eval.few_shot_baseline and (self.eval.generation is None or not fmt.generation):
+            problems.append("eval.few_shot_baseline needs eval.generation and "
+                            + " or ".join(name for name, f in FORMATS.items() if f.generation) + " data")
+        return problems
+
+    def _setting_problems(self) -> list[str]:
+        """Settings that need another setting."""
+        training, distributed, problems = self.training, self.distributed, []
+        if training.gradient_checkpointing_every > 1 and not training.gradient_checkpointing:
+            problems.append("training.gradient_checkpointing_every needs training.gradient_checkpointing: true")
+        if distributed.backend == "deepspeed" and self.method.unfreeze is not None:
+            problems.append("unfreeze schedules are not supported with backend deepspeed (ZeRO fixes the trainable set "
+                            "at start); use backend ddp")
+        if distributed.backend == "deepspeed" and training.skip_nonfinite_steps:
+            problems.append("training.skip_nonfinite_steps needs backend ddp (DeepSpeed updates inside backward; "
+                            "under fp16 it skips overflowing steps itself)")
+        if distributed.deepspeed_overrides:
             from ftcluster.ds_config import contradictions, generated_config
 
-            explicit = None if self.training.precision == "auto" else self.training.precision
-            clashes = contradictions(generated_config(self, explicit), self.distributed.deepspeed_overrides)
+            explicit = None if training.precision == "auto" else training.precision
+            clashes = contradictions(generated_config(self, explicit), distributed.deepspeed_overrides)
             if clashes:
-                raise ValueError("distributed.deepspeed_overrides: " + "; ".join(clashes))
-        if self.training.skip_nonfinite_steps and self.distributed.backend == "deepspeed":
-            raise ValueError("training.skip_nonfinite_steps needs backend ddp (DeepSpeed updates inside backward; "
-                             "under fp16 it skips overflowing steps itself)")
-        if self.training.max_failures and not self.training.checkpoint_every:
-            raise ValueError("training.max_failures needs training.checkpoint_every (restarts resume from a checkpoint)")
+                problems.append("distributed.deepspeed_overrides: " + "; ".join(clashes))
+        if training.max_failures and not training.checkpoint_every:
+            problems.append("training.max_failures needs training.checkpoint_every (restarts resume from a checkpoint)")
         if self.eval.forgetting is not None and (self.model.task != "causal_lm" or not self.eval.before_after):
-            raise ValueError("eval.forgetting needs model.task: causal_lm and eval.before_after: true")
-        if self.eval.few_shot_baseline and (self.eval.generation is None or self.data.format not in ("instruction", "chat")):
-            raise ValueError("eval.few_shot_baseline needs eval.generation and instruction or chat data")
-        if (self.data.format == "preference") != (self.method.objective == "dpo"):
-            raise ValueError("method.objective dpo and data.format preference go together (preference rows: "
-                             "prompt, chosen, rejected)")
-        if self.method.objective == "dpo":
-            if self.model.task != "causal_lm":
-                raise ValueError("method.objective dpo needs model.task: causal_lm")
-            if self.data.packing:
-                raise ValueError("data.packing does not apply to preference pairs; set it false")
-            if self.method.name == "prefix":
-                raise ValueError("method.objective dpo supports full, freeze, lora, dora and qlora, not prefix")
-            if self.method.name in ("full", "freeze") and self.distributed.backend == "deepspeed" \
-                    and self.distributed.zero_stage == 3:
-                raise ValueError("dpo with a full/freeze model under ZeRO-3 would need a partitioned reference copy; "
-                                 "use lora (its reference is the base with adapters off) or zero_stage 2")
-        return self
+            problems.append("eval.forgetting needs model.task: causal_lm and eval.before_after: true")
+        return problems
 
     @property
     def output_dir(self) -> Path:
@@ -531,6 +551,9 @@ def format_validation_errors(source: str, exc: ValidationError) -> list[str]:
             message = "unknown key" + (f" (valid keys: {', '.join(keys)})" if keys else "")
         elif error["type"] == "missing":
             message = "missing required key"
+        if not loc:  # the cross-field checks: one problem per line, each naming its keys
+            lines += [f"{source}: {line}" for line in message.splitlines()]
+            continue
         lines.append(f"{source}: {path}: {message}")
     return lines
 

@@ -51,7 +51,7 @@ def test_export_refuses_to_overwrite_and_prefix_cannot_merge(make_job, cli, tmp_
     assert cli("train", job, "--no-ray").code == 0
     run = tmp_path / "runs" / "exp-prefix"
     result = cli("export", run, "--merge", "--out", tmp_path / "m")
-    assert result.code == 2 and "prefix-tuning adapters cannot be merged" in result.err
+    assert result.code == 2 and "prefix adapters cannot be merged" in result.err
     assert not (tmp_path / "m").exists()
     assert cli("export", run, "--out", tmp_path / "a").code == 0
     again = cli("export", run, "--out", tmp_path / "a")

@@ -139,3 +139,17 @@ def test_fields_command_lists_every_key_with_its_meaning(cli):
     text = " ".join(result.out.split())
     assert "method.lora.target_modules" in result.out and "q_proj" in text and "all-linear" in text
     assert cli("fields", "nope").code == 2
+
+
+def test_cross_field_problems_are_all_reported_at_once(make_job):
+    """Rules spanning sections come from the registry, and every broken one is its own line."""
+    with pytest.raises(SpecError) as caught:
+        load_spec(make_job(), ["method.name=prefix", "model.task=classification", "data.packing=true",
+                               "distributed.backend=deepspeed", "training.max_failures=1"])
+    lines = str(caught.value).splitlines()
+    for needle in ("model.task classification needs data.format: classification",
+                   "method prefix supports causal_lm only", "data.packing does not work with method prefix",
+                   "data.packing applies to model.task causal_lm only", "method prefix is not supported with backend deepspeed",
+                   "training.max_failures needs training.checkpoint_every"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+    assert len(lines) == 6 and all(line.startswith(str(make_job().parent)) or ".yaml" in line for line in lines)
