@@ -15,6 +15,7 @@ from ftcluster.evaluate import base_model_view, few_shot_baseline, run_eval, sca
 from ftcluster.export import load_base, load_finetuned
 from ftcluster.forgetting import general_items
 from ftcluster.layout import FINAL, LABELS
+from ftcluster.registry import METHODS
 from ftcluster.spec import build_spec
 
 
@@ -30,7 +31,7 @@ def compare_run(run_dir: str | Path, few_shot: int | None = None) -> dict[str, A
     bundle = build_data(spec.data, tokenizer)
     renderer = Renderer(tokenizer, spec.data.max_length, spec.data.train_on_prompt)
     device = torch.device("cpu")
-    is_peft = hasattr(model, "disable_adapter")
+    is_peft = METHODS[spec.method.name].adapters
     base = None if is_peft else load_base(spec, labels_file=run / FINAL / LABELS)
     objective = make_objective(spec, model, is_peft, base_model=base)
     general = general_items(spec.eval.forgetting, renderer) if spec.eval.forgetting else None

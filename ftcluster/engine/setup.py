@@ -34,7 +34,6 @@ from ftcluster.forgetting import general_items
 from ftcluster.models.blocks import checkpoint_every_nth_block
 from ftcluster.models.load import check_attention, load_pretrained, load_tokenizer, resolve_model, torch_dtype
 from ftcluster.models.methods import (
-    PEFT_METHODS,
     ParamCounts,
     UnfreezeSchedule,
     apply_method,
@@ -42,6 +41,7 @@ from ftcluster.models.methods import (
     param_breakdown,
     quantization_config,
 )
+from ftcluster.registry import METHODS
 from ftcluster.spec import JobSpec
 from ftcluster.tables import param_table
 
@@ -159,7 +159,7 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     if ds_config is not None:
         autocast = contextlib.nullcontext  # DeepSpeed casts the model itself (bf16/fp16 sections)
     model = _load_model(spec, ctx, device, resolved, tokenizer, bundle.label_names, ds_config)
-    is_peft = spec.method.name in PEFT_METHODS
+    is_peft = METHODS[spec.method.name].adapters
     objective = make_objective(spec, model, is_peft)  # fixes a DPO reference now
     schedule, optimizer, scheduler = _optimizer(spec, model, device, order, total_steps)
     counts = count_params(model)
