@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from ftcluster.models.tiny import arithmetic_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -39,15 +40,6 @@ def tiny_model(tmp_path_factory) -> Path:
     from ftcluster.models.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-def arithmetic_rows(count: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        rows.append({"instruction": f"add {a} and {b}", "output": str(a + b)})
-    return rows
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

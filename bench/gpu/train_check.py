@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import random
 import socket
 import sys
 import tempfile
@@ -38,15 +37,6 @@ GPU_MODEL = dict(hidden_size=512, layers=4, heads=8, kv_heads=4, intermediate_si
 CPU_MODEL = dict(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128)
 
 
-def arithmetic_rows(count: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        rows.append({"instruction": f"add {a} and {b}", "output": str(a + b)})
-    return rows
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
@@ -56,13 +46,13 @@ class Bench:
     def __init__(self, work: Path, smoke: bool):
         import torch
 
-        from ftcluster.models.tiny import make_tiny_llama
+        from ftcluster.models.tiny import arithmetic_rows, make_tiny_llama
 
         self.work, self.smoke = work, smoke
         self.cuda = torch.cuda.is_available() and not smoke
         self.model = str(make_tiny_llama(work / "model", **(CPU_MODEL if smoke else GPU_MODEL)))
-        self.train = write_jsonl(work / "train.jsonl", arithmetic_rows(512, 0))
-        self.val = write_jsonl(work / "val.jsonl", arithmetic_rows(16, 1))
+        self.train = write_jsonl(work / "train.jsonl", arithmetic_rows(512, 0, largest=99))
+        self.val = write_jsonl(work / "val.jsonl", arithmetic_rows(16, 1, largest=99))
 
     def run(self, name: str, **sections) -> dict:
         """One loop run; returns its summary plus the per-step training losses."""

@@ -1,4 +1,4 @@
-"""Tiny random-init Llama models with a byte-level tokenizer, for fast tests and benchmarks.
+"""Tiny random-init Llama models with a byte-level tokenizer, and a tiny task, for fast tests and benchmarks.
 
 Built from a config, deterministic for a seed, and written as an ordinary Hugging Face folder,
 so they go through exactly the same loading path as a real pretrained model.
@@ -6,7 +6,19 @@ so they go through exactly the same loading path as a real pretrained model.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+
+
+def arithmetic_rows(count: int, seed: int, largest: int = 9) -> list[dict]:
+    """Instruction rows "add A and B" -> "A+B" with 0 <= A, B <= largest: a task a tiny model learns in steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, largest), rng.randint(0, largest)
+        rows.append({"instruction": f"add {a} and {b}", "output": str(a + b)})
+    return rows
+
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
