@@ -190,10 +190,10 @@ def interrupted_run(exc: KeyboardInterrupt, out: Path) -> None:
     """One line for a run stopped by Ctrl+C or SIGTERM: the step, the checkpoint, the command that resumes."""
     import shlex
 
-    from ftcluster.interrupts import STOP, Interrupted
+    from ftcluster.interrupts import Interrupted, signal_of
     from ftcluster.layout import CHECKPOINTS, latest_checkpoint
 
-    signum = exc.signum if isinstance(exc, Interrupted) else (STOP.signum or signal.SIGINT)
+    signum = signal_of(exc)
     step = exc.step if isinstance(exc, Interrupted) else None
     checkpoint = (exc.checkpoint if isinstance(exc, Interrupted) else None) or latest_checkpoint(out / CHECKPOINTS)
     words = [a for a in sys.argv[1:] if a != "--resume"]
@@ -518,7 +518,9 @@ def interruptible(command):
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt as exc:
-            signum = getattr(exc, "signum", signal.SIGINT)
+            from ftcluster.interrupts import signal_of
+
+            signum = signal_of(exc)
             err_console.print(f"interrupted ({signal.Signals(signum).name})")
             sys.exit(128 + signum)
 

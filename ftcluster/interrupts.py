@@ -26,9 +26,6 @@ class Interrupted(KeyboardInterrupt):
         self.step = step
         self.checkpoint = checkpoint
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 class StopRequests:
@@ -70,3 +67,8 @@ class StopRequests:
 
 
 STOP = StopRequests()
+
+
+def signal_of(exc: KeyboardInterrupt) -> int:
+    """The signal behind an interrupt: ours carry it; a plain KeyboardInterrupt is the last one seen, or SIGINT."""
+    return exc.signum if isinstance(exc, Interrupted) else (STOP.signum or signal.SIGINT)

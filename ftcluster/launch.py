@@ -23,7 +23,6 @@ from ftcluster.models.load import ALIASES
 from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
 from ftcluster.spec import JobSpec
 
-LOOPBACK = "127.0.0.1"
 RAY_STORAGE = "ray"  # OUTPUT/ray: Ray Train's copy of reported checkpoints, unless scaling.storage_path
 
 
@@ -91,6 +90,8 @@ def init_ray(address: str | None) -> None:
         return
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # The dashboard (loopback only) serves the state API that Ray Train uses to clean up after runs.
+    from ftcluster.ray_loopback import LOOPBACK
+
     ray.init(_node_ip_address=LOOPBACK, include_dashboard=True, dashboard_host=LOOPBACK, log_to_driver=True)
 
 

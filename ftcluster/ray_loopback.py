@@ -8,7 +8,7 @@ gloo / NCCL on the loopback interface. Clusters of real machines keep Ray's back
 workers must reach rank 0 over the network (see the README's port table).
 
 This module uses Ray Train's backend plug-in interface (``BackendConfig`` / ``Backend``, a
-developer API): ``tests/test_reliability.py`` fails when a Ray upgrade changes it.
+developer API): ``tests/test_ray.py``'s listening-socket test fails when a Ray upgrade changes it.
 """
 
 from __future__ import annotations

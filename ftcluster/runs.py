@@ -128,10 +128,14 @@ def start_output(spec: JobSpec, resume: bool) -> Path:
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        for name in (SUMMARY, EVAL_BEFORE, EVAL_AFTER, METRICS):
-            (out / name).unlink(missing_ok=True)
-        for name in (FINAL, CHECKPOINTS):
-            shutil.rmtree(out / name, ignore_errors=True)
+        for name in RUN_FILES:
+            if name == RUN_SPEC:
+                continue  # rewritten atomically below
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
     write_text_atomic(out / RUN_SPEC, dump_spec(spec))
     return out
 

@@ -49,8 +49,8 @@ class DivergenceGuard:
         if self.skipped < self.allowed_skips:
             self.skipped += 1
             return True
-        what = "loss" if not torch.isfinite(numbers[0]) else "gradient norm"
-        raise DivergedError(f"training diverged at step {step}: the {what} is {numbers[0 if what == 'loss' else 1].item()}"
+        what, value = ("loss", numbers[0]) if not torch.isfinite(numbers[0]) else ("gradient norm", numbers[1])
+        raise DivergedError(f"training diverged at step {step}: the {what} is {value.item()}"
                             + (f" after {self.skipped} skipped non-finite steps" if self.skipped else ""))
 
 

@@ -31,6 +31,7 @@ from ftcluster.engine.packing import check_packing_isolation
 from ftcluster.errors import FtError
 from ftcluster.evaluate import run_eval
 from ftcluster.forgetting import general_items
+from ftcluster.layout import CHECKPOINTS
 from ftcluster.models.blocks import checkpoint_every_nth_block
 from ftcluster.models.load import check_attention, load_pretrained, load_tokenizer, resolve_model, torch_dtype
 from ftcluster.models.methods import (
@@ -120,8 +121,6 @@ class Setup:
 
     @property
     def checkpoint_root(self) -> Path:
-        from ftcluster.layout import CHECKPOINTS
-
         return self.out_dir / CHECKPOINTS
 
     def evaluate(self, generation: bool = True) -> dict:
