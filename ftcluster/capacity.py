@@ -47,6 +47,9 @@ def capacity_problems(spec: JobSpec, view: ClusterView, driver_cpus: float = 0.0
     if scaling.use_gpu:
         needs["GPU"] = scaling.num_workers * scaling.gpus_per_worker
         bundle["GPU"] = scaling.gpus_per_worker
+    for name, amount in scaling.resources_per_worker.items():
+        needs[name] = scaling.num_workers * amount
+        bundle[name] = amount
     problems = [
         f"scaling: the job needs {amount:g} {kind} ({scaling.num_workers} workers"
         + (f" + {driver_cpus:g} for the job's driver" if kind == "CPU" and driver_cpus else "")

@@ -30,7 +30,9 @@ OverridesArg = Annotated[
     typer.Argument(help="Dotted overrides KEY=VALUE applied to the spec, e.g. training.lr=1e-4 method.lora.rank=16.",
                    show_default=False),
 ]
-RunArg = Annotated[Path, typer.Argument(help="A run folder written by `ftcluster train` (its output.dir).", show_default=False)]
+RunArg = Annotated[str, typer.Argument(
+    help="A run written by `ftcluster train`: its output.dir, a folder or a storage URI (s3://bucket/runs/x).",
+    show_default=False)]
 
 
 def check_spec_inputs(spec, job: Path, model_here: bool = True) -> None:
@@ -107,19 +109,21 @@ def train(
     from ftcluster.tables import print_run_tables
 
     out = check_output(spec, resume, force)
-    console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {out}")
+    where = spec.output_location
+    console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {where}")
     if no_ray and spec.scaling.num_workers > 1:
         raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
     try:
         with replacing_earlier_run(spec, resume):
             summary = run_in_process(spec, resume) if no_ray else run_with_ray(spec, resume, address)
     except KeyboardInterrupt as exc:
-        interrupted_run(exc, out)
+        interrupted_run(exc, spec, out)
     show = samples if samples >= 0 else (spec.eval.generation.show if spec.eval.generation else 0)
     print_run_tables(summary, show, console)
     print_summary_marker(summary)
-    console.print(f"Outputs in {out} (metrics.jsonl, summary.json, final/). "
-                  f"Export: ftcluster export {out} --merge --out {out}/merged")
+    merged = "merged" if spec.output_uri else f"{out}/merged"
+    console.print(f"Outputs in {where} (metrics.jsonl, summary.json, final/). "
+                  f"Export: ftcluster export {where} --merge --out {merged}")
 
 
 @app.command(epilog="Examples:\n\n"
@@ -187,7 +191,7 @@ def tune(
         sys.exit(130)
 
 
-def interrupted_run(exc: KeyboardInterrupt, out: Path) -> None:
+def interrupted_run(exc: KeyboardInterrupt, spec, out: Path) -> None:
     """One line for a run stopped by Ctrl+C or SIGTERM: the step, the checkpoint, the command that resumes."""
     import shlex
 
@@ -196,7 +200,10 @@ def interrupted_run(exc: KeyboardInterrupt, out: Path) -> None:
 
     signum = signal_of(exc)
     step = exc.step if isinstance(exc, Interrupted) else None
-    checkpoint = (exc.checkpoint if isinstance(exc, Interrupted) else None) or latest_checkpoint(out / CHECKPOINTS)
+    from ftcluster.run_storage import display_checkpoint
+
+    local = (exc.checkpoint if isinstance(exc, Interrupted) else None) or latest_checkpoint(out / CHECKPOINTS)
+    checkpoint = display_checkpoint(spec, local)
     words = [a for a in sys.argv[1:] if a != "--resume"]
     where = f" at step {step}" if step is not None else ""
     if checkpoint is None:
@@ -391,6 +398,7 @@ def eval_run(
 
 @app.command(epilog="Examples:\n\n  ftcluster export runs/quickstart --out exported/adapter\n\n"
              "  ftcluster export runs/quickstart --merge --out exported/merged\n\n"
+             "  ftcluster export s3://my-bucket/runs/quickstart --merge --out merged   # a run in object storage\n\n"
              "  ftcluster export runs/llama-65b --checkpoint latest --merge --out exported/step")
 def export(
     run: RunArg,
@@ -403,22 +411,24 @@ def export(
 ) -> None:
     """Export fine-tuned weights: an adapter folder plain `peft` loads, or (--merge) a full model folder."""
     from ftcluster.export import export_run
+    from ftcluster.run_storage import open_run
 
-    destination = out or run / ("merged" if merge else "export")
+    destination = out or open_run(run) / ("merged" if merge else "export")
     path = export_run(run, destination, merge=merge, force=force, checkpoint=checkpoint)
     console.print(f"[green]✓[/] exported to {path}")
 
 
 @app.command(epilog="Examples:\n\n  ftcluster report runs/quickstart   # then open runs/quickstart/report.html\n\n"
              "  ftcluster report runs/quickstart-sweep")
-def report(run: Annotated[Path, typer.Argument(help="A run folder, or a sweep folder written by `ftcluster tune`.",
-                                               show_default=False)]) -> None:
+def report(run: Annotated[str, typer.Argument(help="A run (folder or storage URI), or a sweep folder written by "
+                                              "`ftcluster tune`.", show_default=False)]) -> None:
     """Write report.html: for a run, overview, base-vs-fine-tuned and plots of loss, throughput, memory, cost;
     for a sweep, the leaderboard, metric vs dollars with the Pareto front, and every trial's curve."""
     from ftcluster.report import write_run_report, write_sweep_report
     from ftcluster.sweep.leaderboard import LEADERBOARD_JSON
 
-    path = write_sweep_report(run) if (run / LEADERBOARD_JSON).is_file() else write_run_report(run)
+    is_sweep = (Path(run) / LEADERBOARD_JSON).is_file()
+    path = write_sweep_report(run) if is_sweep else write_run_report(run)
     console.print(f"[green]✓[/] wrote {path}")
 
 

@@ -16,13 +16,14 @@ from ftcluster.export import load_base, load_finetuned
 from ftcluster.forgetting import general_items
 from ftcluster.layout import FINAL, LABELS
 from ftcluster.registry import METHODS
+from ftcluster.run_storage import open_run
 from ftcluster.spec import build_spec
 
 
 def compare_run(run_dir: str | Path, few_shot: int | None = None) -> dict[str, Any]:
     """Evaluate base and fine-tuned models of a finished run on its validation data (CPU, fp32);
     `few_shot`: also the base model prompted with that many training examples."""
-    run = Path(run_dir)
+    run = open_run(run_dir)
     model, tokenizer, spec = load_finetuned(run)
     if few_shot:  # the spec's own rules decide whether the run allows a few-shot baseline
         raw = spec.model_dump(mode="json")

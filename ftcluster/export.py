@@ -11,6 +11,7 @@ from ftcluster.errors import FtError
 from ftcluster.layout import CHECKPOINTS, FINAL, LABELS, LATEST, TRAINER_STATE, latest_checkpoint
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 from ftcluster.models.methods import apply_method, full_precision
+from ftcluster.run_storage import open_run
 from ftcluster.runs import final_weights, load_run, load_run_spec
 
 
@@ -24,7 +25,7 @@ def load_finetuned(run_dir: str | Path, *, merged: bool = False):
     """(model, tokenizer, spec) of a finished run: base + adapter (merged on request) or full model."""
     import torch
 
-    run, spec, _summary = load_run(run_dir)
+    run, spec, _summary = load_run(open_run(run_dir))
     weights, is_adapter = final_weights(run)
     from transformers import AutoTokenizer
 
@@ -99,7 +100,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, for
     By default the run's final weights; with ``checkpoint`` (a step-N folder name or "latest")
     the weights of that training checkpoint, consolidated from ZeRO shards where needed.
     """
-    run = Path(run_dir)
+    run = open_run(run_dir, checkpoint)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FtError(f"export: {out} exists and is not empty; pass --force to replace it")

@@ -21,7 +21,9 @@ from ftcluster.interrupts import STOP
 from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.models.load import ALIASES
 from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
+from ftcluster.run_storage import pull_checkpoint, remote_summary
 from ftcluster.spec import JobSpec
+from ftcluster.storage import STORAGE_ENV
 
 RAY_STORAGE = "ray"  # OUTPUT/ray: Ray Train's copy of reported checkpoints, unless scaling.storage_path
 
@@ -32,7 +34,8 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     spec.data.train = str(Path(spec.data.train).resolve())
     if spec.data.validation:
         spec.data.validation = str(Path(spec.data.validation).resolve())
-    spec.output.dir = str(spec.output_dir.resolve())
+    if not spec.output_uri:
+        spec.output.dir = str(spec.output_dir.resolve())
     model_path = Path(spec.model.path).expanduser()
     if spec.model.path not in ALIASES and model_path.exists():
         spec.model.path = str(model_path.resolve())
@@ -41,11 +44,18 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
 
 def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
     """One worker, this process, no Ray: what `--no-ray`, benchmarks and GPU scripts use."""
-    return train(spec, WorkerContext(), resume=resume)
+    ctx = WorkerContext()
+    ctx.restored = pull_checkpoint(spec, ctx, resume, launch=None)  # a run in storage: its checkpoint, fetched
+    return train(spec, ctx, resume=resume)
 
 
-def ray_context(checkpoint_root: Path) -> WorkerContext:
-    """The context of a Ray Train worker (call inside the training function)."""
+def ray_context(checkpoint_root: Path, checkpoints_to_ray: bool = True) -> WorkerContext:
+    """The context of a Ray Train worker (call inside the training function).
+
+    checkpoints_to_ray: hand checkpoints to Ray Train, which restores a restarted worker group from
+    them. A run in storage (output.dir a URI) does not: its checkpoints are in the store already
+    (`run_storage.push_checkpoint`, every node's shards), and a restart takes them from there.
+    """
     import ray.train
 
     context = ray.train.get_context()
@@ -53,7 +63,7 @@ def ray_context(checkpoint_root: Path) -> WorkerContext:
     def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
         # Every worker must call this (it is a barrier). Ray copies the checkpoint to its storage
         # in the background (training goes on) and keeps our local copy for `--resume`.
-        if checkpoint is None:
+        if checkpoint is None or not checkpoints_to_ray:
             ray.train.report(metrics)
             return
         ray.train.report(
@@ -76,7 +86,11 @@ def _ray_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
     quiet_ray_train_worker()
     spec = JobSpec.model_validate(config["spec"])
-    train(spec, ray_context(spec.output_dir / CHECKPOINTS), resume=config["resume"], verbose=config.get("verbose", True))
+    ctx = ray_context(spec.output_dir / CHECKPOINTS, checkpoints_to_ray=spec.output_uri is None)
+    ctx.launch = config["launch"]
+    if spec.output_uri:
+        ctx.restored = pull_checkpoint(spec, ctx, config["resume"], ctx.launch)
+    train(spec, ctx, resume=config["resume"], verbose=config.get("verbose", True))
 
 
 def init_ray(address: str | None) -> None:
@@ -123,8 +137,10 @@ def check_cluster_capacity(spec: JobSpec) -> None:
 
 
 def forwarded_env() -> dict | None:
-    """ftcluster's own settings (FTCLUSTER_*) travel from this shell to the workers."""
-    env = {key: value for key, value in os.environ.items() if key.startswith("FTCLUSTER_")}
+    """ftcluster's own settings (FTCLUSTER_*, but not a node's own cache folder) and the storage's
+    endpoint and region travel from this shell to the workers; credentials do not (nodes have their own)."""
+    env = {key: value for key, value in os.environ.items()
+           if (key.startswith("FTCLUSTER_") and key != "FTCLUSTER_CACHE") or key in STORAGE_ENV}
     return {"env_vars": env} if env else None
 
 
@@ -136,12 +152,13 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
     from ftcluster.ray_loopback import torch_config
 
     scaling = spec.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
+    launch = ray_run_name(spec)
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         _ray_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume, "verbose": verbose},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume, "verbose": verbose, "launch": launch},
         torch_config=torch_config(spec.distributed.timeout_s),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
@@ -150,8 +167,8 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=ray_run_name(spec),
-            storage_path=scaling.storage_path or str(spec.output_dir / RAY_STORAGE),
+            name=launch,
+            storage_path=scaling.storage_path or ray_storage(spec),
             failure_config=FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
             # Ray's typing: ray.train exports Train v2's RunConfig (which has worker_runtime_env) when v2 is enabled,
@@ -169,10 +186,15 @@ def ray_run_name(spec: JobSpec) -> str:
     return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
+def ray_storage(spec: JobSpec) -> str:
+    """Ray Train's storage when scaling.storage_path is not set: OUTPUT/ray, in the run's store for a URI."""
+    return f"{spec.output_uri}/{RAY_STORAGE}" if spec.output_uri else str(spec.output_dir / RAY_STORAGE)
+
+
 def prune_ray_storage(spec: JobSpec, keep: str) -> None:
     """After a successful launch, drop earlier launches' copies in the default local storage
-    (OUTPUT/ray); a user's own storage_path is left alone."""
-    if spec.scaling.storage_path:
+    (OUTPUT/ray); a user's own storage_path (and a store's) is left alone."""
+    if spec.scaling.storage_path or spec.output_uri:
         return
     for folder in (spec.output_dir / RAY_STORAGE).glob("*"):
         if folder.is_dir() and folder.name != keep:
@@ -220,6 +242,8 @@ def fit(trainer, spec: JobSpec) -> dict[str, Any]:
         if user_error is not None:
             raise FtError(str(user_error)) from None
         raise
+    if spec.output_uri:
+        return remote_summary(spec)
     return json.loads((spec.output_dir / SUMMARY).read_text())
 
 

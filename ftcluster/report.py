@@ -12,6 +12,7 @@ from typing import Any
 from ftcluster.atomic import write_text_atomic
 from ftcluster.errors import FtError
 from ftcluster.layout import METRICS, SUMMARY
+from ftcluster.run_storage import open_run
 
 REPORT = "report.html"
 
@@ -78,7 +79,7 @@ def _fmt(value: Any) -> str:
 
 
 def write_run_report(run_dir: str | Path) -> Path:
-    run = Path(run_dir)
+    run = open_run(run_dir)
     if not (run / METRICS).is_file():
         raise FtError(f"{run}: no {METRICS}; pass the output.dir of a `ftcluster train` run")
     records = [json.loads(line) for line in (run / METRICS).read_text().splitlines() if line.strip()]

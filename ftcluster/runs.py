@@ -29,6 +29,7 @@ from ftcluster.layout import (
     SUMMARY,
     latest_checkpoint,
 )
+from ftcluster.run_storage import check_remote_output, clear_remote_run, open_run, push_run_files
 from ftcluster.spec import JobSpec, dump_spec, load_spec
 
 # A run that replaces an earlier one (output.overwrite) parks the earlier run's files here until it
@@ -45,6 +46,9 @@ def check_output(spec: JobSpec, resume: bool, force: bool = False) -> Path:
     unless ``output.overwrite`` is set; ``--resume`` of a finished run needs ``force``.
     """
     out = spec.output_dir
+    if spec.output_uri:
+        check_remote_output(spec, resume, force)
+        return out
     _check_writable(out)
     if resume:
         if latest_checkpoint(out / CHECKPOINTS) is None:
@@ -88,7 +92,7 @@ def replacing_earlier_run(spec: JobSpec, resume: bool) -> Iterator[None]:
     """
     out = spec.output_dir
     previous = out / PREVIOUS
-    if resume or not spec.output.overwrite:
+    if resume or not spec.output.overwrite or spec.output_uri:  # (a URI's earlier run is replaced at the start)
         yield
         return
     present = [name for name in RUN_FILES if (out / name).exists()]
@@ -137,20 +141,23 @@ def start_output(spec: JobSpec, resume: bool) -> Path:
             else:
                 path.unlink(missing_ok=True)
     write_text_atomic(out / RUN_SPEC, dump_spec(spec))
+    if not resume:
+        clear_remote_run(spec)
+    push_run_files(spec)
     return out
 
 
 def load_run_spec(run_dir: str | Path) -> JobSpec:
     """The spec a run (finished or not) was started with."""
-    run = Path(run_dir)
+    run = open_run(run_dir)
     if not (run / RUN_SPEC).is_file():
         raise FtError(f"{run}: not a run folder (no {RUN_SPEC}); pass the output.dir of a `ftcluster train` run")
     return load_spec(run / RUN_SPEC)
 
 
 def load_run(run_dir: str | Path) -> tuple[Path, JobSpec, dict[str, Any]]:
-    """The spec and summary of a finished run."""
-    run = Path(run_dir)
+    """The spec and summary of a finished run (a local folder, or a storage URI fetched to this machine)."""
+    run = open_run(run_dir)
     spec = load_run_spec(run)
     summary_path = run / SUMMARY
     if not summary_path.is_file():

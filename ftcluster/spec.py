@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftcluster.errors import SpecError
+from ftcluster.storage import is_uri, local_path, staging_dir
 
 
 class Section(BaseModel):
@@ -280,6 +281,11 @@ class ScalingSpec(Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch threads).")
     gpus_per_worker: float = Field(1, ge=0, description="GPUs per worker when use_gpu (fractions allowed).")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each worker needs besides CPU and GPU: it runs only on nodes that "
+        "advertise them (ray start --resources). Example: {a100_node: 1}",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
         description="How Ray places workers on nodes: PACK (fill nodes), SPREAD, STRICT_SPREAD (one per node).",
@@ -293,6 +299,17 @@ class ScalingSpec(Section):
         "H100", description="GPU model the job is planned for (memory, peak FLOPs, price), by Ray's accelerator "
         "type name: H200, H100, H100-PCIE, A100-80G, A100-40G, A100, L40S, L4, A10G, ... Example: A100-40G",
     )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(value))
+        if builtin:
+            raise ValueError(f"{', '.join(builtin)}: set these with cpus_per_worker / gpus_per_worker, not here")
+        negative = [name for name, amount in value.items() if amount <= 0]
+        if negative:
+            raise ValueError(f"{negative[0]}: amounts must be above 0")
+        return value
 
     @field_validator("gpu_type")
     @classmethod
@@ -374,7 +391,12 @@ class CostSpec(Section):
 
 
 class OutputSpec(Section):
-    dir: str = Field("runs/{name}", description="Run folder; {name} is the job name.")
+    dir: str = Field(
+        "runs/{name}",
+        description="Run folder; {name} is the job name. A local or shared path, or a storage URI that every node "
+        "can reach (s3://bucket/runs/{name}, gs://, abfs://; S3-compatible stores via AWS_ENDPOINT_URL): "
+        "checkpoints, final weights, metrics and summary are mirrored there.",
+    )
     overwrite: bool = Field(
         False, description="Allow a fresh run into a folder that holds a finished run (else an error)."
     )
@@ -467,8 +489,20 @@ class JobSpec(Section):
         return problems
 
     @property
+    def output_location(self) -> str:
+        """output.dir with {name} filled in: a path, or a storage URI (s3://bucket/runs/x)."""
+        return self.output.dir.format(name=self.name)
+
+    @property
+    def output_uri(self) -> str | None:
+        """The run's storage URI, when output.dir is one (None for a local or mounted path)."""
+        return self.output_location.rstrip("/") if is_uri(self.output_location) else None
+
+    @property
     def output_dir(self) -> Path:
-        return Path(self.output.dir.format(name=self.name))
+        """Where this process writes the run: output.dir itself, or this node's working copy of a URI's run."""
+        uri = self.output_uri
+        return staging_dir(uri) if uri else local_path(self.output_location)
 
 
 # --- loading ------------------------------------------------------------------------------------

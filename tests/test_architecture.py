@@ -13,11 +13,12 @@ PACKAGE = REPO / "ftcluster"
 # Lowest first. A module may import modules of its own layer or of lower layers, never higher ones.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("ftcluster", "ftcluster.errors", "ftcluster.layout", "ftcluster.atomic", "ftcluster.accelerators", "ftcluster.registry",
+              "ftcluster.storage",
               "ftcluster.interrupts", "ftcluster.quiet")),
     ("spec", ("ftcluster.spec", "ftcluster.ds_config")),
     ("data, models, tracking", ("ftcluster.data", "ftcluster.models", "ftcluster.track", "ftcluster.tables",
                                 "ftcluster.forgetting")),
-    ("engine", ("ftcluster.engine", "ftcluster.evaluate", "ftcluster.plan", "ftcluster.capacity", "ftcluster.runs",
+    ("engine", ("ftcluster.engine", "ftcluster.evaluate", "ftcluster.plan", "ftcluster.capacity", "ftcluster.runs", "ftcluster.run_storage",
                 "ftcluster.export", "ftcluster.compare")),
     ("launch", ("ftcluster.launch", "ftcluster.ray_loopback")),
     ("sweeps, clusters, reports", ("ftcluster.sweep", "ftcluster.cluster", "ftcluster.report")),

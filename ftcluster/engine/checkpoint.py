@@ -106,6 +106,8 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     barrier()
+    if not is_main:  # a worker on another node writes its shard into its own node's copy
+        staging.mkdir(parents=True, exist_ok=True)
     try:
         if engine is not None:
             engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG)

@@ -39,6 +39,9 @@ class WorkerContext:
     report: Reporter = field(default=lambda metrics, checkpoint=None: None)
     # After a worker-group restart: the launcher's latest checkpoint to resume from.
     restored: Path | None = None
+    # The launch this worker belongs to (Ray Train's run name), recorded in checkpoints: a worker group
+    # that Ray restarts continues its own launch's checkpoint in run storage, never an older one.
+    launch: str | None = None
 
     @property
     def is_main(self) -> bool:

@@ -42,6 +42,7 @@ from ftcluster.layout import (
     latest_checkpoint,
 )
 from ftcluster.models.methods import count_params
+from ftcluster.run_storage import display_checkpoint, push_checkpoint, push_run_files
 from ftcluster.runs import start_output
 from ftcluster.spec import JobSpec
 from ftcluster.track.cost import device_kind, run_cost
@@ -286,10 +287,13 @@ def checkpoint(setup: Setup, state: RunState) -> Path:
         "train_seconds": state.window.train_seconds,
         "stopper": state.stopper.state(),
         "overfit": state.overfit.state(),
+        "launch": setup.ctx.launch,
     }
-    return save_checkpoint(setup.checkpoint_root, state.step, setup.module, setup.optimizer, setup.scheduler,
-                           trainer_state, setup.spec.training.keep_checkpoints, engine=setup.stepper.engine,
-                           is_main=setup.ctx.is_main, barrier=setup.ctx.barrier)
+    saved = save_checkpoint(setup.checkpoint_root, state.step, setup.module, setup.optimizer, setup.scheduler,
+                            trainer_state, setup.spec.training.keep_checkpoints, engine=setup.stepper.engine,
+                            is_main=setup.ctx.is_main, barrier=setup.ctx.barrier)
+    push_checkpoint(setup.spec, setup.ctx, saved)  # to run storage, when output.dir is a URI
+    return saved
 
 
 def wrap_up(setup: Setup, state: RunState) -> dict[str, Any]:
@@ -314,6 +318,7 @@ def wrap_up(setup: Setup, state: RunState) -> dict[str, Any]:
         state.tracker.samples_table("eval/samples_before", state.before.get("samples", []))
         state.tracker.samples_table("eval/samples_after", after.get("samples", []))
         state.tracker.finish(summary)
+        push_run_files(setup.spec, finished=True)  # to run storage, when output.dir is a URI; summary last
     # Last, once everything is on disk: a sweep scheduler may end the trial as soon as it sees this.
     ctx.report(summary["final_report"])
     if forgetting and forgetting["exceeded"] and forgetting["action"] == "fail":
@@ -340,6 +345,8 @@ def diverged(spec: JobSpec, ctx: WorkerContext, exc: DivergedError) -> DivergedE
     checkpoint_path = latest_checkpoint(out_dir / CHECKPOINTS)
     MetricsLog(out_dir / METRICS, ctx.is_main, None).write(
         {"time": time.time(), "stop_reason": str(exc).split(":")[0].removeprefix("training ")})
-    where = f"last good checkpoint: {checkpoint_path}" if checkpoint_path else "no checkpoint was written before it"
+    if ctx.is_main:
+        push_run_files(spec)
+    where = f"last good checkpoint: {display_checkpoint(spec, checkpoint_path)}" if checkpoint_path else "no checkpoint was written before it"
     return DivergedError(f"{exc}; no final weights were saved ({where}). Lower training.lr (now {spec.training.lr:g}) "
                          "or set training.max_grad_norm, then resume with --resume, or allow training.skip_nonfinite_steps")

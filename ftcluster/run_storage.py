@@ -1,0 +1,191 @@
+"""A run whose output.dir is a storage URI: mirroring it there as it trains, and reading it back.
+
+Writers work in a local copy (`JobSpec.output_dir`, under the cache on every node) and push:
+`push_checkpoint` after every checkpoint (each node's shards, then rank 0's files, the trainer
+state, `latest`), `push_run_files` after every checkpoint and at the end (`summary.json` last).
+Readers (`eval`, `export`, `report`, `train --resume`, a restarted worker) pull what they need
+into the same local copy. See ftcluster/storage.py for the storage itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ftcluster.engine.context import WorkerContext
+from ftcluster.errors import FtError
+from ftcluster.layout import CHECKPOINTS, LATEST, SUMMARY, TRAINER_STATE
+from ftcluster.spec import JobSpec
+from ftcluster.storage import RemoteFolder, is_uri, local_path, staging_dir
+
+# Not mirrored with the run files: checkpoints go by push_checkpoint; Ray's own storage, a replaced
+# run's parked files, temporary names and write probes stay local.
+LOCAL_ONLY = {CHECKPOINTS, "ray", ".previous", "failed"}
+
+
+def remote_of(spec: JobSpec) -> RemoteFolder | None:
+    return RemoteFolder(spec.output_uri) if spec.output_uri else None
+
+
+def push_checkpoint(spec: JobSpec, ctx: WorkerContext, folder: Path) -> None:
+    """Every worker, after `save_checkpoint`: the checkpoint of this step, complete, in the store.
+
+    Under DeepSpeed every worker wrote its shard in its own node's copy; the nodes other than rank
+    0's still hold them in the staging folder, which their first worker uploads. Rank 0 then uploads
+    its files with the trainer state last, and `latest` after that: a reader never trusts a partial one.
+    """
+    remote = remote_of(spec)
+    if remote is None:
+        return
+    shards = folder.parent / f".tmp-{folder.name}"
+    if not ctx.is_main and ctx.local_rank == 0 and shards.is_dir():
+        remote.upload(shards, CHECKPOINTS, folder.name)
+        shutil.rmtree(shards, ignore_errors=True)
+    ctx.barrier()
+    if ctx.is_main:
+        for item in sorted(folder.iterdir()):
+            if item.name != TRAINER_STATE:
+                remote.upload(item, CHECKPOINTS, folder.name, item.name)
+        remote.upload(folder / TRAINER_STATE, CHECKPOINTS, folder.name, TRAINER_STATE)
+        remote.write_text(folder.name + "\n", CHECKPOINTS, LATEST)
+        steps = [name for name in remote.names(CHECKPOINTS) if name.startswith("step-")]
+        for old in steps[:-spec.training.keep_checkpoints]:
+            remote.delete(CHECKPOINTS, old)
+        push_run_files(spec)
+    ctx.barrier()
+
+
+def push_run_files(spec: JobSpec, finished: bool = False) -> None:
+    """Rank 0: the run's files other than checkpoints; `summary.json` (the run is finished) last."""
+    remote = remote_of(spec)
+    if remote is None:
+        return
+    out = spec.output_dir
+    for item in sorted(out.iterdir()):
+        if item.name in LOCAL_ONLY or item.name == SUMMARY or item.name.startswith("."):
+            continue
+        remote.upload(item, item.name)
+    if finished:
+        remote.upload(out / SUMMARY, SUMMARY)
+
+
+def clear_remote_run(spec: JobSpec) -> None:
+    """A fresh run (output.overwrite) into a URI that holds an earlier one: its files go first.
+    The summary goes first of all, so the folder never looks like a finished run with missing parts."""
+    remote = remote_of(spec)
+    if remote is None:
+        return
+    remote.delete(SUMMARY)
+    for name in remote.names():
+        if name != "ray":
+            remote.delete(name)
+
+
+def remote_latest(remote: RemoteFolder) -> tuple[str, dict[str, Any]] | None:
+    """The newest complete checkpoint in the store: its folder name and trainer state."""
+    name = (remote.read_text(CHECKPOINTS, LATEST) or "").strip()
+    state = remote.read_text(CHECKPOINTS, name, TRAINER_STATE) if name else None
+    return (name, json.loads(state)) if state else None
+
+
+def pull_checkpoint(spec: JobSpec, ctx: WorkerContext, resume: bool, launch: str | None) -> Path | None:
+    """Every worker, before training: the checkpoint this worker resumes from, fetched to its node.
+
+    With --resume, the store's latest; in a worker group that Ray restarted after a failure, the
+    latest written by this launch (``launch``; a fresh launch does not continue an older run).
+    A fresh start clears stale checkpoints from this node's copy.
+    """
+    remote = remote_of(spec)
+    if remote is None:
+        return None
+    root = spec.output_dir / CHECKPOINTS
+    latest = remote_latest(remote)
+    wanted = latest is not None and (resume or (launch is not None and latest[1].get("launch") == launch))
+    if not wanted:
+        if resume:
+            raise FtError(f"--resume: {remote.child(CHECKPOINTS)} has no complete checkpoint to resume from")
+        if ctx.local_rank == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        return None
+    assert latest is not None
+    name = latest[0]
+    if not (root / name / TRAINER_STATE).is_file():
+        remote.download(root / name, CHECKPOINTS, name)
+    if ctx.is_main:
+        for item in remote.names():
+            if item not in LOCAL_ONLY and item != SUMMARY:
+                remote.download(spec.output_dir / item, item)
+    ctx.barrier()
+    return root / name
+
+
+def check_remote_output(spec: JobSpec, resume: bool, force: bool) -> None:
+    """The URI version of runs.check_output: writable, and not another run unless asked."""
+    remote = remote_of(spec)
+    assert remote is not None
+    remote.probe_writable()
+    summary = remote.read_text(SUMMARY)
+    if resume:
+        if remote_latest(remote) is None:
+            raise FtError(f"--resume: {remote.child(CHECKPOINTS)} has no complete checkpoint to resume from")
+        if summary is not None and not force:
+            done = json.loads(summary)
+            wanted = spec.training.max_steps
+            if wanted is None or wanted <= done.get("steps", 0):
+                raise FtError(f"--resume: {remote} holds a finished run ({done.get('steps')} steps); raise "
+                              "training.max_steps to train further, or add --force to retrain from its last checkpoint")
+    elif not spec.output.overwrite and (summary is not None or remote.exists(CHECKPOINTS)):
+        raise FtError(f"output.dir: {remote} already holds a run; use --resume to continue it, "
+                      "output.overwrite=true to replace it, or another output.dir")
+
+
+def remote_summary(spec: JobSpec) -> dict[str, Any]:
+    """The summary a finished run wrote to its store (the driver may run on another node than rank 0)."""
+    remote = remote_of(spec)
+    assert remote is not None
+    text = remote.read_text(SUMMARY)
+    if text is None:
+        raise FtError(f"{remote}: training ended but {SUMMARY} is not in the store")
+    return json.loads(text)
+
+
+def open_run(location: str | Path, checkpoint: str | None = None) -> Path:
+    """A run folder to read: a local path as it is, a URI's run fetched to this machine's copy.
+
+    What is fetched: everything but the checkpoints (and Ray's files), plus the one ``checkpoint``
+    asked for (a step-N name or "latest"). A copy whose summary equals the store's is reused.
+    """
+    if not is_uri(location):
+        return local_path(str(location))
+    remote = RemoteFolder(str(location))
+    local = staging_dir(remote.uri)
+    if not remote.exists():
+        raise FtError(f"{remote}: nothing there; pass the output.dir of a `ftcluster train` run")
+    summary = remote.read_text(SUMMARY)
+    fresh = summary is not None and (local / SUMMARY).is_file() and (local / SUMMARY).read_text() == summary
+    if not fresh:
+        for name in remote.names():
+            if name not in LOCAL_ONLY:
+                remote.download(local / name, name)
+    if checkpoint is not None:
+        name = checkpoint
+        if checkpoint == "latest":
+            latest = remote_latest(remote)
+            name = latest[0] if latest else checkpoint
+        if remote.exists(CHECKPOINTS, name, TRAINER_STATE):
+            remote.download(local / CHECKPOINTS / name, CHECKPOINTS, name)
+            (local / CHECKPOINTS / LATEST).write_text(name + "\n")
+    return local
+
+
+def display_checkpoint(spec: JobSpec, local: Path | None) -> str | None:
+    """How to name a checkpoint to the user: its URI when the run lives in a store (where the
+    store's latest counts, since rank 0 may have run on another node than this one)."""
+    remote = remote_of(spec)
+    if remote is None:
+        return str(local) if local else None
+    latest = remote_latest(remote)
+    return remote.child(CHECKPOINTS, latest[0]) if latest else None
+

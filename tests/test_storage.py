@@ -1,0 +1,109 @@
+"""Run storage in an object store (a real S3-compatible server on 127.0.0.1): a run trained into
+s3://, read back, exported, resumed on a machine that never saw it, and refused where it should be."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import train_losses
+from storage_server import loopback_store
+
+
+@pytest.fixture(scope="module")
+def store():
+    with loopback_store() as running:
+        yield running
+
+
+@pytest.fixture
+def node_cache(tmp_path, monkeypatch):
+    """This process's node-local working copies; `switch()` moves to a fresh one (another machine)."""
+    caches = iter(tmp_path / f"cache-{i}" for i in range(10))
+
+    def switch():
+        folder = next(caches)
+        monkeypatch.setenv("FTCLUSTER_CACHE", str(folder))
+        return folder
+
+    switch()
+    return switch
+
+
+def test_storage_uris_are_told_from_paths():
+    from ftcluster.storage import is_uri, staging_dir
+
+    assert is_uri("s3://bucket/run") and is_uri("gs://b/x") and is_uri("abfs://c@acct/x")
+    assert not is_uri("runs/x") and not is_uri("/abs/runs") and not is_uri("file:///abs/runs")
+    from ftcluster.storage import cache_root
+
+    copy = staging_dir("s3://bucket/a/../../b/run/")  # never outside the cache, whatever the URI says
+    assert copy.is_relative_to(cache_root()) and copy.parts[-5:] == ("s3", "bucket", "a", "b", "run")
+
+
+def test_a_run_trained_into_s3_is_read_exported_and_loaded_from_there(store, node_cache, make_job, cli, tmp_path):
+    job = make_job("stored", training={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 1},
+                   eval={"before_after": True})
+    run = store.uri("team", "stored")
+    result = cli("train", job, "--no-ray", f"output.dir={run}")
+    assert result.code == 0, result
+    assert f"Outputs in {run}" in result.out
+    keys = store.keys("team/stored/")
+    for key in ("summary.json", "metrics.jsonl", "run.yaml", "eval_before.json", "eval_after.json",
+                "final/adapter/adapter_model.safetensors", "final/tokenizer/tokenizer.json",
+                "checkpoints/latest", "checkpoints/step-0000002/trainer_state.json"):
+        assert f"team/stored/{key}" in keys, key
+    assert json.loads(store.read("team/stored/summary.json"))["steps"] == 4
+
+    node_cache()  # a laptop that never saw the run's working copy
+    out = tmp_path / "merged"
+    result = cli("export", run, "--merge", "--out", out)
+    assert result.code == 0, result
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+    assert cli("report", run).code == 0
+
+
+def test_resume_from_the_store_on_another_machine_equals_an_uninterrupted_run(store, node_cache, make_job, cli):
+    from ftcluster.storage import staging_dir
+
+    training = {"max_steps": 6, "checkpoint_every": 2, "scheduler": "cosine", "warmup_steps": 1}
+    whole = make_job("whole", training=training)
+    assert cli("train", whole, "--no-ray").code == 0
+    part = make_job("part", training=training)
+    run = store.uri("part")
+    assert cli("train", part, "--no-ray", f"output.dir={run}", "training.max_steps=4").code == 0
+    node_cache()  # the resumed run starts on a machine with an empty cache: everything comes from the store
+    result = cli("train", part, "--no-ray", f"output.dir={run}", "--resume")
+    assert result.code == 0, result
+    resumed = staging_dir(run)
+    assert "Resumed from" in result.out
+    assert train_losses(resumed) == pytest.approx(train_losses(make_job_dir(whole)), rel=1e-5)
+    assert json.loads(store.read("part/summary.json"))["steps"] == 6
+
+
+def make_job_dir(job) -> object:
+    from ftcluster.spec import load_spec
+
+    return load_spec(job).output_dir
+
+
+def test_a_store_that_holds_a_run_is_not_overwritten_unless_asked(store, node_cache, make_job, cli):
+    job = make_job("twice")
+    run = store.uri("twice")
+    assert cli("train", job, "--no-ray", f"output.dir={run}").code == 0
+    before = store.read("twice/summary.json")
+    again = cli("train", job, "--no-ray", f"output.dir={run}")
+    assert again.code == 2 and f"output.dir: {run} already holds a run" in again.err
+    assert store.read("twice/summary.json") == before
+    missing = cli("train", job, "--no-ray", f"output.dir={store.uri('twice')}-nothing", "--resume")
+    assert missing.code == 2 and "has no complete checkpoint to resume from" in missing.err
+
+
+def test_an_unreachable_store_is_one_line(store, node_cache, make_job, cli):
+    job = make_job("nowhere")
+    result = cli("train", job, "--no-ray", "output.dir=s3://no-such-bucket/run")
+    assert result.code == 2
+    assert result.err.strip().count("\n") == 0 and "s3://no-such-bucket/run" in result.err
+    assert cli("export", "s3://runs/never-trained", "--out", "x").code == 2
