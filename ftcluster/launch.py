@@ -136,6 +136,48 @@ def check_cluster_capacity(spec: JobSpec) -> None:
         raise FtError("\n".join(problems))
 
 
+def check_output_reaches_every_node(spec: JobSpec, timeout_s: float = 120) -> None:
+    """On a cluster of several nodes, a run folder on a path must be one every node that may run a
+    worker sees (a shared mount): else rank 0 writes the run to its own disk, which the driver cannot
+    read and which goes with the node. Tested for real: a probe file, looked for from each node."""
+    if spec.output_uri:
+        return
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    bundle = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
+    if spec.scaling.use_gpu:
+        bundle["GPU"] = spec.scaling.gpus_per_worker
+    nodes = [node for node in ray.nodes() if node["Alive"]
+             and all(node["Resources"].get(name, 0) >= amount for name, amount in bundle.items())]
+    if len(nodes) < 2:
+        return
+    out = spec.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    probe = out / f".node-probe-{token}"
+    probe.write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str, expected: str) -> bool:
+        file = Path(path)
+        return file.is_file() and file.read_text() == expected
+
+    try:
+        checks = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                  .remote(str(probe), token) for node in nodes]
+        seen = ray.get(checks, timeout=timeout_s)
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [node["NodeID"][:12] for node, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise FtError(f"output.dir: {out} is on this machine's disk, not on {len(blind)} of the {len(nodes)} nodes that "
+                      f"may run workers (node {', '.join(blind)}); set output.dir to a storage URI "
+                      f"(s3://BUCKET/runs/{spec.name}) or to a folder on a mount every node shares")
+
+
 def forwarded_env() -> dict | None:
     """ftcluster's own settings (FTCLUSTER_*, but not a node's own cache folder) and the storage's
     endpoint and region travel from this shell to the workers; credentials do not (nodes have their own)."""
@@ -255,6 +297,7 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
     STOP.install()  # after Ray's own handlers: Ctrl+C and SIGTERM end the run in one line
     spec = absolute_paths(spec)
     check_cluster_capacity(spec)
+    check_output_reaches_every_node(spec)
     trainer = make_trainer(spec, resume)
     summary = fit(trainer, spec)
     prune_ray_storage(spec, keep=trainer.run_config.name)

@@ -10,6 +10,7 @@ into the same local copy. See ftcluster/storage.py for the storage itself.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ftcluster.storage import RemoteFolder, is_uri, local_path, staging_dir
 # Not mirrored with the run files: checkpoints go by push_checkpoint; Ray's own storage, a replaced
 # run's parked files, temporary names and write probes stay local.
 LOCAL_ONLY = {CHECKPOINTS, "ray", ".previous", "failed"}
+UPLOAD_CLAIM = ".uploading"
 
 
 def remote_of(spec: JobSpec) -> RemoteFolder | None:
@@ -33,16 +35,15 @@ def push_checkpoint(spec: JobSpec, ctx: WorkerContext, folder: Path) -> None:
     """Every worker, after `save_checkpoint`: the checkpoint of this step, complete, in the store.
 
     Under DeepSpeed every worker wrote its shard in its own node's copy; the nodes other than rank
-    0's still hold them in the staging folder, which their first worker uploads. Rank 0 then uploads
-    its files with the trainer state last, and `latest` after that: a reader never trusts a partial one.
+    0's still hold them in the staging folder, which one worker of that node uploads. Rank 0 then
+    uploads its files with the trainer state last, and `latest` after that: a reader never trusts a
+    partial one.
     """
     remote = remote_of(spec)
     if remote is None:
         return
-    shards = folder.parent / f".tmp-{folder.name}"
-    if not ctx.is_main and ctx.local_rank == 0 and shards.is_dir():
-        remote.upload(shards, CHECKPOINTS, folder.name)
-        shutil.rmtree(shards, ignore_errors=True)
+    if not ctx.is_main:
+        _upload_node_shards(remote, folder.parent / f".tmp-{folder.name}", folder.name)
     ctx.barrier()
     if ctx.is_main:
         for item in sorted(folder.iterdir()):
@@ -55,6 +56,19 @@ def push_checkpoint(spec: JobSpec, ctx: WorkerContext, folder: Path) -> None:
             remote.delete(CHECKPOINTS, old)
         push_run_files(spec)
     ctx.barrier()
+
+
+def _upload_node_shards(remote: RemoteFolder, shards: Path, name: str) -> None:
+    """The shards this node's workers wrote, uploaded once: the worker that claims the folder first
+    does it (by the disk, not by Ray's local rank, which counts nodes by IP address)."""
+    try:
+        os.close(os.open(shards / UPLOAD_CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except (FileExistsError, FileNotFoundError):  # another worker of this node has it, or this is rank 0's node
+        return
+    for item in sorted(shards.iterdir()):
+        if item.name != UPLOAD_CLAIM:
+            remote.upload(item, CHECKPOINTS, name, item.name)
+    shutil.rmtree(shards, ignore_errors=True)
 
 
 def push_run_files(spec: JobSpec, finished: bool = False) -> None:

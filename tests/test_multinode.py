@@ -1,0 +1,226 @@
+"""Several Ray nodes on this machine, for real (Ray's own `ray.cluster_utils.Cluster`: one raylet per
+node on 127.0.0.1, each with its own CPU and its own node-local cache folder), with run storage in an
+S3-compatible server on loopback. The driver's node runs no worker, so rank 0 is never on it.
+
+- DDP and ZeRO-3 with one worker on each of two nodes equal one worker with the double batch, and
+  every output is in the store (ZeRO-3: both nodes' shards in each checkpoint).
+- A node removed mid-run (a worker's, then rank 0's), a replacement added: the group restarts from
+  the store's last checkpoint and the losses equal the uninterrupted run's.
+- A local output.dir that a node cannot see is refused before training, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import train_losses
+from storage_server import loopback_store
+
+pytestmark = pytest.mark.multinode
+WORKER_RESOURCE = "trainer"  # only the worker nodes have it: the workers never land on the driver's node
+TRAINING = {"max_steps": 12, "checkpoint_every": 2, "max_failures": 1, "batch_size": 4}
+
+
+class Nodes:
+    """The test cluster: a head (the driver's node) and worker nodes, each with its own cache."""
+
+    def __init__(self, root: Path) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.root = root
+        self.count = 0
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",
+            "env_vars": {"FTCLUSTER_CACHE": str(root / "head")}})
+        self.workers = [self.add() for _ in range(2)]
+
+    def add(self):
+        self.count += 1
+        cache = self.root / f"node-{self.count}"
+        node = self.cluster.add_node(num_cpus=1, resources={WORKER_RESOURCE: 1}, node_ip_address="127.0.0.1",
+                                     env_vars={"FTCLUSTER_CACHE": str(cache)})
+        node.cache = cache
+        return node
+
+    def replace(self, node) -> None:
+        """Remove a node (every process on it dies) and add a fresh one with an empty cache."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+        self.workers.append(self.add())
+
+    def holding(self, name: str, file: str = "metrics.jsonl"):
+        """The worker node whose working copy of run `name` has `file` (rank 0's node, for run files)."""
+        for node in self.workers:
+            if next(node.cache.glob(f"runs/s3/*/{name}/{file}"), None) is not None:
+                return node
+        return None
+
+
+@pytest.fixture(scope="module")
+def store():
+    with loopback_store() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def nodes(store, tmp_path_factory):
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    cluster = Nodes(tmp_path_factory.mktemp("nodes"))
+    ray.init(address=cluster.cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.cluster.shutdown()
+
+
+def run_on_nodes(make_job, store, name: str, **sections):
+    from ftcluster.launch import run_with_ray
+    from ftcluster.spec import load_spec
+
+    scaling = {"num_workers": 2, "cpus_per_worker": 1, "resources_per_worker": {WORKER_RESOURCE: 1}}
+    job = make_job(name, scaling=scaling, output={"dir": store.uri(name)}, **sections)
+    return run_with_ray(load_spec(job))
+
+
+def stored_losses(store, name: str) -> list[float]:
+    lines = store.read(f"{name}/metrics.jsonl").decode().splitlines()
+    return [record["train_loss"] for record in map(json.loads, lines) if "train_loss" in record]
+
+
+def single_worker_losses(make_job, name: str, **sections) -> list[float]:
+    from ftcluster.launch import run_in_process
+    from ftcluster.spec import load_spec
+
+    training = {**sections.pop("training"), "batch_size": 8, "max_failures": 0}
+    spec = load_spec(make_job(name, training=training, **sections))
+    run_in_process(spec)
+    return train_losses(spec.output_dir)
+
+
+def test_nodes_are_separate_and_on_loopback(nodes):
+    import ray
+
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    assert len(alive) == 3 and {node["NodeManagerAddress"] for node in alive} == {"127.0.0.1"}
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+@pytest.fixture(scope="module")
+def ddp_reference() -> dict:
+    """The uninterrupted 2-node DDP run's losses, which the node-loss tests compare with (set by the first test)."""
+    return {}
+
+
+def test_ddp_across_nodes_equals_one_node_and_lands_in_the_store(nodes, store, make_job, ddp_reference):
+    method = {"name": "full"}
+    summary = run_on_nodes(make_job, store, "ddp-nodes", method=method, training=TRAINING)
+    assert summary["world_size"] == 2 and summary["steps"] == 12
+    rank0 = nodes.holding("ddp-nodes", "summary.json")
+    assert rank0 is not None  # rank 0 ran on a worker node (its working copy is there), not the driver's
+    keys = store.keys("ddp-nodes/")
+    assert {"ddp-nodes/summary.json", "ddp-nodes/final/model/model.safetensors", "ddp-nodes/checkpoints/latest"} <= set(keys)
+    losses = stored_losses(store, "ddp-nodes")
+    assert losses == pytest.approx(single_worker_losses(make_job, "ddp-one", method=method, training=TRAINING), rel=1e-4)
+    ddp_reference["losses"] = losses
+
+
+def test_zero3_across_nodes_stores_every_nodes_shards_and_equals_one_node(nodes, store, make_job, cli, tmp_path):
+    method, training = {"name": "full"}, {"max_steps": 4, "checkpoint_every": 2, "max_grad_norm": None}
+    distributed = {"backend": "deepspeed", "zero_stage": 3}
+    summary = run_on_nodes(make_job, store, "zero3-nodes", method=method, training=training, distributed=distributed)
+    assert summary["world_size"] == 2
+    shards = [key for key in store.keys("zero3-nodes/checkpoints/step-0000002/") if "optim_states" in key]
+    assert any("rank_0_" in key for key in shards) and any("rank_1_" in key for key in shards), shards
+    one = single_worker_losses(make_job, "zero3-one", method=method, training=training)
+    assert stored_losses(store, "zero3-nodes") == pytest.approx(one, rel=1e-4)
+    out = tmp_path / "exported"
+    assert cli("export", store.uri("zero3-nodes"), "--checkpoint", "latest", "--out", out).code == 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def remove_mid_run(nodes, store, make_job, name: str, pick) -> dict:
+    """Train (in a thread); once the store has a checkpoint, replace the node `pick(nodes, rank0_node)`
+    chooses. Nodes are started from the main thread: Ray's Node sets signal handlers."""
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["summary"] = run_on_nodes(make_job, store, name, method={"name": "full"}, training=TRAINING)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    trainer = threading.Thread(target=train, daemon=True)
+    trainer.start()
+    removed = False
+    while trainer.is_alive() and not removed:
+        rank0 = nodes.holding(name)
+        if rank0 is not None and store.keys(f"{name}/checkpoints/latest"):
+            nodes.replace(pick(nodes, rank0))
+            removed = True
+        time.sleep(0.05)
+    trainer.join(timeout=600)
+    assert removed, "the run ended before a node could be removed"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["summary"]
+
+
+@pytest.mark.parametrize("which", ["worker", "rank0"])
+def test_a_lost_node_restarts_from_the_store_and_matches(which, nodes, store, make_job, ddp_reference):
+    if "losses" not in ddp_reference:
+        pytest.skip("needs the uninterrupted run of test_ddp_across_nodes_...")
+
+    def pick(cluster, rank0):
+        return rank0 if which == "rank0" else next(node for node in cluster.workers if node is not rank0)
+
+    name = f"lost-{which}"
+    summary = remove_mid_run(nodes, store, make_job, name, pick)
+    assert summary["steps"] == 12
+    assert summary["resumed_from_step"] in range(2, 12, 2)  # the new group continued from the store
+    assert stored_losses(store, name) == pytest.approx(ddp_reference["losses"], rel=1e-5)
+
+
+def test_a_local_output_dir_a_node_cannot_see_is_refused(nodes, make_job, tmp_path):
+    """A node in its own mount namespace, with an empty tmpfs where the driver's run folder is: the
+    run is refused before it starts, naming output.dir and what to set instead."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give a node its own disk")
+    from ftcluster.errors import FtError
+    from ftcluster.launch import run_with_ray
+    from ftcluster.spec import load_spec
+
+    disk = tmp_path / "node-local-disk"
+    disk.mkdir()
+    ray_bin = Path(sys.executable).parent / "ray"
+    script = (f"mount -t tmpfs tmpfs {disk} && exec {ray_bin} start --block --address {nodes.cluster.address} "
+              f"--node-ip-address 127.0.0.1 --num-cpus 1 --resources '{{\"blind\": 1}}'")
+    node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        import ray
+
+        deadline = time.monotonic() + 60
+        while not any(n["Alive"] and n["Resources"].get("blind") for n in ray.nodes()):
+            assert node.poll() is None, node.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the namespaced node did not join"
+            time.sleep(0.5)
+        job = make_job("blind", scaling={"num_workers": 1, "cpus_per_worker": 1},
+                       output={"dir": str(disk / "run")})
+        with pytest.raises(FtError, match=r"output.dir: .+ is on this machine's disk, not on 1 of the \d nodes .+ "
+                                          r"set output.dir to a storage URI"):
+            run_with_ray(load_spec(job))
+        assert not (disk / "run" / "summary.json").exists()
+    finally:
+        os.killpg(node.pid, 15)
+        node.wait(timeout=60)
