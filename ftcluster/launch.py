@@ -188,16 +188,13 @@ def forwarded_env() -> dict | None:
 
 def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = None, verbose: bool = True):
     """A TorchTrainer running the loop on `scaling.num_workers` workers (`spec` with absolute paths)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ftcluster.ray_loopback import torch_config
 
     scaling = spec.scaling
     launch = ray_run_name(spec)
-    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume, "verbose": verbose, "launch": launch},
@@ -205,13 +202,13 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(spec),
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=launch,
             storage_path=scaling.storage_path or ray_storage(spec),
-            failure_config=FailureConfig(max_failures=spec.training.max_failures),
+            failure_config=failure_config(spec),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
             # Ray's typing: ray.train exports Train v2's RunConfig (which has worker_runtime_env) when v2 is enabled,
             # the default; mypy only sees the v1 RunConfig that it conditionally replaces.
@@ -219,6 +216,25 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
             callbacks=callbacks,
         ),
     )
+
+
+def worker_resources(spec: JobSpec) -> dict[str, float]:
+    """What one Ray Train worker reserves: CPUs, GPUs, and the spec's custom resources."""
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return resources
+
+
+def failure_config(spec: JobSpec):
+    """Restarts after worker failures and, counted apart, after node preemptions."""
+    from ray.train import FailureConfig
+
+    # Ray's typing: ray.train exports Train v2's FailureConfig (max_preemption_failures) when v2 is
+    # enabled, the default; mypy only sees the v1 class it replaces.
+    return FailureConfig(max_failures=spec.training.max_failures,  # type: ignore[call-arg]
+                         max_preemption_failures=spec.training.max_preemption_failures)
 
 
 def ray_run_name(spec: JobSpec) -> str:

@@ -36,8 +36,8 @@ def push_checkpoint(spec: JobSpec, ctx: WorkerContext, folder: Path) -> None:
 
     Under DeepSpeed every worker wrote its shard in its own node's copy; the nodes other than rank
     0's still hold them in the staging folder, which one worker of that node uploads. Rank 0 then
-    uploads its files with the trainer state last, and `latest` after that: a reader never trusts a
-    partial one.
+    uploads its files with the trainer state last, then the run files (metrics up to this step), and
+    `latest` after all of them: whoever resumes from the store's latest finds everything it needs.
     """
     remote = remote_of(spec)
     if remote is None:
@@ -50,11 +50,11 @@ def push_checkpoint(spec: JobSpec, ctx: WorkerContext, folder: Path) -> None:
             if item.name != TRAINER_STATE:
                 remote.upload(item, CHECKPOINTS, folder.name, item.name)
         remote.upload(folder / TRAINER_STATE, CHECKPOINTS, folder.name, TRAINER_STATE)
+        push_run_files(spec)
         remote.write_text(folder.name + "\n", CHECKPOINTS, LATEST)
         steps = [name for name in remote.names(CHECKPOINTS) if name.startswith("step-")]
         for old in steps[:-spec.training.keep_checkpoints]:
             remote.delete(CHECKPOINTS, old)
-        push_run_files(spec)
     ctx.barrier()
 
 

@@ -213,6 +213,10 @@ class TrainingSpec(Section):
         0, ge=0, description="Restart the worker group this many times after a worker dies, resuming from the "
         "latest checkpoint (set checkpoint_every)."
     )
+    max_preemption_failures: int = Field(
+        -1, ge=-1, description="Under Ray: restarts after nodes are preempted (a drained spot node), counted apart "
+        "from max_failures; -1: no limit, 0: none. Each restart resumes from the latest checkpoint.",
+    )
     checkpoint_on_preempt: bool = Field(
         True, description="On Ctrl+C or SIGTERM (pod eviction, spot reclaim), finish the step in flight and save a "
         "checkpoint before exiting, so --resume loses at most that step.",

@@ -11,6 +11,7 @@ S3-compatible server on loopback. The driver's node runs no worker, so rank 0 is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -202,9 +203,8 @@ def test_a_local_output_dir_a_node_cannot_see_is_refused(nodes, make_job, tmp_pa
 
     disk = tmp_path / "node-local-disk"
     disk.mkdir()
-    ray_bin = Path(sys.executable).parent / "ray"
-    script = (f"mount -t tmpfs tmpfs {disk} && exec {ray_bin} start --block --address {nodes.cluster.address} "
-              f"--node-ip-address 127.0.0.1 --num-cpus 1 --resources '{{\"blind\": 1}}'")
+    starter = Path(__file__).parent / "namespaced_node.py"
+    script = f"mount -t tmpfs tmpfs {disk} && exec {sys.executable} {starter} {nodes.cluster.address} blind"
     node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -222,5 +222,6 @@ def test_a_local_output_dir_a_node_cannot_see_is_refused(nodes, make_job, tmp_pa
             run_with_ray(load_spec(job))
         assert not (disk / "run" / "summary.json").exists()
     finally:
-        os.killpg(node.pid, 15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, 15)
         node.wait(timeout=60)

@@ -153,3 +153,18 @@ def test_cross_field_problems_are_all_reported_at_once(make_job):
                    "training.max_failures needs training.checkpoint_every"):
         assert sum(needle in line for line in lines) == 1, (needle, lines)
     assert len(lines) == 6 and all(line.startswith(str(make_job().parent)) or ".yaml" in line for line in lines)
+
+
+def test_custom_worker_resources_and_preemption_retries_reach_ray_train(make_job, cli):
+    """scaling.resources_per_worker pins workers to nodes that advertise them; CPU/GPU belong elsewhere;
+    training.max_preemption_failures is Ray Train's own count of preemption restarts."""
+    from ftcluster.launch import failure_config, worker_resources
+    from ftcluster.spec import load_spec
+
+    job = make_job("pinned", scaling={"resources_per_worker": {"a100_node": 1}},
+                   training={"max_preemption_failures": 3})
+    spec = load_spec(job)
+    assert worker_resources(spec) == {"CPU": 1, "a100_node": 1}
+    assert failure_config(spec).max_preemption_failures == 3
+    bad = cli("validate", job, "scaling.resources_per_worker={GPU: 2}")
+    assert bad.code == 2 and "scaling.resources_per_worker" in bad.err and "gpus_per_worker" in bad.err

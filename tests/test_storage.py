@@ -107,3 +107,14 @@ def test_an_unreachable_store_is_one_line(store, node_cache, make_job, cli):
     assert result.code == 2
     assert result.err.strip().count("\n") == 0 and "s3://no-such-bucket/run" in result.err
     assert cli("export", "s3://runs/never-trained", "--out", "x").code == 2
+
+
+def test_submit_says_where_a_stored_run_lands_and_how_to_fetch_it(make_job, tmp_path):
+    from ftcluster.cluster.package import build_package
+    from ftcluster.spec import load_spec
+
+    stored = build_package(load_spec(make_job("sub"), ["output.dir=s3://team/runs/{name}"]), tmp_path / "a", None, 100)
+    assert "outputs: s3://team/runs/sub (then, from any machine: ftcluster export s3://team/runs/sub --merge --out DIR)" \
+        in stored.notes
+    local = build_package(load_spec(make_job("sub"), ["output.dir=runs/sub"]), tmp_path / "b", None, 100)
+    assert any("is relative" in note and "storage URI" in note for note in local.notes)
