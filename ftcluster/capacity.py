@@ -37,19 +37,23 @@ class ClusterView:
         return cls([dict(n["resources_total"]) for n in nodes if n.get("state") == "ALIVE"])
 
 
+def worker_resources(spec: JobSpec) -> dict[str, float]:
+    """What one Ray Train worker reserves: CPUs, GPUs (GPU jobs), and the spec's custom resources."""
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return {**resources, **scaling.resources_per_worker}
+
+
 def capacity_problems(spec: JobSpec, view: ClusterView, driver_cpus: float = 0.0) -> list[str]:
     """What the job needs that the cluster does not have: counts, one worker's bundle on some node,
     and (GPU jobs) the planner's memory estimate against the cluster's GPU type and node RAM."""
     scaling = spec.scaling
     have = view.totals
-    needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker + driver_cpus}
-    bundle = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        needs["GPU"] = scaling.num_workers * scaling.gpus_per_worker
-        bundle["GPU"] = scaling.gpus_per_worker
-    for name, amount in scaling.resources_per_worker.items():
-        needs[name] = scaling.num_workers * amount
-        bundle[name] = amount
+    bundle = worker_resources(spec)
+    needs = {kind: scaling.num_workers * amount for kind, amount in bundle.items()}
+    needs["CPU"] += driver_cpus
     problems = [
         f"scaling: the job needs {amount:g} {kind} ({scaling.num_workers} workers"
         + (f" + {driver_cpus:g} for the job's driver" if kind == "CPU" and driver_cpus else "")

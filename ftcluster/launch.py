@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftcluster.capacity import worker_resources
 from ftcluster.engine.context import WorkerContext, restore_checkpoint
 from ftcluster.engine.loop import train
 from ftcluster.errors import FtError, io_error_line, storage_errno
@@ -147,9 +148,7 @@ def check_output_reaches_every_node(spec: JobSpec, timeout_s: float = 120) -> No
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    bundle = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
-    if spec.scaling.use_gpu:
-        bundle["GPU"] = spec.scaling.gpus_per_worker
+    bundle = worker_resources(spec)
     nodes = [node for node in ray.nodes() if node["Alive"]
              and all(node["Resources"].get(name, 0) >= amount for name, amount in bundle.items())]
     if len(nodes) < 2:
@@ -216,15 +215,6 @@ def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = N
             callbacks=callbacks,
         ),
     )
-
-
-def worker_resources(spec: JobSpec) -> dict[str, float]:
-    """What one Ray Train worker reserves: CPUs, GPUs, and the spec's custom resources."""
-    scaling = spec.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
-    return resources
 
 
 def failure_config(spec: JobSpec):

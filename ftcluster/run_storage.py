@@ -9,6 +9,7 @@ into the same local copy. See ftcluster/storage.py for the storage itself.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,7 +29,17 @@ UPLOAD_CLAIM = ".uploading"
 
 
 def remote_of(spec: JobSpec) -> RemoteFolder | None:
-    return RemoteFolder(spec.output_uri) if spec.output_uri else None
+    """The run's folder in its store, or None for a run on a path."""
+    uri = spec.output_uri
+    return _remote_folder(uri, os.environ.get("AWS_ENDPOINT_URL")) if uri else None
+
+
+@functools.lru_cache(maxsize=8)
+def _remote_folder(uri: str, endpoint: str | None) -> RemoteFolder:
+    """One per URI (and S3 endpoint) per process: opening an S3 filesystem may ask the store for the
+    bucket's region, and the run's folder is looked up at every checkpoint."""
+    del endpoint  # (part of the cache key only: RemoteFolder reads it from the environment)
+    return RemoteFolder(uri)
 
 
 def push_checkpoint(spec: JobSpec, ctx: WorkerContext, folder: Path) -> None:
@@ -133,26 +144,6 @@ def pull_checkpoint(spec: JobSpec, ctx: WorkerContext, resume: bool, launch: str
                 remote.download(spec.output_dir / item, item)
     ctx.barrier()
     return root / name
-
-
-def check_remote_output(spec: JobSpec, resume: bool, force: bool) -> None:
-    """The URI version of runs.check_output: writable, and not another run unless asked."""
-    remote = remote_of(spec)
-    assert remote is not None
-    remote.probe_writable()
-    summary = remote.read_text(SUMMARY)
-    if resume:
-        if remote_latest(remote) is None:
-            raise FtError(f"--resume: {remote.child(CHECKPOINTS)} has no complete checkpoint to resume from")
-        if summary is not None and not force:
-            done = json.loads(summary)
-            wanted = spec.training.max_steps
-            if wanted is None or wanted <= done.get("steps", 0):
-                raise FtError(f"--resume: {remote} holds a finished run ({done.get('steps')} steps); raise "
-                              "training.max_steps to train further, or add --force to retrain from its last checkpoint")
-    elif not spec.output.overwrite and (summary is not None or remote.exists(CHECKPOINTS)):
-        raise FtError(f"output.dir: {remote} already holds a run; use --resume to continue it, "
-                      "output.overwrite=true to replace it, or another output.dir")
 
 
 def remote_summary(spec: JobSpec) -> dict[str, Any]:

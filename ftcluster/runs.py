@@ -29,7 +29,7 @@ from ftcluster.layout import (
     SUMMARY,
     latest_checkpoint,
 )
-from ftcluster.run_storage import check_remote_output, clear_remote_run, open_run, push_run_files
+from ftcluster.run_storage import clear_remote_run, open_run, push_run_files, remote_latest, remote_of
 from ftcluster.spec import JobSpec, dump_spec, load_spec
 
 # A run that replaces an earlier one (output.overwrite) parks the earlier run's files here until it
@@ -46,27 +46,40 @@ def check_output(spec: JobSpec, resume: bool, force: bool = False) -> Path:
     unless ``output.overwrite`` is set; ``--resume`` of a finished run needs ``force``.
     """
     out = spec.output_dir
-    if spec.output_uri:
-        check_remote_output(spec, resume, force)
+    remote = remote_of(spec)
+    if remote is not None:  # a run in storage: the store is what counts, not this machine's copy
+        remote.probe_writable()
+        summary = remote.read_text(SUMMARY)
+        _check_reuse(spec, remote.uri, resume, force, has_checkpoint=remote_latest(remote) is not None,
+                     summary=summary, has_checkpoints=remote.exists(CHECKPOINTS))
         return out
     _check_writable(out)
+    summary_path = out / SUMMARY
+    _check_reuse(spec, str(out), resume, force, has_checkpoint=latest_checkpoint(out / CHECKPOINTS) is not None,
+                 summary=summary_path.read_text() if summary_path.is_file() else None,
+                 has_checkpoints=(out / CHECKPOINTS).exists())
+    return out
+
+
+def _check_reuse(spec: JobSpec, where: str, resume: bool, force: bool, *, has_checkpoint: bool, summary: str | None,
+                 has_checkpoints: bool) -> None:
+    """--resume needs a complete checkpoint (and, for a finished run, more steps or ``force``); a fresh
+    run refuses a folder that holds a run unless ``output.overwrite``."""
     if resume:
-        if latest_checkpoint(out / CHECKPOINTS) is None:
-            raise FtError(f"--resume: {out}/checkpoints has no complete checkpoint to resume from")
-        summary = out / SUMMARY
-        if summary.is_file() and not force:
-            done = json.loads(summary.read_text())
+        if not has_checkpoint:
+            raise FtError(f"--resume: {where}/checkpoints has no complete checkpoint to resume from")
+        if summary is not None and not force:
+            done = json.loads(summary)
             wanted = spec.training.max_steps
             if wanted is None or wanted <= done.get("steps", 0):
-                raise FtError(f"--resume: {out} holds a finished run ({done.get('steps')} steps, "
+                raise FtError(f"--resume: {where} holds a finished run ({done.get('steps')} steps, "
                               f"{done.get('stop_reason')}); raise training.max_steps to train further, "
                               "or add --force to retrain from its last checkpoint")
-    elif not spec.output.overwrite and ((out / SUMMARY).exists() or (out / CHECKPOINTS).exists()):
+    elif not spec.output.overwrite and (summary is not None or has_checkpoints):
         raise FtError(
-            f"output.dir: {out} already holds a run; use --resume to continue it, "
+            f"output.dir: {where} already holds a run; use --resume to continue it, "
             f"output.overwrite=true to replace it, or another output.dir"
         )
-    return out
 
 
 def _check_writable(out: Path) -> None:
