@@ -83,6 +83,7 @@ def fields(section: Annotated[str | None, typer.Argument(help="Only keys under t
              "  ftcluster train jobs/quickstart.yaml training.max_steps=20 output.dir=runs/try\n\n"
              "  ftcluster train jobs/quickstart.yaml --resume\n\n"
              "  ftcluster train jobs/quickstart.yaml --resume training.max_steps=120   # a finished run, further\n\n"
+             "  ftcluster train jobs/quickstart.yaml output.dir=s3://my-bucket/runs/quickstart   # outputs in object storage\n\n"
              "  ftcluster train jobs/classify-minilm.yaml --no-ray")
 def train(
     job: JobArg,
