@@ -237,6 +237,23 @@ JobIdArg = Annotated[str, typer.Argument(help="The job id `ftcluster submit` pri
                                          show_default=False)]
 
 
+def check_tune_options(tune_options: str, space: Path | None) -> list[str]:
+    """`--tune-options` parsed by `ftcluster tune` itself, here, so a typo fails before anything is sent."""
+    import shlex
+
+    from typer.exceptions import TyperException  # typer's own click; its usage errors derive from this
+
+    args = shlex.split(tune_options)
+    if args and space is None:
+        raise FtError("--tune-options: only with --tune SPACE")
+    command = typer.main.get_command(app).commands["tune"]  # type: ignore[attr-defined]
+    try:
+        command.make_context("tune", ["job.yaml", "space.yaml", *args], resilient_parsing=False)
+    except TyperException as exc:
+        raise FtError(f"--tune-options {tune_options!r}: {exc.format_message()}") from None
+    return args
+
+
 @app.command(epilog="Examples:\n\n"
              "  ftcluster submit jobs/quickstart.yaml --address http://127.0.0.1:8265\n\n"
              "  ftcluster submit jobs/quickstart.yaml --cluster prod --wait output.dir=/mnt/shared/runs/qs\n\n"
@@ -253,10 +270,14 @@ def submit(
     pip: Annotated[bool, typer.Option("--pip", help="Install ftcluster's pinned requirements into the job's "
                                       "environment (for clusters whose image lacks them).")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the logs until the job ends; exit 1 if it failed.")] = False,
+    cluster_config: Annotated[Path | None, typer.Option(
+        help="The cluster's `ray up` config: check the job against the most its autoscaler may start (max_workers "
+             "per node type) instead of the nodes up now; a profile's cluster_config by default.")] = None,
+    capacity_check: Annotated[bool, typer.Option(
+        "--capacity-check/--no-capacity-check", help="Skip (--no-capacity-check) the check that the cluster can ever hold the job (the job still fails "
+        "after scaling.placement_timeout_s if it cannot be placed).")] = True,
 ) -> None:
     """Send a job spec (and its local data) to a Ray cluster with the Job Submission API; prints the job id."""
-    import shlex
-
     from ftcluster.cluster.jobs import SubmitOptions
     from ftcluster.cluster.jobs import submit as submit_job
     from ftcluster.cluster.target import resolve_target
@@ -269,7 +290,8 @@ def submit(
 
         load_space(tune_space, spec.model_dump(mode="json"))
     target = resolve_target(address, cluster)
-    options = SubmitOptions(tune_space, shlex.split(tune_options), name, max_upload_mb, pip)
+    options = SubmitOptions(tune_space, check_tune_options(tune_options, tune_space), name, max_upload_mb, pip,
+                            capacity_check, cluster_config or target.cluster_config)
     job_id, notes = submit_job(target, spec, options)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -469,7 +491,7 @@ def render_k8s(
     job: JobArg,
     image: Annotated[str, typer.Option(help="Container image with ftcluster and its dependencies (k8s/Dockerfile).")],
     overrides: OverridesArg = None,
-    workers: Annotated[int | None, typer.Option(help="Worker pods (default: scaling.num_workers).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker pods (default: scaling.num_workers).")] = None,
     gpus_per_worker: Annotated[int | None, typer.Option(help="GPUs per worker pod; one Ray Train worker per GPU "
                                                                 "(default: 1 if scaling.use_gpu else 0).")] = None,
     cpus_per_worker: Annotated[int, typer.Option(help="CPUs per worker pod.")] = 8,
@@ -479,8 +501,16 @@ def render_k8s(
                                                                "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3.")] = None,
     toleration: Annotated[list[str] | None, typer.Option(help="KEY[=VALUE]:EFFECT taints the workers tolerate, "
                                                             "e.g. nvidia.com/gpu:NoSchedule.")] = None,
-    pvc: Annotated[str | None, typer.Option(help="PersistentVolumeClaim mounted at /mnt/shared (data, outputs, "
-                                               "checkpoints).")] = None,
+    pvc: Annotated[str | None, typer.Option(help="PersistentVolumeClaim shared by the pods (data, outputs, "
+                                               "checkpoints), mounted at --pvc-mount.")] = None,
+    pvc_mount: Annotated[str, typer.Option(help="Where --pvc is mounted in the pods; a spec's absolute output.dir "
+                                           "must lie under it (e.g. --pvc-mount /shared for /shared/runs/x).")] = "/mnt/shared",
+    ephemeral_outputs: Annotated[bool, typer.Option("--ephemeral-outputs", help="Allow outputs on a pod's own disk, "
+                                                    "deleted with the cluster (without it: --pvc or a URI output.dir "
+                                                    "is required).")] = False,
+    storage_secret: Annotated[str | None, typer.Option(help="Secret whose keys become the pods' environment, e.g. "
+                                                       "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for an s3:// "
+                                                       "output.dir (referenced, never copied).")] = None,
     namespace: Annotated[str | None, typer.Option(help="Namespace of the manifests.")] = None,
     wandb_secret: Annotated[str, typer.Option(help="Secret with key api-key for WANDB_API_KEY ('' for none).")] = "wandb",
     working_dir_uri: Annotated[str | None, typer.Option(help="Remote working_dir for the job (s3://.../pkg.zip).")] = None,
@@ -497,24 +527,24 @@ def render_k8s(
     out: Annotated[Path | None, typer.Option(help="Write the manifests here (default: print them).")] = None,
 ) -> None:
     """Render a KubeRay RayJob (or RayCluster) plus a ConfigMap holding the job spec, ready for kubectl apply."""
-    import shlex
-
     from ftcluster.atomic import write_text_atomic
     from ftcluster.cluster.kuberay import K8sOptions, dump_manifests, render
     from ftcluster.spec import load_spec
 
     spec = load_spec(job, overrides or [])
     check_spec_inputs(spec, job, model_here=False)
+    check_tune_options(tune_options, tune_space)
     options = K8sOptions(
-        image=image, workers=workers or spec.scaling.num_workers,
+        image=image, workers=spec.scaling.num_workers if workers is None else workers,
         gpus_per_worker=gpus_per_worker if gpus_per_worker is not None else (1 if spec.scaling.use_gpu else 0),
         cpus_per_worker=cpus_per_worker, memory_per_worker=memory_per_worker, shm_size=shm_size,
         node_selector=_key_values(node_selector or [], "--node-selector"),
-        tolerations=[_toleration(t) for t in toleration or []], pvc=pvc, namespace=namespace,
+        tolerations=[_toleration(t) for t in toleration or []], pvc=pvc, pvc_mount=pvc_mount,
+        ephemeral_outputs=ephemeral_outputs, storage_secret=storage_secret, namespace=namespace,
         wandb_secret=wandb_secret or None, working_dir_uri=working_dir_uri, submission_mode=submission_mode,
         active_deadline_s=active_deadline_s or None, ttl_s=ttl_s, backoff_limit=backoff_limit, name=name,
     )
-    text = dump_manifests(render(spec, options, tune_space, shlex.split(tune_options), cluster_only))
+    text = dump_manifests(render(spec, options, tune_space, check_tune_options(tune_options, tune_space), cluster_only))
     if out is None:
         print(text, end="")
     else:

@@ -6,7 +6,9 @@ With no address, Ray starts embedded in this process's machine and listens on 12
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -27,6 +29,8 @@ from ftcluster.spec import JobSpec
 from ftcluster.storage import STORAGE_ENV
 
 RAY_STORAGE = "ray"  # OUTPUT/ray: Ray Train's copy of reported checkpoints, unless scaling.storage_path
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait per placement attempt
+DEFAULT_START_TIMEOUT_S = 60.0  # its default
 
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
@@ -107,7 +111,10 @@ def init_ray(address: str | None) -> None:
     # The dashboard (loopback only) serves the state API that Ray Train uses to clean up after runs.
     from ftcluster.ray_loopback import LOOPBACK
 
-    ray.init(_node_ip_address=LOOPBACK, include_dashboard=True, dashboard_host=LOOPBACK, log_to_driver=True)
+    # address="local": a Ray of this run's own. Without it Ray attaches to the machine's latest
+    # `ray start` cluster (/tmp/ray/ray_current_cluster), someone else's and maybe not on loopback.
+    ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=True, dashboard_host=LOOPBACK,
+             log_to_driver=True)
 
 
 def user_error_in(exc: BaseException) -> FtError | None:
@@ -130,9 +137,11 @@ def user_error_in(exc: BaseException) -> FtError | None:
 
 def check_cluster_capacity(spec: JobSpec) -> None:
     """Refuse, with the numbers, a job the cluster can never run (Ray would wait forever)."""
-    from ftcluster.capacity import ClusterView, capacity_problems
+    from ftcluster.capacity import CHECKED_ENV, ClusterView, capacity_problems, driver_cpus_here
 
-    problems = capacity_problems(spec, ClusterView.from_ray())
+    if os.environ.get(CHECKED_ENV):
+        return
+    problems = capacity_problems(spec, ClusterView.from_ray(), driver_cpus_here())
     if problems:
         raise FtError("\n".join(problems))
 
@@ -223,8 +232,11 @@ def failure_config(spec: JobSpec):
 
     # Ray's typing: ray.train exports Train v2's FailureConfig (max_preemption_failures) when v2 is
     # enabled, the default; mypy only sees the v1 class it replaces.
+    timeout = spec.scaling.placement_timeout_s
+    attempts = -1 if timeout is None else max(1, math.ceil(timeout / placement_attempt_s(spec) - 1e-9))
     return FailureConfig(max_failures=spec.training.max_failures,  # type: ignore[call-arg]
-                         max_preemption_failures=spec.training.max_preemption_failures)
+                         max_preemption_failures=spec.training.max_preemption_failures,
+                         controller_failure_limit=attempts - 1 if attempts > 0 else -1)
 
 
 def ray_run_name(spec: JobSpec) -> str:
@@ -281,12 +293,54 @@ def fit_interruptibly(trainer) -> None:
         raise outcome["error"]
 
 
+@contextlib.contextmanager
+def placement_deadline(spec: JobSpec):
+    """Bound the wait for the worker group's resources: Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    per attempt and retries without end by default (holding what it got, e.g. GPUs, until a deadline
+    far away). The attempt length is passed to Ray Train's controller through the environment at fit();
+    the number of attempts is the failure config's controller_failure_limit (`failure_config`)."""
+    timeout = spec.scaling.placement_timeout_s
+    if timeout is None or START_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = f"{placement_attempt_s(spec):g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_ENV, None)
+
+
+def placement_attempt_s(spec: JobSpec) -> float:
+    """One attempt to place the worker group: the user's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, else up
+    to Ray's default minute."""
+    if START_TIMEOUT_ENV in os.environ:
+        return float(os.environ[START_TIMEOUT_ENV])
+    return min(DEFAULT_START_TIMEOUT_S, spec.scaling.placement_timeout_s or DEFAULT_START_TIMEOUT_S)
+
+
+def unplaced_workers(exc: BaseException, spec: JobSpec) -> FtError | None:
+    """A worker group Ray could not place within scaling.placement_timeout_s, as one line with the numbers."""
+    import ray
+
+    # Ray Train's ControllerError wraps it; the class is private to Ray, so it is matched by name.
+    error = getattr(exc, "controller_failure", None)
+    if type(error).__name__ != "WorkerGroupStartupTimeoutError":
+        return None
+
+    free = ", ".join(f"{ray.available_resources().get(kind, 0):g} {kind}" for kind in worker_resources(spec))
+    one = ", ".join(f"{amount:g} {kind}" for kind, amount in worker_resources(spec).items())
+    return FtError(f"scaling: {spec.scaling.num_workers} workers ({one} each) could not be placed within "
+                   f"{spec.scaling.placement_timeout_s:g} s; free now: {free} (other jobs hold the rest, or nodes "
+                   "are still starting); raise scaling.placement_timeout_s, or free or add resources")
+
+
 def fit(trainer, spec: JobSpec) -> dict[str, Any]:
     """Run the trainer; a user error on a worker comes back as that one-line error."""
     try:
-        fit_interruptibly(trainer)
+        with placement_deadline(spec):
+            fit_interruptibly(trainer)
     except Exception as exc:
-        user_error = user_error_in(exc)
+        user_error = user_error_in(exc) or unplaced_workers(exc, spec)
         if user_error is not None:
             raise FtError(str(user_error)) from None
         raise

@@ -294,6 +294,10 @@ class ScalingSpec(Section):
         "PACK",
         description="How Ray places workers on nodes: PACK (fill nodes), SPREAD, STRICT_SPREAD (one per node).",
     )
+    placement_timeout_s: float | None = Field(
+        900, gt=0, description="Under Ray: how long the worker group may wait to be placed (other jobs holding "
+        "resources, an autoscaler adding nodes) before the job fails with the numbers; null: wait forever.",
+    )
     storage_path: str | None = Field(
         None,
         description="Where Ray Train persists reported checkpoints: a local/NFS path or an s3:// / gs:// URI "

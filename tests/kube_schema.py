@@ -23,7 +23,8 @@ KUBERNETES_VERSION = "1.31.0"
 
 @functools.cache
 def crd_schema(kind: str) -> dict[str, Any]:
-    crd = yaml.safe_load((KUBERAY / CRD_FILES[kind]).read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are megabytes
+    crd = yaml.load((KUBERAY / CRD_FILES[kind]).read_text(), Loader=loader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return version["schema"]["openAPIV3Schema"]
 
@@ -58,10 +59,15 @@ def apply_defaults(value: Any, schema: dict[str, Any]) -> Any:
     return value
 
 
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(strict_jsonschema(crd_schema(kind)))
+
+
 def crd_errors(document: dict[str, Any]) -> list[str]:
     schema = crd_schema(document["kind"])
     defaulted = apply_defaults(copy.deepcopy(document), schema)
-    validator = jsonschema.Draft7Validator(strict_jsonschema(schema))
+    validator = crd_validator(document["kind"])
     return [f"{'.'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
             for error in validator.iter_errors(defaulted)]
 

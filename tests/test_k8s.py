@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,22 +26,58 @@ def render(cli, tmp_path, *args: str) -> list[dict]:
     return load_documents(out)
 
 
+def ray_nodes(cluster: dict) -> list[dict[str, float]]:
+    """What Ray sees in a RayCluster spec: one node per pod, CPUs and GPUs from the container limits
+    unless rayStartParams say otherwise (the head offers num-cpus / num-gpus)."""
+
+    def node(group: dict) -> dict[str, float]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        params = group.get("rayStartParams", {})
+        return {"CPU": float(params.get("num-cpus", limits["cpu"])),
+                "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+
+    nodes = [node(cluster["headGroupSpec"])]
+    for group in cluster["workerGroupSpecs"]:
+        nodes += [node(group)] * group["maxReplicas"]
+    return nodes
+
+
+def assert_job_fits(spec, rayjob: dict) -> None:
+    """Every worker's bundle, and the driver's entrypoint CPUs, placed on the pods the RayJob creates."""
+    from ftcluster.capacity import workers_that_fit
+
+    nodes = ray_nodes(rayjob["spec"]["rayClusterSpec"])
+    driver = float(rayjob["spec"].get("entrypointNumCpus", 0))
+    fit = workers_that_fit(spec, nodes, driver_cpus=driver)
+    assert fit >= spec.scaling.num_workers, (nodes, spec.scaling.num_workers, spec.scaling.cpus_per_worker, driver)
+
+
+SHAPES = [("1", "8", "8"), ("2", "8", "8"), ("2", "4", "16"), ("1", "1", "8"), ("3", "0", "4")]
+
+
 @needs_crds
 @pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")))
-def test_every_shipped_job_renders_a_valid_rayjob(job, cli, tmp_path):
-    documents = render(cli, tmp_path, str(REPO / "jobs" / job), "--workers", "2", "--gpus-per-worker", "8",
-                       "--pvc", "shared", "--node-selector", "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3",
-                       "--toleration", "nvidia.com/gpu:NoSchedule")
-    assert [d["kind"] for d in documents] == ["ConfigMap", "RayJob"]
-    for document in documents:
-        assert manifest_errors(document) == [], document["kind"]
+def test_every_shipped_job_renders_a_valid_rayjob_that_fits_its_pods(job, cli, tmp_path):
+    for workers, gpus, cpus in SHAPES:
+        documents = render(cli, tmp_path, str(REPO / "jobs" / job), "--workers", workers, "--gpus-per-worker", gpus,
+                           "--cpus-per-worker", cpus, "--pvc", "shared", "--pvc-mount", "/shared",
+                           "--node-selector", "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3",
+                           "--toleration", "nvidia.com/gpu:NoSchedule")
+        assert [d["kind"] for d in documents] == ["ConfigMap", "RayJob"]
+        configmap, rayjob = documents
+        for document in documents:
+            assert manifest_errors(document) == [], document["kind"]
+        spec = build_spec(yaml.safe_load(configmap["data"]["job.yaml"]))
+        assert spec.scaling.num_workers == int(workers) * max(int(gpus), 1) and spec.scaling.use_gpu == (gpus != "0")
+        assert_job_fits(spec, rayjob)
 
 
 @needs_crds
 def test_rayjob_carries_the_job_and_never_the_key(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-value-123")
     configmap, rayjob = render(cli, tmp_path, str(REPO / "jobs" / "llama-7b-lora-ddp.yaml"), "--workers", "2",
-                               "--gpus-per-worker", "8", "--pvc", "shared", "--active-deadline-s", "7200",
+                               "--gpus-per-worker", "8", "--pvc", "shared", "--pvc-mount", "/shared",
+                               "--active-deadline-s", "7200",
                                "--ttl-s", "600", "--backoff-limit", "1", "--toleration", "nvidia.com/gpu:NoSchedule")
     spec = rayjob["spec"]
     assert spec["entrypoint"] == "ftcluster train /etc/ftcluster/job/job.yaml"
@@ -62,10 +100,13 @@ def test_rayjob_carries_the_job_and_never_the_key(cli, tmp_path, monkeypatch):
     assert key_env["valueFrom"]["secretKeyRef"] == {"name": "wandb", "key": "api-key", "optional": True}
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"]  # GPUs go to the workers only
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"  # and Ray on the head offers none
+    assert "entrypointNumCpus" not in spec  # the driver runs on the head and reserves no worker CPU
     job_spec = build_spec(yaml.safe_load(configmap["data"]["job.yaml"]))
     assert job_spec.scaling.num_workers == 16 and job_spec.scaling.use_gpu and job_spec.scaling.gpus_per_worker == 1
-    assert job_spec.output.dir == "/shared/ftcluster/runs/llama-7b-lora-ddp"  # the spec's own absolute path is kept
+    assert job_spec.output.dir == "/shared/ftcluster/runs/llama-7b-lora-ddp"  # on the claim, mounted at /shared
     assert job_spec.scaling.storage_path == "/shared/ftcluster/ray"  # so is its storage path
+    assert {"name": "shared", "mountPath": "/shared"} in container["volumeMounts"]
     assert job_spec.data.train.startswith("/etc/ftcluster/job/") and job_spec.data.train.split("/")[-1] in configmap["data"]
     text = yaml.safe_dump_all([configmap, rayjob])
     assert "wandb-secret-value-123" not in text
@@ -81,7 +122,8 @@ def test_cluster_only_and_tune(cli, tmp_path):
     storage = build_spec(yaml.safe_load(cluster_configmap["data"]["job.yaml"])).scaling.storage_path
     assert storage == "/mnt/shared/ray"  # multi-node checkpoints on the shared volume
     documents = render(cli, tmp_path, str(REPO / "jobs" / "quickstart.yaml"), "--tune",
-                       str(REPO / "tune_spaces" / "lora.yaml"), "--tune-options", "--trials 16 --concurrent 4")
+                       str(REPO / "tune_spaces" / "lora.yaml"), "--tune-options", "--trials 16 --concurrent 4",
+                       "--ephemeral-outputs")
     configmap, rayjob = documents
     assert "space.yaml" in configmap["data"]
     assert rayjob["spec"]["entrypoint"].endswith("space.yaml --trials 16 --concurrent 4")
@@ -90,7 +132,7 @@ def test_cluster_only_and_tune(cli, tmp_path):
 
 @needs_crds
 def test_validator_catches_what_the_api_server_would(cli, tmp_path):
-    _, rayjob = render(cli, tmp_path, str(REPO / "jobs" / "quickstart.yaml"))
+    _, rayjob = render(cli, tmp_path, str(REPO / "jobs" / "quickstart.yaml"), "--ephemeral-outputs")
     broken = copy.deepcopy(rayjob)
     broken["spec"]["entrypointt"] = "typo"
     broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
@@ -104,71 +146,76 @@ def test_validator_catches_what_the_api_server_would(cli, tmp_path):
 
 def test_values_kuberay_restricts_are_refused(cli, tmp_path):
     job = str(REPO / "jobs" / "quickstart.yaml")
-    result = cli("render", "k8s", job, "--image", IMAGE, "--submission-mode", "BatchMode")
-    assert result.code == 2 and "--submission-mode: 'BatchMode' is not one KubeRay accepts" in result.err
-    result = cli("render", "k8s", job, "--image", "rayproject/ray:2.9.0-gpu")
-    assert result.code == 2 and "ftcluster pins Ray 2.60.0" in result.err
-    result = cli("render", "k8s", job, "--image", IMAGE, "--working-dir-uri", "/home/me/code")
-    assert result.code == 2 and "needs a remote URI" in result.err
-    result = cli("render", "k8s", job, "--image", IMAGE, "--toleration", "gpu")
-    assert result.code == 2 and "expected KEY[=VALUE]:EFFECT" in result.err
+
+    def refused(*args: str) -> str:
+        result = cli("render", "k8s", job, "--ephemeral-outputs", *args)
+        assert result.code == 2, result
+        return result.err
+
+    assert "--submission-mode: 'BatchMode' is not one KubeRay accepts" in refused("--image", IMAGE, "--submission-mode",
+                                                                                   "BatchMode")
+    assert "Ray's own image has no ftcluster; build k8s/Dockerfile" in refused("--image", "rayproject/ray:2.60.0-gpu")
+    assert "needs a remote URI" in refused("--image", IMAGE, "--working-dir-uri", "/home/me/code")
+    assert "expected KEY[=VALUE]:EFFECT" in refused("--image", IMAGE, "--toleration", "gpu")
+    assert "--memory-per-worker '64GB': not a Kubernetes quantity" in refused("--image", IMAGE, "--memory-per-worker",
+                                                                               "64GB")
+    assert "each of the pod's 8 Ray Train workers (one per GPU) needs a CPU" in refused(
+        "--image", IMAGE, "--gpus-per-worker", "8", "--cpus-per-worker", "4")
+    assert "No such option: --trails" in refused("--image", IMAGE, "--tune", str(REPO / "tune_spaces" / "lora.yaml"),
+                                                 "--tune-options", "--trails 3")
+    assert "Invalid value for '--workers'" in refused("--image", IMAGE, "--workers", "0")
 
 
-def json_patch(document: dict, operations: list[dict]) -> dict:
-    """The `add` / `replace` operations of RFC 6902 that the overlays use."""
-    document = copy.deepcopy(document)
-    for operation in operations:
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in operation["path"].lstrip("/").split("/")]
-        parent = document
-        for part in parts[:-1]:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        last = parts[-1]
-        if operation["op"] == "replace":
-            key = int(last) if isinstance(parent, list) else last
-            assert key in parent or isinstance(parent, list), operation["path"]
-            parent[key] = operation["value"]
-        elif operation["op"] == "add":
-            if isinstance(parent, list):
-                parent.insert(len(parent) if last == "-" else int(last), operation["value"])
-            else:
-                parent[last] = operation["value"]
-        else:
-            raise AssertionError(f"unsupported op {operation['op']}")
-    return document
+def test_outputs_must_outlive_the_pods(cli, tmp_path):
+    """Without a shared volume or run storage, a RayJob's outputs die with its cluster: refused unless asked."""
+    lost = cli("render", "k8s", str(REPO / "jobs" / "quickstart.yaml"), "--image", IMAGE)
+    assert lost.code == 2 and "output.dir runs/quickstart: a pod's own disk, deleted with the cluster" in lost.err
+    llama = str(REPO / "jobs" / "llama-7b-lora-ddp.yaml")
+    elsewhere = cli("render", "k8s", llama, "--image", IMAGE, "--pvc", "shared")
+    assert elsewhere.code == 2
+    assert ("output.dir /shared/ftcluster/runs/llama-7b-lora-ddp: not on the shared volume, which --pvc mounts at "
+            "/mnt/shared; pass --pvc-mount /shared") in elsewhere.err
+    configmap, rayjob = render(cli, tmp_path, llama, "output.dir=s3://bucket/runs/{name}", "scaling.storage_path=null",
+                               "--storage-secret", "s3-credentials")
+    spec = build_spec(yaml.safe_load(configmap["data"]["job.yaml"]))
+    assert spec.output.dir == "s3://bucket/runs/{name}" and spec.scaling.storage_path is None  # Ray's copy: URI/ray
+    for group in [rayjob["spec"]["rayClusterSpec"]["headGroupSpec"], *rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]]:
+        container = group["template"]["spec"]["containers"][0]
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    assert manifest_errors(rayjob) == []
 
 
-def kustomize(folder: Path) -> list[dict]:
-    """Build a kustomization the way `kubectl kustomize` would for the features used here."""
-    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    documents = []
-    for resource in kustomization.get("resources", []):
-        path = folder / resource
-        documents += kustomize(path) if path.is_dir() else load_documents(path)
-    for patch in kustomization.get("patches", []):
-        target = patch["target"]
-        operations = yaml.safe_load(patch["patch"])
-        matched = [i for i, d in enumerate(documents)
-                   if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]]
-        assert matched, f"{folder}: patch target {target} matches nothing"
-        for index in matched:
-            documents[index] = json_patch(documents[index], operations)
-    return documents
+def built(folder: Path) -> list[dict]:
+    """The overlay as `kubectl kustomize` builds it."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it builds the kustomizations)")
+    result = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+OVERLAYS = {"overlays/cpu-dev": "RayCluster", "overlays/gpu-a100x8": "RayJob", "overlays/gpu-h100x8": "RayJob",
+            "base/job": "RayJob", "base/cluster": "RayCluster"}
 
 
 @needs_crds
-@pytest.mark.parametrize("overlay", ["base", "overlays/cpu-dev", "overlays/gpu-a100x8", "overlays/gpu-h100x8"])
-def test_k8s_folder_validates(overlay):
-    documents = kustomize(REPO / "k8s" / overlay)
-    assert {d["kind"] for d in documents} == {"PersistentVolumeClaim", "Secret", "RayCluster", "RayJob"}
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_each_overlay_is_one_thing_and_validates(overlay):
+    """A RayJob (its cluster made for it) or a standing RayCluster, never both: two would book the GPUs
+    twice. No Secret is shipped (applying one would blank the key a user created)."""
+    documents = built(REPO / "k8s" / overlay)
+    assert sorted(d["kind"] for d in documents) == sorted(["PersistentVolumeClaim", OVERLAYS[overlay]])
     for document in documents:
         assert manifest_errors(document) == [], (overlay, document["kind"])
-        if document["kind"] == "Secret":
-            assert not any(document.get("stringData", {}).values())  # a template, never a real key
-        if document["kind"] == "RayJob":  # the entrypoint's spec + overrides is a valid job
+        if document["kind"] == "RayJob":  # the entrypoint's spec + overrides is a valid job that fits the pods
             words = document["spec"]["entrypoint"].split()
             spec = load_spec(REPO / "jobs" / Path(words[2]).name, [w for w in words[3:] if "=" in w])
+            assert_job_fits(spec, document)
             if "gpu" in overlay:
                 assert spec.scaling.use_gpu and spec.scaling.num_workers == 8
+        if document["kind"] == "RayCluster":
+            assert document["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
 
 
 def test_ray_up_configs_validate_against_rays_schema():
@@ -187,7 +234,7 @@ def test_ray_up_configs_validate_against_rays_schema():
 
 
 def test_core_schema_rejects_bad_pvc():
-    pvc = load_documents(REPO / "k8s" / "base" / "pvc.yaml")[0]
+    pvc = load_documents(REPO / "k8s" / "base" / "storage" / "pvc.yaml")[0]
     assert core_errors(pvc) == []
     pvc["spec"]["accessMode"] = ["ReadWriteOnce"]
     assert core_errors(pvc)

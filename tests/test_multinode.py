@@ -76,6 +76,7 @@ def nodes(store, tmp_path_factory):
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.shutdown()  # an earlier module's in-process `ftcluster train` leaves its local Ray running
     cluster = Nodes(tmp_path_factory.mktemp("nodes"))
     ray.init(address=cluster.cluster.address)
     yield cluster

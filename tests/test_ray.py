@@ -112,3 +112,47 @@ def test_a_job_the_cluster_can_never_run_is_refused_with_numbers(local_ray, make
     gpu = load_spec(make_job("needs-gpu", scaling={"use_gpu": True}))
     with pytest.raises(FtError, match=r"needs 1 GPU .* the Ray cluster has 0"):
         run_with_ray(gpu)
+
+
+def test_a_group_that_cannot_be_placed_fails_in_bounded_time_with_numbers(local_ray, make_job):
+    """The cluster has the CPUs in total (the capacity check passes), but another holder keeps all
+    but one: Ray Train would retry placing the group forever; the job ends after placement_timeout_s."""
+    import time
+
+    from ftcluster.errors import FtError
+    from ftcluster.launch import run_with_ray
+    from ftcluster.spec import load_spec
+
+    cpus = local_ray.cluster_resources()["CPU"]
+
+    @local_ray.remote(num_cpus=cpus - 1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    local_ray.get(holder.ready.remote())
+    spec = load_spec(make_job("unplaced", scaling={"num_workers": 2, "cpus_per_worker": 1, "placement_timeout_s": 3}))
+    started = time.monotonic()
+    try:
+        with pytest.raises(FtError, match=r"scaling: 2 workers \(1 CPU each\) could not be placed within 3 s; "
+                                          r"free now: 1 CPU"):
+            run_with_ray(spec)
+    finally:
+        local_ray.kill(holder)
+    assert time.monotonic() - started < 60
+
+
+def test_the_embedded_ray_is_this_runs_own(tmp_path):
+    """With no address, ftcluster starts its own Ray even where another is announced (RAY_ADDRESS, or the
+    machine's latest `ray start`), which Ray's own default would join."""
+    import subprocess
+    import sys
+
+    probe = ("from ftcluster.launch import init_ray; init_ray(None); import ray; "
+             "print(ray.get_runtime_context().gcs_address)")
+    env = {**__import__("os").environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    address = result.stdout.strip().splitlines()[-1]
+    assert address.startswith("127.0.0.1:") and address != "127.0.0.1:1"

@@ -192,3 +192,29 @@ def test_address_is_required(cli, make_job, monkeypatch, tmp_path):
     monkeypatch.setenv("FTCLUSTER_CLUSTERS", str(tmp_path / "none.yaml"))
     result = cli("jobs")
     assert result.code == 2 and "no cluster address" in result.err
+
+
+def test_an_autoscaling_cluster_takes_what_its_config_allows(on_cluster, make_job, cli, tmp_path):
+    """Only the 2-CPU head is up; its `ray up` config lets the autoscaler add a 4-CPU node. A 3-worker job
+    is refused against the nodes up now, accepted against the config; in the cluster (no node ever
+    comes here) it fails after scaling.placement_timeout_s with the numbers, not after a day."""
+    from ftcluster.cluster.jobs import job_info, job_logs, wait
+
+    job = make_job("autoscaled", scaling={"num_workers": 3, "cpus_per_worker": 1, "placement_timeout_s": 5})
+    refused = cli("submit", job, "--address", on_cluster)
+    assert refused.code == 2 and "the job needs 3.25 CPU" in refused.err and "--cluster-config" in refused.err
+    config = tmp_path / "autoscaling.yaml"
+    config.write_text(yaml.safe_dump({
+        "cluster_name": "t", "max_workers": 2, "head_node_type": "head", "provider": {"type": "local"},
+        "available_node_types": {"head": {"resources": {"CPU": 2}, "node_config": {}},
+                                 "cpu4": {"resources": {"CPU": 4}, "max_workers": 1, "node_config": {}}}}))
+    accepted = cli("submit", job, "--address", on_cluster, "--cluster-config", config)
+    assert accepted.code == 0, accepted
+    job_id = accepted.out.strip().splitlines()[-1]
+    target = resolve_target(on_cluster, None)
+    assert wait(target, job_id, 240) == "FAILED", job_info(target, job_id)
+    assert "scaling: 3 workers (1 CPU each) could not be placed within 5 s" in job_logs(target, job_id)
+    unchecked = cli("submit", make_job("unchecked", scaling={"num_workers": 3}), "--address", on_cluster,
+                    "--no-capacity-check")
+    assert unchecked.code == 0, unchecked
+    cli("stop", unchecked.out.strip().splitlines()[-1], "--address", on_cluster)

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import ftcluster
-from ftcluster.capacity import ClusterView, capacity_problems
+from ftcluster.capacity import CHECKED_ENV, DRIVER_CPUS_ENV, ClusterView, capacity_problems
 from ftcluster.cluster.package import JOB_FILE, SPACE_FILE, build_package
 from ftcluster.cluster.target import ClusterTarget
 from ftcluster.errors import FtError, first_line
@@ -40,6 +42,8 @@ class SubmitOptions:
     name: str | None = None
     max_upload_mb: float = 100
     pip: bool = False
+    capacity_check: bool = True
+    cluster_config: Path | None = None  # a `ray up` config: check against its autoscaling limits
 
 
 def pinned_requirements() -> list[str]:
@@ -65,11 +69,26 @@ def cluster_view(target: ClusterTarget) -> ClusterView:
     return ClusterView.from_state_api(reply["data"]["result"]["result"])
 
 
+def check_capacity(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> None:
+    """Refuse a job the cluster can never hold: against its nodes alive now, or, for an autoscaling
+    cluster, against the most its `ray up` config lets the autoscaler start."""
+    if not options.capacity_check:
+        return
+    if options.cluster_config is not None:
+        config = yaml.safe_load(options.cluster_config.read_text()) or {}
+        view, where = ClusterView.at_most(config, str(options.cluster_config)), f"{options.cluster_config} (at most)"
+    else:
+        view, where = cluster_view(target), target.address
+    problems = capacity_problems(spec, view, driver_cpus=ENTRYPOINT_CPUS)
+    if problems:
+        hint = "" if options.cluster_config else (" (an autoscaling cluster: pass --cluster-config with its `ray up` "
+                                                   "config, or --no-capacity-check)")
+        raise FtError("\n".join(f"{where}: {p}" for p in problems) + hint)
+
+
 def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tuple[str, list[str]]:
     """Check capacity, package, submit; returns the job id and notes for the user."""
-    problems = capacity_problems(spec, cluster_view(target), driver_cpus=ENTRYPOINT_CPUS)
-    if problems:
-        raise FtError("\n".join(f"{target.address}: {p}" for p in problems))
+    check_capacity(target, spec, options)
     with tempfile.TemporaryDirectory(prefix="ftcluster-submit-") as tmp:
         package = build_package(spec, Path(tmp), options.space, options.max_upload_mb)
         if options.space is not None:
@@ -77,7 +96,9 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
         else:
             entrypoint = ["python", "-m", "ftcluster.cli", "train", JOB_FILE]
         env = {k: v for k, v in os.environ.items() if k.startswith("FTCLUSTER_") and k != "FTCLUSTER_CLUSTERS"}
-        env.update({SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1"})
+        env.update({SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1", DRIVER_CPUS_ENV: f"{ENTRYPOINT_CPUS:g}"})
+        if not options.capacity_check or options.cluster_config is not None:
+            env[CHECKED_ENV] = "1"
         runtime_env: dict[str, Any] = {
             "working_dir": str(package.folder),
             "py_modules": [str(Path(ftcluster.__file__).parent)],

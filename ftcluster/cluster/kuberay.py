@@ -2,8 +2,13 @@
 standalone RayCluster that `ftcluster submit` can target.
 
 The job spec (and small data files) travel in a ConfigMap mounted into every pod; big data and
-outputs belong on a shared volume (`--pvc`). ftcluster and its dependencies come from the image
-(see k8s/Dockerfile), or from a remote `working_dir` URI; a local path would not exist in a pod.
+outputs belong on a shared volume (`--pvc`) or in run storage (`output.dir: s3://...`): a pod's own
+disk goes with the cluster, so a job that would write there is refused unless asked for. ftcluster
+and its dependencies come from the image (see k8s/Dockerfile), or from a remote `working_dir` URI;
+a local path would not exist in a pod.
+
+Resources add up by construction: the head schedules nothing (`num-cpus` and `num-gpus` 0) and runs
+the driver, which reserves no CPU; each worker pod holds one Ray Train worker per GPU, and their CPUs split the pod's.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import yaml
 
 from ftcluster.errors import FtError
 from ftcluster.spec import JobSpec, dump_spec
+from ftcluster.storage import is_uri
 
 # Values the CRD leaves as free strings but KubeRay's operator accepts only from this list.
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
@@ -26,6 +32,8 @@ SHARED_MOUNT = "/mnt/shared"
 CONFIGMAP_LIMIT = 900 * 1024  # Kubernetes caps a ConfigMap at 1 MiB; leave room for metadata
 GPU_RESOURCE = "nvidia.com/gpu"
 DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")  # Kubernetes memory quantities
+STOCK_RAY_IMAGE = "rayproject/ray"
 
 
 @dataclass
@@ -41,6 +49,9 @@ class K8sOptions:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
     pvc: str | None = None
+    pvc_mount: str = SHARED_MOUNT
+    ephemeral_outputs: bool = False  # accept outputs on a pod's disk (gone with the cluster)
+    storage_secret: str | None = None  # a Secret whose keys become env vars (AWS_ACCESS_KEY_ID, ...)
     namespace: str | None = None
     wandb_secret: str | None = "wandb"
     working_dir_uri: str | None = None
@@ -64,12 +75,20 @@ def check_options(options: K8sOptions, name: str) -> None:
     if not DNS_NAME.match(name) or len(name) > 47:  # KubeRay appends suffixes to the cluster name
         problems.append(f"name {name!r}: Kubernetes names are lowercase letters, digits and '-', at most 47 "
                         "characters here (use --name)")
-    tag = options.image.rsplit(":", 1)[-1] if ":" in options.image.rsplit("/", 1)[-1] else ""
-    if options.image.split(":")[0].endswith("rayproject/ray") and not tag.startswith(ray_version()):
-        problems.append(f"--image {options.image}: ftcluster pins Ray {ray_version()}; use a {ray_version()} image "
-                        "(or the k8s/Dockerfile image built from it)")
+    if options.image.split(":")[0].endswith(STOCK_RAY_IMAGE):
+        problems.append(f"--image {options.image}: Ray's own image has no ftcluster; build k8s/Dockerfile (Ray "
+                        f"{ray_version()} + ftcluster) and push it, then pass that image")
     if options.workers < 1:
         problems.append("--workers must be at least 1")
+    if options.gpus_per_worker > options.cpus_per_worker:
+        problems.append(f"--cpus-per-worker {options.cpus_per_worker}: each of the pod's {options.gpus_per_worker} "
+                        "Ray Train workers (one per GPU) needs a CPU; give the pod at least as many CPUs as GPUs")
+    for option, value in (("--memory-per-worker", options.memory_per_worker), ("--head-memory", options.head_memory),
+                          ("--shm-size", options.shm_size)):
+        if not QUANTITY.match(value):
+            problems.append(f"{option} {value!r}: not a Kubernetes quantity (e.g. 64Gi, 512Mi)")
+    if not options.pvc_mount.startswith("/") or options.pvc_mount.rstrip("/") in ("", JOB_MOUNT):
+        problems.append(f"--pvc-mount {options.pvc_mount!r}: an absolute folder of its own, e.g. /mnt/shared")
     if options.working_dir_uri and "://" not in options.working_dir_uri:
         problems.append(f"--working-dir-uri {options.working_dir_uri}: needs a remote URI (s3://, gs://, https://); "
                         "a local path does not exist inside the pods")
@@ -77,26 +96,51 @@ def check_options(options: K8sOptions, name: str) -> None:
         raise FtError("\n".join(problems))
 
 
+def _on_volume(path: str, mount: str) -> bool:
+    return Path(path) == Path(mount) or Path(mount) in Path(path).parents
+
+
+def _placed(key: str, value: str, options: K8sOptions, default: str) -> str:
+    """Where an output path of the spec lands in the pods: a URI stays; with a claim, a relative path
+    goes onto the volume and an absolute one must already be on it; without one, nothing survives."""
+    if is_uri(value):
+        return value
+    mount = options.pvc_mount.rstrip("/")
+    if options.pvc:
+        if not Path(value).is_absolute():
+            return f"{mount}/{default}"
+        if _on_volume(value, mount):
+            return value
+        top = "/" + Path(value).parts[1]
+        raise FtError(f"{key} {value}: not on the shared volume, which --pvc mounts at {mount}; pass "
+                      f"--pvc-mount {top} (mount the claim there) or set {key} under {mount}")
+    if options.ephemeral_outputs:
+        return value
+    raise FtError(f"{key} {value}: a pod's own disk, deleted with the cluster; pass --pvc CLAIM (a shared volume), "
+                  f"set {key}=s3://BUCKET/... (run storage), or --ephemeral-outputs to accept losing it")
+
+
 def cluster_job_spec(spec: JobSpec, options: K8sOptions) -> JobSpec:
-    """The spec as it runs in the pods: one Ray Train worker per GPU of the worker group, outputs and
-    Ray Train's checkpoints on the shared volume when there is one."""
+    """The spec as it runs in the pods: one Ray Train worker per GPU of the worker group, whose CPUs
+    split the pod's; outputs and Ray Train's checkpoints where they outlive the pods."""
     per_pod = max(options.gpus_per_worker, 1)
     scaling = spec.scaling.model_copy(update={
         "num_workers": options.workers * per_pod,
         "use_gpu": options.gpus_per_worker > 0,
         "gpus_per_worker": 1,
-        "cpus_per_worker": max(1, (options.cpus_per_worker - 1) // per_pod),  # one CPU left for Ray itself
+        "cpus_per_worker": max(1, options.cpus_per_worker // per_pod),
     })
-    update: dict[str, Any] = {"scaling": scaling}
-    if options.pvc:
-        if not Path(spec.output.dir).is_absolute():
-            update["output"] = spec.output.model_copy(update={"dir": f"{SHARED_MOUNT}/runs/{{name}}"})
-        if scaling.storage_path is None:
-            update["scaling"] = scaling.model_copy(update={"storage_path": f"{SHARED_MOUNT}/ray"})
-    return spec.model_copy(update=update)
+    output = _placed("output.dir", spec.output.dir, options, "runs/{name}")
+    storage = scaling.storage_path
+    if storage is not None:
+        storage = _placed("scaling.storage_path", storage, options, "ray")
+    elif options.pvc:
+        storage = f"{options.pvc_mount.rstrip('/')}/ray"
+    return spec.model_copy(update={"scaling": scaling.model_copy(update={"storage_path": storage}),
+                                   "output": spec.output.model_copy(update={"dir": output})})
 
 
-def job_files(spec: JobSpec, space: Path | None) -> dict[str, str]:
+def job_files(spec: JobSpec, options: K8sOptions, space: Path | None) -> dict[str, str]:
     """The ConfigMap's files: the spec with data paths inside the mount, small data files, the space."""
     files: dict[str, str] = {}
     data_update = {}
@@ -104,8 +148,8 @@ def job_files(spec: JobSpec, space: Path | None) -> dict[str, str]:
         value = getattr(spec.data, key)
         if not value:
             continue
-        if value.startswith(SHARED_MOUNT):
-            continue  # already on the shared volume
+        if is_uri(value) or _on_volume(value, options.pvc_mount):
+            continue  # read where it is: object storage, or the shared volume
         source = Path(value)
         name = f"{key}-{source.name}"
         files[name] = source.read_text()
@@ -116,7 +160,8 @@ def job_files(spec: JobSpec, space: Path | None) -> dict[str, str]:
     size = sum(len(text.encode()) for text in files.values())
     if size > CONFIGMAP_LIMIT:
         raise FtError(f"data: {size / 1024:.0f} KiB of local data is too big for a ConfigMap (1 MiB); copy it to the "
-                      f"shared volume (--pvc, mounted at {SHARED_MOUNT}) and point data.train at {SHARED_MOUNT}/...")
+                      f"shared volume (--pvc, mounted at {options.pvc_mount}) and point data.train there, or into "
+                      "object storage (s3://...)")
     files["job.yaml"] = dump_spec(job)
     return files
 
@@ -135,7 +180,7 @@ def _volumes(options: K8sOptions, configmap: str) -> tuple[list[dict], list[dict
     mounts: list[dict] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "job", "mountPath": JOB_MOUNT, "readOnly": True}]
     if options.pvc:
         volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": options.pvc}})
-        mounts.append({"name": "shared", "mountPath": SHARED_MOUNT})
+        mounts.append({"name": "shared", "mountPath": options.pvc_mount})
     return volumes, mounts
 
 
@@ -151,6 +196,8 @@ def _container(name: str, options: K8sOptions, cpus: int, memory: str, gpus: int
         "env": _env(options),
         "volumeMounts": mounts,
     }
+    if options.storage_secret:  # the store's credentials, by reference: never in the manifest
+        container["envFrom"] = [{"secretRef": {"name": options.storage_secret}}]
     if name == "ray-head":
         container["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
                               {"containerPort": 10001, "name": "client"}]
@@ -172,8 +219,8 @@ def cluster_spec(options: K8sOptions, configmap: str) -> dict[str, Any]:
         "rayVersion": ray_version(),
         "authOptions": {"mode": "token"},
         "headGroupSpec": {
-            # num-cpus 0: the head schedules no training; it runs the driver and the dashboard.
-            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+            # The head schedules no training (no CPU or GPU to offer); it runs the driver and the dashboard.
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
             "template": {"spec": {"containers": [head], "volumes": volumes}},
         },
         "workerGroupSpecs": [{
@@ -201,7 +248,7 @@ def render(spec: JobSpec, options: K8sOptions, space: Path | None = None, tune_a
     """The manifests: a ConfigMap with the job files, then a RayJob (or a RayCluster)."""
     name = options.name or re.sub(r"[^a-z0-9-]", "-", spec.name.lower()).strip("-")
     check_options(options, name)
-    files = job_files(cluster_job_spec(spec, options), space)
+    files = job_files(cluster_job_spec(spec, options), options, space)
     configmap_name = f"{name}-job"
     configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(configmap_name, options, spec),
                  "data": files}
@@ -227,7 +274,8 @@ def render(spec: JobSpec, options: K8sOptions, space: Path | None = None, tune_a
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": options.ttl_s,
             "backoffLimit": options.backoff_limit,
-            "entrypointNumCpus": 1,
+            # The driver reserves nothing, so it runs on the head (which offers nothing) and every
+            # worker CPU is left to the workers: one reserved CPU made 8-GPU pods unplaceable.
             "rayClusterSpec": cluster_spec(options, configmap_name),
         },
     }

@@ -9,6 +9,7 @@ authentication: the token comes from ``RAY_AUTH_TOKEN``, the profile's ``token_f
     prod:
       address: http://ray-head.example.internal:8265
       token_file: ~/.ray/prod_token
+      cluster_config: cluster/aws-gpu.yaml   # optional: an autoscaling cluster's `ray up` config
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def profiles_path() -> Path:
 class ClusterTarget:
     address: str  # the dashboard's HTTP address, e.g. http://127.0.0.1:8265
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the token: never print
+    cluster_config: Path | None = None  # its `ray up` config, for autoscaling limits
     _client: Any = field(default=None, init=False, repr=False, compare=False)
 
     def client(self):
@@ -109,4 +111,7 @@ def resolve_target(address: str | None, cluster: str | None) -> ClusterTarget:
     if not token and RAY_TOKEN_FILE.expanduser().is_file():
         token = RAY_TOKEN_FILE.expanduser().read_text().strip()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return ClusterTarget(_http(address), headers)
+    config = profile.get("cluster_config")
+    if config and not Path(config).expanduser().is_file():
+        raise FtError(f"{profiles_path()}: {cluster}: cluster_config {config} not found")
+    return ClusterTarget(_http(address), headers, Path(config).expanduser() if config else None)
