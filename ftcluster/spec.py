@@ -380,8 +380,10 @@ class WandbSpec(Section):
     entity: str | None = Field(None, description="W&B entity (team or user).")
     group: str | None = Field(None, description="W&B group.")
     tags: list[str] = Field(default_factory=list, description="W&B tags.")
-    mode: Literal["offline", "online", "disabled"] = Field(
-        "offline", description="offline writes runs locally (`wandb sync` later); online needs WANDB_API_KEY."
+    mode: Literal["auto", "offline", "online", "disabled"] = Field(
+        "auto", description="auto: WANDB_MODE if set, else online when WANDB_API_KEY is in the environment (a "
+        "cluster's Secret) and offline otherwise; offline writes runs locally (`wandb sync` later); online needs "
+        "WANDB_API_KEY.",
     )
 
 

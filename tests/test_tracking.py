@@ -73,6 +73,21 @@ def test_wandb_offline_run_has_config_metrics_summary_and_no_key(make_job, cli, 
     assert SECRET not in result.out + result.err
 
 
+def test_auto_mode_goes_online_where_a_key_is_given(monkeypatch):
+    """A cluster's pods get WANDB_API_KEY from a Secret: with the default mode their runs upload."""
+    from ftcluster.spec import WandbSpec
+    from ftcluster.track.wandb_run import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert WandbSpec().mode == "auto" and wandb_mode(WandbSpec()) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    assert wandb_mode(WandbSpec()) == "online"
+    assert wandb_mode(WandbSpec(mode="offline")) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment's choice wins over the key (make demo, tests)
+    assert wandb_mode(WandbSpec()) == "offline"
+
+
 def test_online_without_key_is_a_clear_error(make_job, cli, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     job = make_job("online", tracking={"wandb": {"mode": "online"}})

@@ -1,6 +1,7 @@
 """Weights & Biases logging, main worker only. Offline by default: the run is written under
-OUTPUT/wandb and uploaded later with `wandb sync`; online only when the spec says so and
-WANDB_API_KEY is in the environment. The key is never put in configs, logs or run files."""
+OUTPUT/wandb and uploaded later with `wandb sync`; online when WANDB_API_KEY is in the environment
+(mode auto, the default: a cluster's pods get the key from a Secret) or the spec says online.
+The key is never put in configs, logs or run files."""
 
 from __future__ import annotations
 
@@ -24,14 +25,23 @@ class NoTracker:
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
+def wandb_mode(settings) -> str:
+    """The mode a run uses: the spec's, or for auto WANDB_MODE, else online with a key, else offline."""
+    mode = settings.mode
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise FtError("tracking.wandb.mode: online needs WANDB_API_KEY in the environment "
+                      "(never in the spec); or use mode: offline and `wandb sync` later")
+    return mode
+
+
 class WandbTracker(NoTracker):
     def __init__(self, spec, out_dir: Path, resume: bool):
         import wandb
 
         settings = spec.tracking.wandb
-        if settings.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            raise FtError("tracking.wandb.mode: online needs WANDB_API_KEY in the environment "
-                          "(never in the spec); or use mode: offline and `wandb sync` later")
+        mode = wandb_mode(settings)
         id_file = out_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         self.run = wandb.init(
@@ -39,7 +49,7 @@ class WandbTracker(NoTracker):
             entity=settings.entity,
             group=settings.group,
             tags=settings.tags,
-            mode=settings.mode,
+            mode=mode,
             name=spec.name,
             id=run_id,
             resume="allow" if run_id else None,
@@ -80,10 +90,8 @@ def log_sweep_table(settings, sweep_dir: Path, sweep_name: str, metric: str, row
 
     import wandb
 
-    if settings.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise FtError("tracking.wandb.mode: online needs WANDB_API_KEY in the environment")
     run = wandb.init(project=settings.project, entity=settings.entity, group=sweep_name, tags=[*settings.tags, "sweep"],
-                     mode=settings.mode, name=f"{sweep_name}-summary", job_type="sweep-summary", dir=str(sweep_dir),
+                     mode=wandb_mode(settings), name=f"{sweep_name}-summary", job_type="sweep-summary", dir=str(sweep_dir),
                      settings=wandb.Settings(console="off", quiet=True))
     columns: list[str | int] = ["trial", "params", metric, "steps", "status", "tokens", "gpu_hours", "cpu_core_hours", "cost_usd"]
     data = [[r.trial, json.dumps(r.params), r.metric, r.steps, r.status, r.tokens, r.gpu_hours, r.cpu_core_hours,
