@@ -256,7 +256,8 @@ def check_tune_options(tune_options: str, space: Path | None) -> list[str]:
 
 @app.command(epilog="Examples:\n\n"
              "  ftcluster submit jobs/quickstart.yaml --address http://127.0.0.1:8265\n\n"
-             "  ftcluster submit jobs/quickstart.yaml --cluster prod --wait output.dir=/mnt/shared/runs/qs\n\n"
+             "  ftcluster submit jobs/quickstart.yaml --cluster prod --wait output.dir=s3://bucket/runs/{name}\n\n"
+             "  ftcluster submit jobs/quickstart.yaml --cluster prod --resume JOB_ID training.max_steps=2000\n\n"
              "  ftcluster submit jobs/quickstart.yaml --tune tune_spaces/lora.yaml --tune-options '--trials 16 --concurrent 4'")
 def submit(
     job: JobArg,
@@ -270,6 +271,9 @@ def submit(
     pip: Annotated[bool, typer.Option("--pip", help="Install ftcluster's pinned requirements into the job's "
                                       "environment (for clusters whose image lacks them).")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the logs until the job ends; exit 1 if it failed.")] = False,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue the run of this earlier job (JOB_ID from `ftcluster jobs`) from its last checkpoint; "
+             "without it every submission is a fresh run named NAME-YYYYmmdd-HHMMSS.")] = None,
     cluster_config: Annotated[Path | None, typer.Option(
         help="The cluster's `ray up` config: check the job against the most its autoscaler may start (max_workers "
              "per node type) instead of the nodes up now; a profile's cluster_config by default.")] = None,
@@ -291,11 +295,14 @@ def submit(
         load_space(tune_space, spec.model_dump(mode="json"))
     target = resolve_target(address, cluster)
     options = SubmitOptions(tune_space, check_tune_options(tune_options, tune_space), name, max_upload_mb, pip,
-                            capacity_check, cluster_config or target.cluster_config)
+                            resume, capacity_check, cluster_config or target.cluster_config)
     job_id, notes = submit_job(target, spec, options)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"[green]✓[/] submitted {job_id} to {target.address}")
+    if tune_space is None:
+        console.print(f"run {spec.name}-…: continue it later with `ftcluster submit {job} --resume {job_id}`",
+                      soft_wrap=True, highlight=False)
     print(job_id)
     if wait:
         logs(job_id, follow=True, address=address, cluster=cluster)

@@ -77,7 +77,8 @@ def _check_reuse(spec: JobSpec, where: str, resume: bool, force: bool, *, has_ch
                               "or add --force to retrain from its last checkpoint")
     elif not spec.output.overwrite and (summary is not None or has_checkpoints):
         raise FtError(
-            f"output.dir: {where} already holds a run; use --resume to continue it, "
+            f"output.dir: {where} already holds a run; use --resume to continue it (`ftcluster submit`: "
+            "--resume JOB_ID), "
             f"output.overwrite=true to replace it, or another output.dir"
         )
 

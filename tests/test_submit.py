@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -218,3 +219,28 @@ def test_an_autoscaling_cluster_takes_what_its_config_allows(on_cluster, make_jo
                     "--no-capacity-check")
     assert unchecked.code == 0, unchecked
     cli("stop", unchecked.out.strip().splitlines()[-1], "--address", on_cluster)
+
+
+def test_resubmitting_is_a_new_run_and_resume_continues_one(on_cluster, make_job, cli, tmp_path):
+    """The same spec submitted twice: two runs (a fresh run name each), not "already holds a run";
+    `--resume JOB_ID` continues the first one's run from its checkpoint."""
+    from ftcluster.cluster.jobs import job_metadata
+
+    job = make_job("again", training={"max_steps": 4, "checkpoint_every": 2},
+                   output={"dir": str(tmp_path / "runs" / "{name}")})
+    first = cli("submit", job, "--address", on_cluster, "--wait")
+    second = cli("submit", job, "--address", on_cluster, "--wait")
+    assert first.code == 0 and second.code == 0, (first, second)
+    first_id, second_id = (next(line.strip() for line in result.out.splitlines()
+                                if re.fullmatch(r"ftcluster-again-[0-9a-f]{8}-\d+", line.strip()))
+                           for result in (first, second))
+    target = resolve_target(on_cluster, None)
+    names = [job_metadata(target, job_id)["run_name"] for job_id in (first_id, second_id)]
+    assert names[0] != names[1] and all(name.startswith("again-") for name in names)
+    assert all((tmp_path / "runs" / name / "summary.json").is_file() for name in names)
+    resumed = cli("submit", job, "training.max_steps=6", "--address", on_cluster, "--resume", first_id, "--wait")
+    assert resumed.code == 0, resumed
+    summary = json.loads((tmp_path / "runs" / names[0] / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary.get("resumed_from_step") == 4
+    unknown = cli("submit", job, "--address", on_cluster, "--resume", "ftcluster-no-such-job")
+    assert unknown.code == 2 and "no job ftcluster-no-such-job" in unknown.err

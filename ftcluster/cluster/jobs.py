@@ -42,6 +42,7 @@ class SubmitOptions:
     name: str | None = None
     max_upload_mb: float = 100
     pip: bool = False
+    resume_job: str | None = None  # continue the run of this earlier job (its run name, --resume)
     capacity_check: bool = True
     cluster_config: Path | None = None  # a `ray up` config: check against its autoscaling limits
 
@@ -86,15 +87,33 @@ def check_capacity(target: ClusterTarget, spec: JobSpec, options: SubmitOptions)
         raise FtError("\n".join(f"{where}: {p}" for p in problems) + hint)
 
 
+def run_name(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> str:
+    """Each submission is a run of its own (`NAME-YYYYmmdd-HHMMSS`, so `runs/{name}` never collides with
+    an earlier submission's), unless it continues an earlier job's run (`--resume JOB_ID`)."""
+    if options.resume_job is None:
+        return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    metadata = job_metadata(target, options.resume_job)
+    if "run_name" not in metadata:
+        raise FtError(f"--resume {options.resume_job}: that job records no run name (submitted by an older "
+                      "ftcluster); resubmit with name=RUN_NAME --resume instead")
+    return metadata["run_name"]
+
+
 def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tuple[str, list[str]]:
     """Check capacity, package, submit; returns the job id and notes for the user."""
+    if options.resume_job and options.space is not None:
+        raise FtError("--resume JOB_ID continues a training run; a sweep continues with --tune-options '--resume DIR'")
     check_capacity(target, spec, options)
+    name = run_name(target, spec, options)
     with tempfile.TemporaryDirectory(prefix="ftcluster-submit-") as tmp:
         package = build_package(spec, Path(tmp), options.space, options.max_upload_mb)
         if options.space is not None:
             entrypoint = ["python", "-m", "ftcluster.cli", "tune", JOB_FILE, SPACE_FILE, *(options.tune_args or [])]
         else:
-            entrypoint = ["python", "-m", "ftcluster.cli", "train", JOB_FILE]
+            # The run name is an override, not an edit of the uploaded spec: the package (and the
+            # working directory Ray keeps for it) stays the same from one submission to the next.
+            entrypoint = ["python", "-m", "ftcluster.cli", "train", JOB_FILE, f"name={name}"]
+            entrypoint += ["--resume"] if options.resume_job else []
         env = {k: v for k, v in os.environ.items() if k.startswith("FTCLUSTER_") and k != "FTCLUSTER_CLUSTERS"}
         env.update({SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1", DRIVER_CPUS_ENV: f"{ENTRYPOINT_CPUS:g}"})
         if not options.capacity_check or options.cluster_config is not None:
@@ -113,7 +132,7 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
                 entrypoint=" ".join(entrypoint),
                 submission_id=submission_id,
                 runtime_env=runtime_env,
-                metadata={"ftcluster_job": job_name, "spec_sha256": package.spec_sha256,
+                metadata={"ftcluster_job": job_name, "spec_sha256": package.spec_sha256, "run_name": name,
                           "kind": "tune" if options.space else "train"},
                 entrypoint_num_cpus=ENTRYPOINT_CPUS,
                 entrypoint_num_gpus=0,
@@ -132,6 +151,11 @@ def _refused(target: ClusterTarget, what: str):
 
 def _status(info) -> str:
     return str(info.status.value if hasattr(info.status, "value") else info.status)
+
+
+def job_metadata(target: ClusterTarget, job_id: str) -> dict[str, str]:
+    with _refused(target, f"no job {job_id}"):
+        return dict(target.client().get_job_info(job_id).metadata or {})
 
 
 def job_info(target: ClusterTarget, job_id: str) -> dict[str, Any]:
