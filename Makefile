@@ -35,11 +35,14 @@ demo: $(STAMP)
 check: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not gpu and not integration"
 
+# Two test processes (the machine's two cores; tests mostly run one thread each), one module per
+# process at a time so a module's Ray head, store or cluster is started once.
+TEST_PROCESSES ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile -m "slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check ftcluster tests bench

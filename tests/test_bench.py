@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_smoke(tmp_path):
     out = tmp_path / "overhead.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "overhead.py"), "--model", "tiny", "--steps", "6",
@@ -19,6 +20,7 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert all(row["tokens_per_s"] > 0 for row in result["rows"])
 
 
+@pytest.mark.slow
 def test_sweep_efficiency_benchmark_smoke(tmp_path):
     out = tmp_path / "sweep.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "sweep_efficiency.py"), "--smoke", "--json", str(out)],
@@ -28,6 +30,7 @@ def test_sweep_efficiency_benchmark_smoke(tmp_path):
     assert 0 < result["asha"]["steps_to_target"] <= result["asha"]["steps_total"] <= result["grid"]["steps"]
 
 
+@pytest.mark.slow
 def test_gpu_throughput_benchmark_smoke(tmp_path):
     out = tmp_path / "gpu.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "gpu_throughput.py"), "--smoke", "--json", str(out)],
@@ -64,6 +67,7 @@ def run_gpu_script(name: str, out, *args: str, timeout: int):
     return done, json.loads((out / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_gpu_run_script_smoke(tmp_path):
     """bench/gpu/run.sh --smoke: the GPU throughput script's rehearsal on CPU, without Ray, W&B, Optuna,
     DeepSpeed or gguf importable (as on the GPU machine); the wheel step is skipped (all importable)."""

@@ -67,6 +67,7 @@ def test_which_loss_each_setup_gets(make_job):
     assert not use_chunked_loss(zero3)
 
 
+@pytest.mark.slow
 @pytest.mark.integration  # starts Ray with two workers
 def test_chunked_full_finetune_under_ddp_matches_one_worker(make_job, cli, tmp_path):
     # The head's gradient comes from outside the DDP forward: it must still be averaged across workers.

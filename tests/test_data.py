@@ -140,7 +140,7 @@ def test_split_is_seeded(tokenizer):
     assert [e.input_ids for e in one.val] != [e.input_ids for e in other.val]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.integration)])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", pytest.param("flex_attention", marks=[pytest.mark.integration, pytest.mark.slow])])
 def test_packing_has_no_cross_example_attention(tiny_model, tokenizer, attention):
     from transformers import AutoModelForCausalLM
 

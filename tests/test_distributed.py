@@ -25,6 +25,7 @@ def two_worker_run(make_job, name, **sections):
     return run_with_ray(load_spec(job))
 
 
+@pytest.mark.slow
 def test_ddp_two_workers_equal_one_worker_with_double_batch(local_ray, make_job, tmp_path):
     from ftcluster.launch import run_in_process
     from ftcluster.spec import load_spec
@@ -38,7 +39,7 @@ def test_ddp_two_workers_equal_one_worker_with_double_batch(local_ray, make_job,
     assert two[-1] < two[0]
 
 
-@pytest.mark.parametrize("stage, packing", [(2, False), (3, True)])  # ZeRO-3 also runs the packing check
+@pytest.mark.parametrize("stage, packing", [pytest.param(2, False, marks=pytest.mark.slow), (3, True)])  # ZeRO-3 also runs the packing check
 def test_deepspeed_zero_two_workers_equal_one_worker_with_double_batch(stage, packing, local_ray, make_job, tmp_path):
     from ftcluster.launch import run_in_process
     from ftcluster.spec import load_spec
@@ -100,14 +101,17 @@ def kill_and_compare(make_job, tmp_path, name, steps: int, kill_after: int, **se
     assert train_losses(out) == pytest.approx(whole, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_restarts_and_matches(local_ray, make_job, tmp_path):
     kill_and_compare(make_job, tmp_path, "ddp-ft", 12, 4, method={"name": "full"})
 
 
+@pytest.mark.slow
 def test_lora_under_deepspeed_resumes_after_a_worker_dies(local_ray, make_job, tmp_path):
     kill_and_compare(make_job, tmp_path, "ds-lora", 8, 3, distributed={"backend": "deepspeed", "zero_stage": 2})
 
 
+@pytest.mark.slow
 def test_stuck_peer_ends_the_attempt_with_rank_and_operation(local_ray, make_job, tmp_path):
     """A worker frozen with SIGSTOP (a hung GPU, from the others' point of view): its peer's next
     collective times out and the run ends with one line naming that worker and the operation."""
@@ -134,6 +138,7 @@ def test_stuck_peer_ends_the_attempt_with_rank_and_operation(local_ray, make_job
                 process.kill()
 
 
+@pytest.mark.slow
 def test_zero3_save_resume_export_round_trip(local_ray, make_job, cli, tmp_path):
     """ZeRO-3 sharded checkpoints: resume equals uninterrupted; a checkpoint consolidates into a
     plain transformers folder with the same logits as a run that stopped at that step."""
@@ -170,6 +175,7 @@ def test_zero3_save_resume_export_round_trip(local_ray, make_job, cli, tmp_path)
     torch.testing.assert_close(from_checkpoint, from_run, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero3_workers_never_hold_a_full_copy(local_ray, make_job, tmp_path_factory):
     """2 ZeRO-3 workers load a ~800 MB model: each worker's peak while loading stays well below
     its runtime plus one full copy (a plain load under ZeRO-3 costs a full copy per worker);
@@ -199,7 +205,7 @@ def test_zero3_with_cpu_offload_trains(local_ray, make_job, tmp_path):
     assert summary["steps"] == 4 and losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "qlora"])
 def test_adapters_under_zero3(method, local_ray, make_job, tmp_path, tiny_model):
     """LoRA, and QLoRA (4-bit storage dtype = compute dtype, as ZeRO-3 needs), on 2 ZeRO-3 workers."""
     from peft import PeftModel
@@ -212,6 +218,7 @@ def test_adapters_under_zero3(method, local_ray, make_job, tmp_path, tiny_model)
                               tmp_path / "runs" / f"z3-{method}" / "final" / "adapter")
 
 
+@pytest.mark.slow
 def test_zero3_counts_and_flops_see_whole_parameters(local_ray, make_job, tmp_path):
     """Under ZeRO-3 a worker holds partitions; parameter counts and FLOPs must use full sizes."""
     from ftcluster.launch import run_in_process

@@ -116,6 +116,7 @@ def test_dpo_run_raises_held_out_preference_accuracy(method, make_job, cli, tmp_
     assert after["val_loss"] < before["val_loss"] - 0.1
 
 
+@pytest.mark.slow
 def test_dpo_under_ray_with_two_workers_matches_one(make_job, cli, tmp_path, preference_data):
     common = dict(method={"name": "lora", "objective": "dpo", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}},
                   data={"train": str(preference_data["train"]), "validation": str(preference_data["val"]),
@@ -130,7 +131,7 @@ def test_dpo_under_ray_with_two_workers_matches_one(make_job, cli, tmp_path, pre
     assert train_losses(tmp_path / "runs" / "dpo-two") == pytest.approx(train_losses(tmp_path / "runs" / "dpo-one"), rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_dpo_under_deepspeed_zero2_matches_one_worker(method, make_job, cli, tmp_path, preference_data):
     # lora: the reference is the engine's module with adapters off; full: a frozen copy taken before
     # DeepSpeed wraps the model.

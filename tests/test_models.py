@@ -26,6 +26,7 @@ def test_unknown_paths_are_one_line_errors(tmp_path):
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").local is False  # a hub id
 
 
+@pytest.mark.slow
 @pytest.mark.integration  # converts the real 135M GGUF (over a minute on 2 cores)
 def test_gguf_converts_once_and_is_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))

@@ -178,7 +178,7 @@ def remove_mid_run(nodes, store, make_job, name: str, pick) -> dict:
     return outcome["summary"]
 
 
-@pytest.mark.parametrize("which", ["worker", "rank0"])
+@pytest.mark.parametrize("which", ["rank0", pytest.param("worker", marks=pytest.mark.slow)])
 def test_a_lost_node_restarts_from_the_store_and_matches(which, nodes, store, make_job, ddp_reference):
     if "losses" not in ddp_reference:
         pytest.skip("needs the uninterrupted run of test_ddp_across_nodes_...")

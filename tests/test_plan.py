@@ -16,6 +16,11 @@ LLAMA_65B = (65_285_660_672, 262_144_000)
 LLAMA_7B = (6_738_415_616, 131_072_000)
 
 
+def slow(case: str):
+    """A case left to `make test-slow` (each measures a real model for a minute)."""
+    return pytest.param(case, marks=pytest.mark.slow)
+
+
 def full(stage, offload_optimizer=False, offload_params=False, nodes=1, gpus=8):
     return Setup("full", "deepspeed", stage, offload_optimizer, offload_params, nodes, gpus)
 
@@ -123,7 +128,7 @@ def test_live_tensor_peak_agrees_with_pytorchs_memtracker(tiny_model):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["full:8", "lora+gc2:8", "lora+gc+chunk:8", "qlora+gc:8"])
+@pytest.mark.parametrize("case", [slow("full:8"), "lora+gc2:8", slow("lora+gc+chunk:8"), slow("qlora+gc:8")])
 def test_planner_total_within_15_percent_of_measured_peak(case):
     rows = _planner_memory_bench().run_cases("smollm2-135m-instruct", case, 128)
     assert 0.85 <= rows[0]["ratio"] <= 1.15, rows[0]

@@ -258,7 +258,7 @@ def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_checkpoints_and_resume_matches_an_uninterrupted_run(signum, make_job, cli, tmp_path):
     training = {"max_steps": 150, "checkpoint_every": 1000, "scheduler": "cosine", "warmup_steps": 5}
     job = make_job("sig", training=training)
@@ -296,7 +296,7 @@ def test_ctrl_c_under_ray_is_one_line_and_exit_130(make_job, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("logged_steps", [2, 7])
+@pytest.mark.parametrize("logged_steps", [2, pytest.param(7, marks=pytest.mark.slow)])
 def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(logged_steps, make_job, cli, tmp_path):
     """SIGKILL while a checkpoint is written every step: --resume always finds a complete one and
     finishes with the loss of an uninterrupted run."""

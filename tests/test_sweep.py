@@ -200,6 +200,7 @@ def test_budget_stops_launching_new_trials(sweep_job, cli, tmp_path):
     assert "Budget reached" in result.out
 
 
+@pytest.mark.slow
 def test_optuna_and_pbt_run(sweep_job, cli, tmp_path):
     job, space = sweep_job(training={"max_steps": 12, "log_every": 2, "checkpoint_every": 4})
     result = cli("tune", job, space, "--trials", "3", "--concurrent", "3", "--searcher", "optuna",
@@ -225,6 +226,7 @@ def test_bad_sweep_options_are_refused_before_launch(sweep_job, cli, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes(sweep_job, tmp_path):
     job, space = sweep_job(training={"max_steps": 40, "log_every": 4})
     out = tmp_path / "sweep"
@@ -257,6 +259,7 @@ def test_interrupted_sweep_resumes(sweep_job, tmp_path):
         assert steps == sorted(set(steps))  # one history per trial, no restarts mixed in
 
 
+@pytest.mark.slow
 def test_multi_worker_trials_get_their_own_train_group(sweep_job, cli, tmp_path):
     job, space = sweep_job(training={"max_steps": 4, "log_every": 2}, eval={"every": 2},
                            scaling={"num_workers": 2, "cpus_per_worker": 0.5})
