@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from ftcluster.atomic import write_text_atomic
 from ftcluster.errors import FtError
@@ -25,15 +25,21 @@ class NoTracker:
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
-def wandb_mode(settings) -> str:
+Mode = Literal["online", "offline", "disabled"]
+MODES: tuple[Mode, ...] = ("online", "offline", "disabled")
+
+
+def wandb_mode(settings) -> Mode:
     """The mode a run uses: the spec's, or for auto WANDB_MODE, else online with a key, else offline."""
     mode = settings.mode
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode not in MODES:
+        raise FtError(f"WANDB_MODE={mode}: not one of {', '.join(MODES)}")
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         raise FtError("tracking.wandb.mode: online needs WANDB_API_KEY in the environment "
                       "(never in the spec); or use mode: offline and `wandb sync` later")
-    return mode
+    return cast(Mode, mode)
 
 
 class WandbTracker(NoTracker):
