@@ -62,32 +62,26 @@ def test_no_socket_of_a_local_run_listens_beyond_loopback(local_ray, make_job):
     assert {ip for ip, _ in seen} <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, seen
 
 
-def test_train_under_ray_matches_in_process(local_ray, make_job, tmp_path):
+def test_train_under_ray_matches_in_process_and_a_new_launch_starts_over(local_ray, make_job, tmp_path):
+    """Under Ray the same losses as in this process; and a second launch of the same spec trains again:
+    Ray Train resumes a run whose name exists in its storage, so `make demo` twice must not continue."""
     from ftcluster.launch import run_in_process, run_with_ray
     from ftcluster.spec import load_spec
 
-    job = make_job("ray", training={"max_steps": 4}, eval={"every": 2, "before_after": True})
+    job = make_job("ray", training={"max_steps": 4, "checkpoint_every": 2}, output={"overwrite": True},
+                   eval={"every": 2, "before_after": True})
     spec = load_spec(job)
-    summary = run_with_ray(spec)
-    assert summary["steps"] == 4 and summary["world_size"] == 1
-    assert summary["before"]["val_loss"] > summary["after"]["val_loss"]
+    first = run_with_ray(spec)
+    assert first["steps"] == 4 and first["world_size"] == 1
+    assert first["before"]["val_loss"] > first["after"]["val_loss"]
+    second = run_with_ray(spec)
+    assert first["resumed_from_step"] is None and second["resumed_from_step"] is None
+    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "ray") if "train_loss" in r]
+    assert steps == [1, 2, 3, 4]  # one history, not the first run's steps plus the second's
+    assert len(list((tmp_path / "runs" / "ray" / "ray").iterdir())) == 1  # the earlier launch's copy pruned
     local = load_spec(job, [f"output.dir={tmp_path / 'runs' / 'local'}"])
     run_in_process(local)
     assert train_losses(tmp_path / "runs" / "ray") == train_losses(tmp_path / "runs" / "local")
-
-
-def test_a_fresh_run_never_continues_an_earlier_launch(local_ray, make_job, tmp_path):
-    # Ray Train resumes a run whose name exists in its storage; `make demo` twice must train twice.
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
-
-    spec = load_spec(make_job("again", training={"max_steps": 4, "checkpoint_every": 2}, output={"overwrite": True}))
-    first = run_with_ray(spec)
-    second = run_with_ray(spec)
-    assert first["resumed_from_step"] is None and second["resumed_from_step"] is None
-    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "again") if "train_loss" in r]
-    assert steps == [1, 2, 3, 4]  # one history, not the first run's steps plus the second's
-    assert len(list((tmp_path / "runs" / "again" / "ray").iterdir())) == 1  # earlier launch's copy pruned
 
 
 def test_worker_user_error_reaches_the_driver_as_one_line(local_ray, make_job):
