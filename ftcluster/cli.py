@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ OverridesArg = Annotated[
     typer.Argument(help="Dotted overrides KEY=VALUE applied to the spec, e.g. training.lr=1e-4 method.lora.rank=16.",
                    show_default=False),
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (one document) instead of a table.")]
 RunArg = Annotated[str, typer.Argument(
     help="A run written by `ftcluster train`: its output.dir, a folder or a storage URI (s3://bucket/runs/x).",
     show_default=False)]
@@ -310,7 +312,8 @@ def submit(
 
 
 @app.command(epilog="Example:\n\n  ftcluster status ftcluster-quickstart-1a2b3c4d-1795500000 --address http://127.0.0.1:8265")
-def status(job_id: JobIdArg, address: AddressOption = None, cluster: ClusterOption = None) -> None:
+def status(job_id: JobIdArg, address: AddressOption = None, cluster: ClusterOption = None,
+           as_json: JsonOption = False) -> None:
     """A submitted job's state, and its run summary (or its error lines) once it has ended. Exit 1 if it failed."""
     from rich.markup import escape
 
@@ -322,17 +325,21 @@ def status(job_id: JobIdArg, address: AddressOption = None, cluster: ClusterOpti
     info = job_info(target, job_id)
     logs_text = job_logs(target, job_id) if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else ""
     summary = run_summary(logs_text)
-    console.print(job_status_table(info, summary))
-    if info["status"] == "FAILED":
+    if as_json:
+        print(json.dumps({**info, "summary": summary, "errors": error_lines(logs_text)}, default=str))
+    else:
+        console.print(job_status_table(info, summary))
+    if info["status"] == "FAILED" and not as_json:
         for line in error_lines(logs_text) or [str(info["message"]).splitlines()[0]]:
             err_console.print(f"[red]{escape(line)}[/]", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
-@app.command(epilog="Examples:\n\n  ftcluster logs JOB_ID\n\n  ftcluster logs JOB_ID --follow")
+@app.command(epilog="Examples:\n\n  ftcluster logs JOB_ID\n\n  ftcluster logs JOB_ID --follow --tail 20")
 def logs(
     job_id: JobIdArg,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False,
+    tail: Annotated[int | None, typer.Option(min=1, help="Only the last N lines (with --follow: then stream).")] = None,
     address: AddressOption = None,
     cluster: ClusterOption = None,
 ) -> None:
@@ -341,10 +348,13 @@ def logs(
     from ftcluster.cluster.target import resolve_target
 
     target = resolve_target(address, cluster)
-    if follow:
-        follow_logs(target, job_id, lambda chunk: print(chunk, end="", flush=True))
-    else:
-        print(job_logs(target, job_id), end="")
+    shown = 0
+    if not follow or tail is not None:
+        text = job_logs(target, job_id)
+        print("".join(text.splitlines(keepends=True)[-tail:] if tail else text), end="", flush=True)
+        shown = len(text)
+    if follow:  # Ray streams from the start: what the tail above covered is skipped
+        follow_logs(target, job_id, lambda chunk: print(chunk, end="", flush=True), skip_chars=shown)
 
 
 @app.command(epilog="Example:\n\n  ftcluster stop JOB_ID --cluster prod")
@@ -357,15 +367,19 @@ def stop(job_id: JobIdArg, address: AddressOption = None, cluster: ClusterOption
     console.print(f"{job_id}: {stop_job(target, job_id)}")
 
 
-@app.command(epilog="Example:\n\n  ftcluster jobs --address http://127.0.0.1:8265")
-def jobs(address: AddressOption = None, cluster: ClusterOption = None) -> None:
+@app.command(epilog="Examples:\n\n  ftcluster jobs --address http://127.0.0.1:8265\n\n  ftcluster jobs --json | jq '.[0].job_id'")
+def jobs(address: AddressOption = None, cluster: ClusterOption = None, as_json: JsonOption = False) -> None:
     """List the cluster's submitted jobs, newest first."""
     from ftcluster.cluster.jobs import list_jobs
     from ftcluster.cluster.target import resolve_target
     from ftcluster.tables import jobs_table
 
     target = resolve_target(address, cluster)
-    console.print(jobs_table(list_jobs(target), target.address))
+    rows = list_jobs(target)
+    if as_json:
+        print(json.dumps(rows, default=str))
+    else:
+        console.print(jobs_table(rows, target.address))
 
 
 @app.command(epilog="Examples:\n\n  ftcluster plan jobs/llama-65b-qlora-zero3.yaml\n\n"

@@ -98,9 +98,18 @@ def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path, mo
     assert "SUCCEEDED" in result.out and "after val_loss" in result.out
     listed = cli("jobs", "--address", on_cluster)
     assert "remote" in listed.out and "SUCCEEDED" in listed.out
+    rows = json.loads(cli("jobs", "--address", on_cluster, "--json").out)
+    assert any(row["name"] == "remote" and row["status"] == "SUCCEEDED" for row in rows)
     submitted = [line.strip() for line in result.out.splitlines() if line.strip().startswith("ftcluster-remote-")]
     status = cli("status", submitted[-1], "--address", on_cluster)
     assert status.code == 0 and "steps" in status.out and "SUCCEEDED" in status.out
+    as_json = json.loads(cli("status", submitted[-1], "--address", on_cluster, "--json").out)
+    assert as_json["status"] == "SUCCEEDED" and as_json["summary"]["steps"] == 6
+    full = cli("logs", submitted[-1], "--address", on_cluster).out
+    last = cli("logs", submitted[-1], "--address", on_cluster, "--tail", "3").out
+    assert last.splitlines() == full.splitlines()[-3:]
+    followed = cli("logs", submitted[-1], "--address", on_cluster, "--tail", "3", "--follow").out
+    assert followed == last  # an ended job: the tail, and the stream adds nothing twice
     info = resolve_target(on_cluster, None).client().get_job_info(submitted[-1])
     run = tmp_path / "runs" / info.metadata["run_name"]  # NAME-YYYYmmdd-HHMMSS: each submission a run of its own
     assert info.metadata["run_name"].startswith("remote-")

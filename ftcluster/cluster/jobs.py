@@ -178,13 +178,19 @@ def job_logs(target: ClusterTarget, job_id: str) -> str:
         return target.client().get_job_logs(job_id)
 
 
-def follow_logs(target: ClusterTarget, job_id: str, write) -> None:
-    """Stream the job's logs until it ends."""
+def follow_logs(target: ClusterTarget, job_id: str, write, skip_chars: int = 0) -> None:
+    """Stream the job's logs until it ends (Ray streams from the start; the first `skip_chars` are dropped)."""
     client = target.client()
 
     async def stream() -> None:
+        skipped = 0
         async for chunk in client.tail_job_logs(job_id):
-            write(chunk)
+            if skipped < skip_chars:
+                cut = min(len(chunk), skip_chars - skipped)
+                skipped += cut
+                chunk = chunk[cut:]
+            if chunk:
+                write(chunk)
 
     asyncio.run(stream())
 
