@@ -325,13 +325,15 @@ def status(job_id: JobIdArg, address: AddressOption = None, cluster: ClusterOpti
     info = job_info(target, job_id)
     logs_text = job_logs(target, job_id) if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else ""
     summary = run_summary(logs_text)
+    failed = info["status"] == "FAILED"
     if as_json:
         print(json.dumps({**info, "summary": summary, "errors": error_lines(logs_text)}, default=str))
     else:
         console.print(job_status_table(info, summary))
-    if info["status"] == "FAILED" and not as_json:
-        for line in error_lines(logs_text) or [str(info["message"]).splitlines()[0]]:
-            err_console.print(f"[red]{escape(line)}[/]", highlight=False, soft_wrap=True)
+        if failed:
+            for line in error_lines(logs_text) or [str(info["message"]).splitlines()[0]]:
+                err_console.print(f"[red]{escape(line)}[/]", highlight=False, soft_wrap=True)
+    if failed:
         sys.exit(1)
 
 
@@ -554,7 +556,7 @@ def render_k8s(
 
     spec = load_spec(job, overrides or [])
     check_spec_inputs(spec, job, model_here=False)
-    check_tune_options(tune_options, tune_space)
+    tune_args = check_tune_options(tune_options, tune_space)
     options = K8sOptions(
         image=image, workers=spec.scaling.num_workers if workers is None else workers,
         gpus_per_worker=gpus_per_worker if gpus_per_worker is not None else (1 if spec.scaling.use_gpu else 0),
@@ -565,7 +567,7 @@ def render_k8s(
         wandb_secret=wandb_secret or None, working_dir_uri=working_dir_uri, submission_mode=submission_mode,
         active_deadline_s=active_deadline_s or None, ttl_s=ttl_s, backoff_limit=backoff_limit, name=name,
     )
-    text = dump_manifests(render(spec, options, tune_space, check_tune_options(tune_options, tune_space), cluster_only))
+    text = dump_manifests(render(spec, options, tune_space, tune_args, cluster_only))
     if out is None:
         print(text, end="")
     else:

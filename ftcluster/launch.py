@@ -327,8 +327,9 @@ def unplaced_workers(exc: BaseException, spec: JobSpec) -> FtError | None:
     if type(error).__name__ != "WorkerGroupStartupTimeoutError":
         return None
 
-    free = ", ".join(f"{ray.available_resources().get(kind, 0):g} {kind}" for kind in worker_resources(spec))
-    one = ", ".join(f"{amount:g} {kind}" for kind, amount in worker_resources(spec).items())
+    bundle = worker_resources(spec)
+    free = ", ".join(f"{ray.available_resources().get(kind, 0):g} {kind}" for kind in bundle)
+    one = ", ".join(f"{amount:g} {kind}" for kind, amount in bundle.items())
     return FtError(f"scaling: {spec.scaling.num_workers} workers ({one} each) could not be placed within "
                    f"{spec.scaling.placement_timeout_s:g} s; free now: {free} (other jobs hold the rest, or nodes "
                    "are still starting); raise scaling.placement_timeout_s, or free or add resources")

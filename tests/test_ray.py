@@ -137,15 +137,16 @@ def test_a_group_that_cannot_be_placed_fails_in_bounded_time_with_numbers(local_
     assert time.monotonic() - started < 60
 
 
-def test_the_embedded_ray_is_this_runs_own(tmp_path):
+def test_the_embedded_ray_is_this_runs_own():
     """With no address, ftcluster starts its own Ray even where another is announced (RAY_ADDRESS, or the
     machine's latest `ray start`), which Ray's own default would join."""
+    import os
     import subprocess
     import sys
 
     probe = ("from ftcluster.launch import init_ray; init_ray(None); import ray; "
              "print(ray.get_runtime_context().gcs_address)")
-    env = {**__import__("os").environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     address = result.stdout.strip().splitlines()[-1]

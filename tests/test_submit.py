@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head():
     """`ray start --head --block` on free loopback ports; terminating it stops this cluster only."""
     bin_dir = Path(sys.executable).parent
     dashboard = free_port()
@@ -87,7 +87,7 @@ def test_head_listens_on_loopback_only(on_cluster):
 
 
 def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path, monkeypatch):
-    from ftcluster.cluster.jobs import job_metadata
+    from ftcluster.cluster.jobs import job_info
 
     monkeypatch.setenv("WANDB_API_KEY", "local-wandb-key-never-uploaded")
     monkeypatch.setenv("FTCLUSTER_EXAMPLE_SETTING", "1")
@@ -129,7 +129,7 @@ def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path, mo
     assert again.code == 0, again
     again_id = again.out.strip().splitlines()[-1]
     target = resolve_target(on_cluster, None)
-    assert job_metadata(target, again_id)["run_name"] not in (info.metadata["run_name"], None)
+    assert job_info(target, again_id)["run_name"] not in (info.metadata["run_name"], None)
     cli("stop", again_id, "--address", on_cluster)
     unknown = cli("submit", job, "--address", on_cluster, "--resume", "ftcluster-no-such-job")
     assert unknown.code == 2 and "no job ftcluster-no-such-job" in unknown.err

@@ -20,14 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import ftcluster
 from ftcluster.capacity import CHECKED_ENV, DRIVER_CPUS_ENV, ClusterView, capacity_problems
 from ftcluster.cluster.package import JOB_FILE, SPACE_FILE, build_package
 from ftcluster.cluster.target import ClusterTarget
 from ftcluster.errors import FtError, first_line
-from ftcluster.spec import JobSpec
+from ftcluster.spec import JobSpec, read_yaml
 
 ENTRYPOINT_CPUS = 0.25  # the `ftcluster train` driver; Ray Train's workers reserve their own
 SUMMARY_MARKER = "ftcluster-summary: "  # the submitted run prints its summary on one line with this
@@ -76,7 +74,7 @@ def check_capacity(target: ClusterTarget, spec: JobSpec, options: SubmitOptions)
     if not options.capacity_check:
         return
     if options.cluster_config is not None:
-        config = yaml.safe_load(options.cluster_config.read_text()) or {}
+        config = read_yaml(options.cluster_config)
         view, where = ClusterView.at_most(config, str(options.cluster_config)), f"{options.cluster_config} (at most)"
     else:
         view, where = cluster_view(target), target.address
@@ -92,11 +90,11 @@ def run_name(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> st
     an earlier submission's), unless it continues an earlier job's run (`--resume JOB_ID`)."""
     if options.resume_job is None:
         return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    metadata = job_metadata(target, options.resume_job)
-    if "run_name" not in metadata:
+    name = job_info(target, options.resume_job)["run_name"]
+    if name is None:
         raise FtError(f"--resume {options.resume_job}: that job records no run name (submitted by an older "
                       "ftcluster); resubmit with name=RUN_NAME --resume instead")
-    return metadata["run_name"]
+    return name
 
 
 def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tuple[str, list[str]]:
@@ -153,11 +151,6 @@ def _status(info) -> str:
     return str(info.status.value if hasattr(info.status, "value") else info.status)
 
 
-def job_metadata(target: ClusterTarget, job_id: str) -> dict[str, str]:
-    with _refused(target, f"no job {job_id}"):
-        return dict(target.client().get_job_info(job_id).metadata or {})
-
-
 def job_info(target: ClusterTarget, job_id: str) -> dict[str, Any]:
     with _refused(target, f"no job {job_id}"):
         info = target.client().get_job_info(job_id)
@@ -166,6 +159,7 @@ def job_info(target: ClusterTarget, job_id: str) -> dict[str, Any]:
         "status": _status(info),
         "name": (info.metadata or {}).get("ftcluster_job"),
         "spec_sha256": (info.metadata or {}).get("spec_sha256"),
+        "run_name": (info.metadata or {}).get("run_name"),
         "entrypoint": info.entrypoint,
         "message": info.message,
         "start_time": info.start_time,
