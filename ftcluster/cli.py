@@ -260,6 +260,7 @@ def check_tune_options(tune_options: str, space: Path | None) -> list[str]:
              "  ftcluster submit jobs/quickstart.yaml --address http://127.0.0.1:8265\n\n"
              "  ftcluster submit jobs/quickstart.yaml --cluster prod --wait output.dir=s3://bucket/runs/{name}\n\n"
              "  ftcluster submit jobs/quickstart.yaml --cluster prod --resume JOB_ID training.max_steps=2000\n\n"
+             "  ftcluster submit jobs/llama-7b-lora-ddp.yaml --address http://127.0.0.1:8265 --cluster-config cluster/aws-gpu.yaml\n\n"
              "  ftcluster submit jobs/quickstart.yaml --tune tune_spaces/lora.yaml --tune-options '--trials 16 --concurrent 4'")
 def submit(
     job: JobArg,
@@ -311,7 +312,8 @@ def submit(
         status(job_id, address=address, cluster=cluster)
 
 
-@app.command(epilog="Example:\n\n  ftcluster status ftcluster-quickstart-1a2b3c4d-1795500000 --address http://127.0.0.1:8265")
+@app.command(epilog="Examples:\n\n  ftcluster status ftcluster-quickstart-1a2b3c4d-1795500000 --address http://127.0.0.1:8265\n\n"
+             "  ftcluster status JOB_ID --json | jq .summary.steps")
 def status(job_id: JobIdArg, address: AddressOption = None, cluster: ClusterOption = None,
            as_json: JsonOption = False) -> None:
     """A submitted job's state, and its run summary (or its error lines) once it has ended. Exit 1 if it failed."""
@@ -507,8 +509,10 @@ def _toleration(text: str) -> dict[str, str]:
 
 @render_app.command("k8s", epilog="Examples:\n\n"
                     "  ftcluster render k8s jobs/llama-7b-lora-ddp.yaml --image ghcr.io/acme/ftcluster:0.1 --workers 1 "
-                    "--gpus-per-worker 8 --pvc ftcluster-shared --out rayjob.yaml\n\n"
-                    "  ftcluster render k8s jobs/quickstart.yaml --image ghcr.io/acme/ftcluster:0.1 --workers 2 --cluster-only\n\n"
+                    "--gpus-per-worker 8 --pvc ftcluster-shared --pvc-mount /shared --out rayjob.yaml\n\n"
+                    "  ftcluster render k8s jobs/quickstart.yaml output.dir=s3://bucket/runs/{name} --image "
+                    "ghcr.io/acme/ftcluster:0.1 --storage-secret s3-credentials\n\n"
+                    "  ftcluster render k8s jobs/quickstart.yaml --image ghcr.io/acme/ftcluster:0.1 --workers 2 --pvc ftcluster-shared --cluster-only\n\n"
                     "  kubectl apply -f rayjob.yaml && kubectl get rayjobs -w")
 def render_k8s(
     job: JobArg,

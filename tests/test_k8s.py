@@ -238,3 +238,24 @@ def test_core_schema_rejects_bad_pvc():
     assert core_errors(pvc) == []
     pvc["spec"]["accessMode"] = ["ReadWriteOnce"]
     assert core_errors(pvc)
+
+
+def test_the_help_examples_render(cli, tmp_path, monkeypatch):
+    """Every `render k8s` example in its --help runs as printed (one broke when outputs on a pod's disk
+    began to be refused)."""
+    import shlex
+
+    import typer
+
+    from ftcluster.cli import app
+
+    monkeypatch.chdir(REPO)
+    epilog = typer.main.get_command(app).commands["render"].commands["k8s"].epilog
+    examples = [line.strip() for line in epilog.splitlines() if line.strip().startswith("ftcluster render k8s")]
+    assert len(examples) >= 3
+    for example in examples:
+        words = shlex.split(example)[1:]
+        if "--out" in words:
+            words[words.index("--out") + 1] = str(tmp_path / "out.yaml")
+        result = cli(*words)
+        assert result.code == 0, (example, result)
