@@ -301,7 +301,7 @@ def submit(
                             resume, capacity_check, cluster_config or target.cluster_config)
     job_id, notes = submit_job(target, spec, options)
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True, highlight=False)
     console.print(f"[green]✓[/] submitted {job_id} to {target.address}")
     if tune_space is None:
         console.print(f"run {spec.name}-…: continue it later with `ftcluster submit {job} --resume {job_id}`",
@@ -464,6 +464,37 @@ def export(
     destination = out or open_run(run) / ("merged" if merge else "export")
     path = export_run(run, destination, merge=merge, force=force, checkpoint=checkpoint)
     console.print(f"[green]✓[/] exported to {path}")
+
+
+@app.command(epilog="Examples:\n\n"
+             "  ftcluster fetch ftcluster-quickstart-1a2b3c4d-1795500000 --cluster prod   # to runs/RUN_NAME\n\n"
+             "  ftcluster fetch JOB_ID --address http://127.0.0.1:8265 --merge --out weights/quickstart\n\n"
+             "  ftcluster fetch s3://my-bucket/runs/quickstart --out runs/quickstart")
+def fetch(
+    source: Annotated[str, typer.Argument(
+        help="A submitted job's id (its run is read from where the job wrote it: a storage URI, or a path this "
+             "machine mounts too), or a run's output.dir (a storage URI or a folder).", show_default=False)],
+    out: Annotated[Path | None, typer.Option(help="Destination folder (default: runs/RUN_NAME).")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write OUT/merged: adapters folded into the base "
+                                        "weights, a folder plain transformers loads (needs the base model here).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty destination folder.")] = False,
+    address: AddressOption = None,
+    cluster: ClusterOption = None,
+) -> None:
+    """Copy a finished run to this machine: final weights, summary, metrics, evaluations, and a report.html.
+    The copy is a run folder: `ftcluster eval`, `export` and `report` work on it."""
+    from ftcluster.fetch import fetch_run
+    from ftcluster.storage import is_uri
+
+    location = source
+    if not is_uri(source) and not Path(source).exists():
+        from ftcluster.cluster.jobs import job_output
+        from ftcluster.cluster.target import resolve_target
+
+        location = job_output(resolve_target(address, cluster), source)
+    fetched = fetch_run(location, out or Path("runs") / Path(location.rstrip("/")).name, merge=merge, force=force)
+    console.print(f"[green]✓[/] fetched {location} to {fetched.folder} ({fetched.size_bytes / 2**20:.1f} MB): "
+                  f"weights {fetched.weights}, report {fetched.report}", soft_wrap=True, highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  ftcluster report runs/quickstart   # then open runs/quickstart/report.html\n\n"

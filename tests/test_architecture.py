@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("ftcluster.engine", "ftcluster.evaluate", "ftcluster.plan", "ftcluster.capacity", "ftcluster.runs", "ftcluster.run_storage",
                 "ftcluster.export", "ftcluster.compare")),
     ("launch", ("ftcluster.launch", "ftcluster.ray_loopback")),
-    ("sweeps, clusters, reports", ("ftcluster.sweep", "ftcluster.cluster", "ftcluster.report")),
+    ("sweeps, clusters, reports", ("ftcluster.sweep", "ftcluster.cluster", "ftcluster.report", "ftcluster.fetch")),
     ("command line", ("ftcluster.cli",)),
 ]
 

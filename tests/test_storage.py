@@ -109,12 +109,11 @@ def test_an_unreachable_store_is_one_line(store, node_cache, make_job, cli):
     assert cli("export", "s3://runs/never-trained", "--out", "x").code == 2
 
 
-def test_submit_says_where_a_stored_run_lands_and_how_to_fetch_it(make_job, tmp_path):
-    from ftcluster.cluster.package import build_package
-    from ftcluster.spec import load_spec
+def test_submit_says_where_a_stored_run_lands_and_how_to_fetch_it():
+    from ftcluster.cluster.jobs import output_note
 
-    stored = build_package(load_spec(make_job("sub"), ["output.dir=s3://team/runs/{name}"]), tmp_path / "a", None, 100)
-    assert "outputs: s3://team/runs/sub (then, from any machine: ftcluster export s3://team/runs/sub --merge --out DIR)" \
-        in stored.notes
-    local = build_package(load_spec(make_job("sub"), ["output.dir=runs/sub"]), tmp_path / "b", None, 100)
-    assert any("is relative" in note and "storage URI" in note for note in local.notes)
+    assert output_note("s3://team/runs/sub-1", "job-1") == \
+        "outputs: s3://team/runs/sub-1 (when it has finished, from any machine: ftcluster fetch job-1 [--merge])"
+    relative = output_note("runs/sub-1", "job-1")
+    assert "is relative" in relative and "storage URI" in relative
+    assert "works only where this path is mounted" in output_note("/shared/runs/sub-1", "job-1")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from storage_server import loopback_store
 
 from ftcluster.cluster.package import build_package
 from ftcluster.cluster.target import resolve_target
@@ -32,7 +33,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def store():
+    """Run storage on loopback, started before the head: the cluster has the store's credentials (as a real
+    cluster has its own, from an instance role or a Secret); a submission never carries them."""
+    with loopback_store() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ray_head(store):
     """`ray start --head --block` on free loopback ports; terminating it stops this cluster only."""
     bin_dir = Path(sys.executable).parent
     dashboard = free_port()
@@ -86,13 +95,15 @@ def test_head_listens_on_loopback_only(on_cluster):
     assert [n["node_ip"] for n in nodes["data"]["result"]["result"]] == ["127.0.0.1"]
 
 
-def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path, monkeypatch):
+def test_submit_follow_and_fetch_the_run(on_cluster, store, make_job, cli, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     from ftcluster.cluster.jobs import job_info
 
     monkeypatch.setenv("WANDB_API_KEY", "local-wandb-key-never-uploaded")
     monkeypatch.setenv("FTCLUSTER_EXAMPLE_SETTING", "1")
     job = make_job("remote", training={"max_steps": 6, "checkpoint_every": 3}, eval={"every": 3},
-                   output={"dir": str(tmp_path / "runs" / "{name}")})
+                   output={"dir": store.uri("runs", "{name}")})
     result = cli("submit", job, "--address", on_cluster, "--wait")
     assert result.code == 0, result
     assert "SUCCEEDED" in result.out and "after val_loss" in result.out
@@ -101,36 +112,50 @@ def test_submit_follow_and_fetch_metrics(on_cluster, make_job, cli, tmp_path, mo
     rows = json.loads(cli("jobs", "--address", on_cluster, "--json").out)
     assert any(row["name"] == "remote" and row["status"] == "SUCCEEDED" for row in rows)
     submitted = [line.strip() for line in result.out.splitlines() if line.strip().startswith("ftcluster-remote-")]
-    status = cli("status", submitted[-1], "--address", on_cluster)
+    job_id = submitted[-1]
+    status = cli("status", job_id, "--address", on_cluster)
     assert status.code == 0 and "steps" in status.out and "SUCCEEDED" in status.out
-    as_json = json.loads(cli("status", submitted[-1], "--address", on_cluster, "--json").out)
+    as_json = json.loads(cli("status", job_id, "--address", on_cluster, "--json").out)
     assert as_json["status"] == "SUCCEEDED" and as_json["summary"]["steps"] == 6
-    full = cli("logs", submitted[-1], "--address", on_cluster).out
-    last = cli("logs", submitted[-1], "--address", on_cluster, "--tail", "3").out
+    full = cli("logs", job_id, "--address", on_cluster).out
+    last = cli("logs", job_id, "--address", on_cluster, "--tail", "3").out
     assert last.splitlines() == full.splitlines()[-3:]
-    followed = cli("logs", submitted[-1], "--address", on_cluster, "--tail", "3", "--follow").out
+    followed = cli("logs", job_id, "--address", on_cluster, "--tail", "3", "--follow").out
     assert followed == last  # an ended job: the tail, and the stream adds nothing twice
-    info = resolve_target(on_cluster, None).client().get_job_info(submitted[-1])
-    run = tmp_path / "runs" / info.metadata["run_name"]  # NAME-YYYYmmdd-HHMMSS: each submission a run of its own
-    assert info.metadata["run_name"].startswith("remote-")
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 6  # the cluster ran the job (its output.dir is on this machine)
+    info = resolve_target(on_cluster, None).client().get_job_info(job_id)
+    run_name = info.metadata["run_name"]  # NAME-YYYYmmdd-HHMMSS: each submission a run of its own
+    assert run_name.startswith("remote-") and f"outputs: {store.uri('runs', run_name)}" in result.out
     env = info.runtime_env["env_vars"]
-    assert env["FTCLUSTER_EXAMPLE_SETTING"] == "1" and "WANDB_API_KEY" not in env
+    assert env["FTCLUSTER_EXAMPLE_SETTING"] == "1" and env["AWS_ENDPOINT_URL"] == store.endpoint
+    assert "WANDB_API_KEY" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     assert "local-wandb-key-never-uploaded" not in json.dumps(info.runtime_env)
     assert info.metadata["spec_sha256"] and info.metadata["ftcluster_job"] == "remote"
     for text in (result.out, result.err, listed.out, status.out):
         assert TOKEN not in text
-    resumed = cli("submit", job, "training.max_steps=8", "--address", on_cluster, "--resume", submitted[-1], "--wait")
+
+    # The weights come back to this machine, from the store the job wrote to, and load with plain transformers.
+    here = tmp_path / "fetched"
+    fetched = cli("fetch", job_id, "--address", on_cluster, "--merge", "--out", here)
+    assert fetched.code == 0, fetched
+    assert json.loads((here / "summary.json").read_text())["steps"] == 6
+    assert (here / "report.html").is_file() and (here / "final" / "adapter" / "adapter_config.json").is_file()
+    assert not (here / "checkpoints").exists()
+    AutoModelForCausalLM.from_pretrained(here / "merged")
+    assert cli("fetch", job_id, "--address", on_cluster, "--out", here).code == 2  # never over a folder unasked
+    assert cli("eval", here).code == 0  # the copy is a run folder of its own
+
+    resumed = cli("submit", job, "training.max_steps=8", "--address", on_cluster, "--resume", job_id, "--wait")
     assert resumed.code == 0, resumed
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads(store.read(f"runs/{run_name}/summary.json"))
     assert summary["steps"] == 8 and summary["resumed_from_step"] in (3, 6)  # the same run, continued
-    again = cli("submit", job, "--address", on_cluster)  # the same spec again: a new run, not "already holds a run"
-    assert again.code == 0, again
+    again = cli("submit", job, f"output.dir={tmp_path / 'runs' / '{name}'}", "--address", on_cluster)
+    assert again.code == 0, again  # the same spec again: a new run, not "already holds a run"
     again_id = again.out.strip().splitlines()[-1]
     target = resolve_target(on_cluster, None)
-    assert job_info(target, again_id)["run_name"] not in (info.metadata["run_name"], None)
+    assert job_info(target, again_id)["run_name"] not in (run_name, None)
     cli("stop", again_id, "--address", on_cluster)
+    unfinished = cli("fetch", again_id, "--address", on_cluster)
+    assert unfinished.code == 2 and "is STOPPED: its run has not finished" in unfinished.err
     unknown = cli("submit", job, "--address", on_cluster, "--resume", "ftcluster-no-such-job")
     assert unknown.code == 2 and "no job ftcluster-no-such-job" in unknown.err
 
@@ -148,7 +173,7 @@ def test_failing_job_reports_failed_with_its_error_line(on_cluster, make_job, cl
 def test_stop_a_long_job(on_cluster, make_job, cli):
     from ftcluster.cluster.jobs import job_info, wait
 
-    job = make_job("long", training={"max_steps": 100000, "log_every": 50})
+    job = make_job("long", training={"max_steps": 100000, "log_every": 50}, output={"dir": "runs/{name}"})
     result = cli("submit", job, "--address", on_cluster)
     assert result.code == 0, result
     job_id = next(line.strip() for line in result.out.splitlines() if line.strip().startswith("ftcluster-long-"))
@@ -159,6 +184,8 @@ def test_stop_a_long_job(on_cluster, make_job, cli):
     stopped = cli("stop", job_id, "--address", on_cluster)
     assert stopped.code == 0 and "STOPPED" in stopped.out
     assert wait(target, job_id, 10) == "STOPPED"
+    fetched = cli("fetch", job_id, "--address", on_cluster)
+    assert fetched.code == 2 and "inside its working directory on the cluster's head node" in fetched.err
 
 
 def test_job_the_cluster_cannot_run_is_refused_with_numbers(on_cluster, make_job, cli):

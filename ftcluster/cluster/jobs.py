@@ -26,6 +26,7 @@ from ftcluster.cluster.package import JOB_FILE, SPACE_FILE, build_package
 from ftcluster.cluster.target import ClusterTarget
 from ftcluster.errors import FtError, first_line
 from ftcluster.spec import JobSpec, read_yaml
+from ftcluster.storage import STORAGE_ENV, is_uri
 
 ENTRYPOINT_CPUS = 0.25  # the `ftcluster train` driver; Ray Train's workers reserve their own
 SUMMARY_MARKER = "ftcluster-summary: "  # the submitted run prints its summary on one line with this
@@ -97,12 +98,24 @@ def run_name(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> st
     return name
 
 
+def output_note(output: str, job_id: str) -> str:
+    """Where a submitted run's outputs land, and how to bring them here."""
+    if is_uri(output):
+        return f"outputs: {output} (when it has finished, from any machine: ftcluster fetch {job_id} [--merge])"
+    if not Path(output).is_absolute():
+        return (f"output.dir {output} is relative: results land in the job's working directory on the head node and "
+                "go with it; set output.dir to a storage URI (s3://BUCKET/runs/{name}) to keep them and fetch them")
+    return (f"outputs: {output} on the cluster's disks (ftcluster fetch {job_id} works only where this path is "
+            "mounted too; a storage URI, s3://BUCKET/runs/{name}, can be fetched from anywhere)")
+
+
 def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tuple[str, list[str]]:
     """Check capacity, package, submit; returns the job id and notes for the user."""
     if options.resume_job and options.space is not None:
         raise FtError("--resume JOB_ID continues a training run; a sweep continues with --tune-options '--resume DIR'")
     check_capacity(target, spec, options)
     name = run_name(target, spec, options)
+    output = spec.model_copy(update={"name": name}).output_location
     with tempfile.TemporaryDirectory(prefix="ftcluster-submit-") as tmp:
         package = build_package(spec, Path(tmp), options.space, options.max_upload_mb)
         if options.space is not None:
@@ -112,7 +125,9 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
             # working directory Ray keeps for it) stays the same from one submission to the next.
             entrypoint = ["python", "-m", "ftcluster.cli", "train", JOB_FILE, f"name={name}"]
             entrypoint += ["--resume"] if options.resume_job else []
-        env = {k: v for k, v in os.environ.items() if k.startswith("FTCLUSTER_") and k != "FTCLUSTER_CLUSTERS"}
+        # ftcluster's settings and the store's (endpoint, region: never credentials, which the cluster has its own of)
+        env = {k: v for k, v in os.environ.items()
+               if (k.startswith("FTCLUSTER_") and k != "FTCLUSTER_CLUSTERS") or k in STORAGE_ENV}
         env.update({SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1", DRIVER_CPUS_ENV: f"{ENTRYPOINT_CPUS:g}"})
         if not options.capacity_check or options.cluster_config is not None:
             env[CHECKED_ENV] = "1"
@@ -131,11 +146,11 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
                 submission_id=submission_id,
                 runtime_env=runtime_env,
                 metadata={"ftcluster_job": job_name, "spec_sha256": package.spec_sha256, "run_name": name,
-                          "kind": "tune" if options.space else "train"},
+                          "kind": "tune" if options.space else "train", "output": output},
                 entrypoint_num_cpus=ENTRYPOINT_CPUS,
                 entrypoint_num_gpus=0,
             )
-    return job_id, package.notes
+    return job_id, package.notes if options.space else [*package.notes, output_note(output, job_id)]
 
 
 @contextlib.contextmanager
@@ -160,6 +175,8 @@ def job_info(target: ClusterTarget, job_id: str) -> dict[str, Any]:
         "name": (info.metadata or {}).get("ftcluster_job"),
         "spec_sha256": (info.metadata or {}).get("spec_sha256"),
         "run_name": (info.metadata or {}).get("run_name"),
+        "kind": (info.metadata or {}).get("kind"),
+        "output": (info.metadata or {}).get("output"),
         "entrypoint": info.entrypoint,
         "message": info.message,
         "start_time": info.start_time,
@@ -229,3 +246,25 @@ def list_jobs(target: ClusterTarget) -> list[dict[str, Any]]:
             "entrypoint": info.entrypoint,
         })
     return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
+
+
+def job_output(target: ClusterTarget, job_id: str) -> str:
+    """Where a submitted training job's finished run can be read from this machine."""
+    info = job_info(target, job_id)
+    output, status = info["output"], info["status"]
+    if info["kind"] == "tune":
+        raise FtError(f"{job_id} is a sweep: fetch its best trial's run, or read its leaderboard on the cluster")
+    if output is None:
+        raise FtError(f"{job_id}: the job records no output location (submitted by an older ftcluster)")
+    if not is_uri(output) and not Path(output).is_absolute():
+        raise FtError(f"{job_id} wrote its outputs to {output} inside its working directory on the cluster's head "
+                      "node, which this machine cannot read; submit with output.dir=s3://BUCKET/runs/{name} "
+                      "(run storage) to fetch runs from anywhere")
+    if status != "SUCCEEDED":
+        then = (f"fetch it once it has SUCCEEDED (ftcluster status {job_id})" if status not in TERMINAL else
+                f"continue it with `ftcluster submit JOB --resume {job_id}`")
+        raise FtError(f"{job_id} is {status}: its run has not finished; {then}")
+    if not is_uri(output) and not Path(output).is_dir():
+        raise FtError(f"{job_id} wrote its outputs to {output} on the cluster's disks, which this machine does not "
+                      "mount; submit with output.dir=s3://BUCKET/runs/{name} (run storage) to fetch runs from anywhere")
+    return output

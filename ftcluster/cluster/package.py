@@ -59,12 +59,6 @@ def build_package(spec: JobSpec, folder: Path, space: Path | None, max_upload_mb
     if spec.model.path not in ALIASES and model_path.exists():
         notes.append(f"model.path {spec.model.path} is a local path: it is not uploaded, and must exist at that path "
                      "on the cluster's nodes (shared storage or the image)")
-    if spec.output_uri:
-        notes.append(f"outputs: {spec.output_uri} (then, from any machine: ftcluster export {spec.output_uri} "
-                     "--merge --out DIR)")
-    elif not Path(spec.output.dir).is_absolute():
-        notes.append(f"output.dir {spec.output.dir} is relative: results land in the job's working directory on the "
-                     "head node and go with it; set output.dir to a storage URI (s3://BUCKET/runs/{name}) to keep them")
     (folder / JOB_FILE).write_text(dump_spec(cluster_spec))
     if space is not None:
         shutil.copyfile(space, folder / SPACE_FILE)
