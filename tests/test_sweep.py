@@ -158,14 +158,22 @@ def test_asha_sweep_stops_some_trials_and_writes_leaderboard_and_best(sweep_job,
 
     trial_runs = list((out / "trials").glob("*/wandb/offline-run-*"))
     assert len(trial_runs) == 6
-    completed = [r["trial"] for r in rows if r["status"] == "completed"]
-    for trial in completed:  # (a trial the scheduler kills may not get to flush its W&B file)
-        run_dir = next((out / "trials" / trial / "wandb").glob("offline-run-*"))
-        assert '"tiny-sweep"' in wandb_inspect(run_dir, "--json")
+    for row in rows:  # stopped trials too: config, history and summary, with how the run ended
+        run_dir = next((out / "trials" / row["trial"] / "wandb").glob("offline-run-*"))
+        records = wandb_inspect(run_dir, "--json")
+        assert '"tiny-sweep"' in records and "train_loss" in records, row
+        summary = json.dumps(json.loads(wandb_inspect(run_dir, "--summary", "--json")))
+        if row["status"] == "stopped early":
+            assert "stopped by the sweep's scheduler" in summary, row
+        else:
+            assert "after/val_loss" in summary, row
     summary_runs = list((out / "wandb").glob("offline-run-*"))
     assert len(summary_runs) == 1
     records = wandb_inspect(summary_runs[0], "--json")
     assert "sweep/cost_table" in records and "tiny-sweep" in records
+    table = json.loads(next(summary_runs[0].rglob("cost_table*.table.json")).read_text())
+    assert {"training.lr", "method.lora.rank", "method.lora.alpha", "val_loss", "cost_usd"} <= set(table["columns"])
+    assert len(table["data"]) == 6  # each searched value a column of its own, one row per trial
 
     # best.yaml: a valid spec of the best completed trial that reproduces its metric
     best_row = next(r for r in rows if r["status"] == "completed")

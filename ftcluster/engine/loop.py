@@ -7,8 +7,10 @@ the summary). Each phase is a function over the `Setup` (fixed) and the `RunStat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from ftcluster.engine.progress import Progress
 from ftcluster.engine.records import LogWindow, MetricsLog, tokens_in
 from ftcluster.engine.setup import Setup, build_setup, peak_memory_mb
 from ftcluster.engine.summary import run_summary
-from ftcluster.errors import FtError
+from ftcluster.errors import FtError, first_line
 from ftcluster.evaluate import base_model_view, few_shot_baseline, scalar_metrics
 from ftcluster.forgetting import message as forgetting_message
 from ftcluster.interrupts import STOP
@@ -86,11 +88,29 @@ def train(spec: JobSpec, ctx: WorkerContext | None = None, *, resume: bool = Fal
     try:
         setup = build_setup(spec, ctx, train_records=train_records, val_records=val_records, verbose=verbose)
         state = start_run(setup, resume or ctx.restored is not None)  # a restarted worker group continues its run
-        evaluate_base_model(setup, state)
-        run_steps(setup, state)
-        return wrap_up(setup, state)
+        with tracker_ended_on_exit(state):
+            evaluate_base_model(setup, state)
+            run_steps(setup, state)
+            return wrap_up(setup, state)
     except DivergedError as exc:
         raise diverged(spec, ctx, exc) from None
+
+
+@contextlib.contextmanager
+def tracker_ended_on_exit(state: RunState) -> Iterator[None]:
+    """The W&B run ends with what it logged however training ends: a sweep scheduler stopping the trial
+    (Ray Tune raises SystemExit in `tune.report`), an error, a signal. A run left open loses its history
+    when the process goes, since the tracker writes its file only as it finishes."""
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and not exc.code:
+            reason = "stopped by the sweep's scheduler"
+        else:
+            reason = f"interrupted ({type(exc).__name__})" if not isinstance(exc, Exception) else f"failed: {first_line(exc)}"
+        state.tracker.end_early({"step": state.step, **state.latest_scores, "stop_reason": reason},
+                                failed=not isinstance(exc, SystemExit) or bool(exc.code))
+        raise
 
 
 def run_steps(setup: Setup, state: RunState) -> None:

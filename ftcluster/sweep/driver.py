@@ -21,7 +21,7 @@ from ftcluster.spec import JobSpec, build_spec, read_yaml
 from ftcluster.sweep.leaderboard import TrialRow, collect_rows, totals, write_best_spec, write_leaderboard
 from ftcluster.sweep.searchers import SEARCHERS, BudgetLimiter, make_searcher
 from ftcluster.sweep.space import SearchSpace, parse_space
-from ftcluster.sweep.trial import SweepSetup, run_trial
+from ftcluster.sweep.trial import SweepSetup, trial_trainable
 
 SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
@@ -160,7 +160,7 @@ def _scheduler(sweep: Sweep):
 def _tuner(sweep: Sweep, resume: bool):
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=sweep.setup), sweep.setup.resources)
+    trainable = tune.with_resources(trial_trainable(sweep.setup), sweep.setup.resources)
     tune_dir = sweep.folder / TUNE_DIR
     if resume:
         if not tune.Tuner.can_restore(str(tune_dir)):

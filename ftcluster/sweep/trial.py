@@ -8,6 +8,7 @@ Train worker group, whose reports reach Tune through `TuneReportCallback`.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from ftcluster.sweep.space import SearchSpace, trial_spec
 
 TRIALS = "trials"  # SWEEP/trials/<trial id>/ is each trial's run folder
 TRIAL_INFO = "trial.json"  # in a trial folder: its id, values and status
+# Set when this actor's trial function has returned or raised (its W&B run and files closed).
+TRIAL_ENDED = threading.Event()
+CLOSE_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -93,8 +97,44 @@ def tune_context(checkpoint_root: Path) -> WorkerContext:
     return WorkerContext(report=report, restored=restore_checkpoint(tune.get_checkpoint(), checkpoint_root, replace=True))
 
 
+def trial_trainable(setup: SweepSetup):
+    """`run_trial` as a Tune trainable whose stop waits (a bounded time) for the trial to close up.
+
+    When a scheduler stops a trial, Tune ends the trial's thread by raising SystemExit in its
+    `tune.report` and terminates the actor right after, taking W&B's writer process with it: the
+    trial's run file would keep nothing. Waiting here lets the loop end its W&B run first.
+    """
+    from ray import tune
+    from ray.tune.trainable import wrap_function
+
+    function_trainable = wrap_function(tune.with_parameters(run_trial, setup=setup), name="run_trial")
+
+    class Trial(function_trainable):  # type: ignore[valid-type,misc]
+        def cleanup(self) -> None:
+            try:
+                super().cleanup()  # (releases the trial's thread: SystemExit in its tune.report)
+            finally:
+                wait_for_trial_end()
+
+    Trial.__name__ = "run_trial"
+    return Trial
+
+
+def wait_for_trial_end() -> None:
+    """(A module function: the trainable class is pickled by value, and an Event cannot be.)"""
+    TRIAL_ENDED.wait(CLOSE_TIMEOUT_S)
+
+
 def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     """The Tune function: build this trial's spec from its values, train, mark the outcome."""
+    TRIAL_ENDED.clear()
+    try:
+        _run_trial(config, setup)
+    finally:
+        TRIAL_ENDED.set()
+
+
+def _run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     from ray import tune
 
     from ftcluster.engine.loop import train

@@ -24,6 +24,9 @@ class NoTracker:
 
     def finish(self, summary: dict[str, Any]) -> None: ...
 
+    def end_early(self, summary: dict[str, Any], failed: bool) -> None:
+        """The run ended before its summary (stopped, failed, interrupted): close what was logged."""
+
 
 Mode = Literal["online", "offline", "disabled"]
 MODES: tuple[Mode, ...] = ("online", "offline", "disabled")
@@ -64,6 +67,7 @@ class WandbTracker(NoTracker):
             settings=wandb.Settings(console="off", quiet=True),
         )
         write_text_atomic(id_file, self.run.id + "\n")
+        self.closed = False
 
     def log(self, record: dict[str, Any]) -> None:
         values = {k: v for k, v in record.items() if k not in ("step", "time") and v is not None}
@@ -80,8 +84,22 @@ class WandbTracker(NoTracker):
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None}
         flat.update({f"before/{k}": v for k, v in summary.get("before", {}).items()})
         flat.update({f"after/{k}": v for k, v in summary.get("after", {}).items()})
-        self.run.summary.update(flat)
-        self.run.finish()
+        self._close(flat, exit_code=0)
+
+    def end_early(self, summary: dict[str, Any], failed: bool) -> None:
+        self._close(summary, exit_code=1 if failed else 0)
+
+    def _close(self, summary: dict[str, Any], exit_code: int) -> None:
+        if self.closed:  # (an error after the summary was written: the run is already complete)
+            return
+        self.closed = True
+        self.run.summary.update(summary)
+        self.run.finish(exit_code=exit_code)
+        import wandb
+
+        # W&B's writer process, stopped now: at interpreter exit (a Ray actor's) it may already be gone,
+        # and W&B's own exit hook then prints a connection traceback.
+        wandb.teardown(exit_code)
 
 
 def make_tracker(spec, out_dir: Path, is_main: bool, resume: bool) -> NoTracker:
@@ -99,9 +117,16 @@ def log_sweep_table(settings, sweep_dir: Path, sweep_name: str, metric: str, row
     run = wandb.init(project=settings.project, entity=settings.entity, group=sweep_name, tags=[*settings.tags, "sweep"],
                      mode=wandb_mode(settings), name=f"{sweep_name}-summary", job_type="sweep-summary", dir=str(sweep_dir),
                      settings=wandb.Settings(console="off", quiet=True))
-    columns: list[str | int] = ["trial", "params", metric, "steps", "status", "tokens", "gpu_hours", "cpu_core_hours", "cost_usd"]
-    data = [[r.trial, json.dumps(r.params), r.metric, r.steps, r.status, r.tokens, r.gpu_hours, r.cpu_core_hours,
-             r.cost_usd] for r in rows]
+    # One column per searched value (a W&B table sorts and plots by them); a whole-block choice as JSON.
+    params = list(dict.fromkeys(key for r in rows for key in r.params))
+    columns: list[str | int] = ["trial", *params, metric, "steps", "status", "tokens", "gpu_hours", "cpu_core_hours",
+                                "cost_usd"]
+
+    def cell(value: Any) -> Any:
+        return value if value is None or isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+    data = [[r.trial, *(cell(r.params.get(key)) for key in params), r.metric, r.steps, r.status, r.tokens,
+             r.gpu_hours, r.cpu_core_hours, r.cost_usd] for r in rows]
     run.log({"sweep/cost_table": wandb.Table(columns=columns, data=data)})
     run.summary.update({f"sweep/{k}": v for k, v in totals.items() if v is not None})
     run.summary.update({"sweep/best_trial": rows[0].trial, f"sweep/best_{metric}": rows[0].metric})
