@@ -104,8 +104,10 @@ def write_run_report(run_dir: str | Path) -> Path:
 def _page(title: str, body: str) -> str:
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
-th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0.5em}}</style>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
+th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0.5em;max-width:100%}}
+img{{max-width:100%}}.wide{{overflow-x:auto;max-width:100%}}.wide table{{font-size:0.9em}}
+.wide td{{white-space:nowrap;padding:3px 6px}}.wide th{{padding:3px 6px;vertical-align:bottom}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 {body}</body></html>
 """
@@ -132,7 +134,7 @@ def _sweep_plots(sweep_dir: Path, board: dict[str, Any]) -> list[tuple[str, str]
             axis.scatter(*zip(*points), marker=marker, label=status)
     on_front = sorted((r["cost_usd"], r["metric"]) for r in priced if r["trial"] in front)
     if on_front:
-        axis.step(*zip(*on_front), where="post", color="black", linewidth=1, label="Pareto front")
+        axis.step(*zip(*on_front), where="post", color="black", linewidth=1, label="Pareto front (completed trials)")
     if not priced:
         axis.text(0.5, 0.5, "no priced trials", ha="center", va="center", transform=axis.transAxes)
     axis.set_title(f"{metric} vs cost per trial")
@@ -166,8 +168,9 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     board = read_leaderboard(sweep)
     metric, rows = board["metric"], board["rows"]
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("#", "trial", *keys, metric, "steps", "outcome", "tokens",
-                                                             "GPU-h", "CPU core-h", "USD", "Pareto"))
+    # Dotted keys may break after each dot: the table stays within a laptop's window (it scrolls beyond).
+    head = "".join(f"<th>{'.<wbr>'.join(html.escape(part) for part in c.split('.'))}</th>" for c in (
+        "#", "trial", *keys, metric, "steps", "outcome", "tokens", "GPU-h", "CPU core-h", "USD", "Pareto"))
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in (
             rank, r["trial"], *(r["params"].get(k) for k in keys), r["metric"], r["steps"], r["status"], r["tokens"],
@@ -181,5 +184,5 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     out = sweep / REPORT
     write_text_atomic(out, _page(f"ftcluster sweep: {board.get('sweep', sweep.name)}",
                                  f"<h2>Totals</h2>{overview}<h2>Leaderboard ({board['mode']} {html.escape(metric)})</h2>"
-                                 f"<table><tr>{head}</tr>{body}</table><h2>Plots</h2>{figures}"))
+                                 f"<div class=\"wide\"><table><tr>{head}</tr>{body}</table></div><h2>Plots</h2>{figures}"))
     return out

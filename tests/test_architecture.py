@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "ftcluster.export", "ftcluster.compare")),
     ("launch", ("ftcluster.launch", "ftcluster.ray_loopback")),
     ("sweeps, clusters, reports", ("ftcluster.sweep", "ftcluster.cluster", "ftcluster.report", "ftcluster.fetch")),
-    ("command line", ("ftcluster.cli",)),
+    ("command line", ("ftcluster.cli", "ftcluster.__main__")),
 ]
 
 

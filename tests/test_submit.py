@@ -277,3 +277,15 @@ def test_an_autoscaling_cluster_takes_what_its_config_allows(on_cluster, make_jo
                     "--no-capacity-check")
     assert unchecked.code == 0, unchecked
     cli("stop", unchecked.out.strip().splitlines()[-1], "--address", on_cluster)
+
+
+def test_the_entrypoint_names_what_the_clusters_python_lacks(tmp_path):
+    """A head whose Python lacks ftcluster's dependencies: one line naming them, not a traceback."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    bare = subprocess.run([sys.executable, "-S", "-m", "ftcluster", "train", "job.yaml"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)  # -S: no site-packages
+    assert bare.returncode == 2 and bare.stderr.count("\n") == 1, bare.stderr
+    assert "lacks torch, transformers" in bare.stderr and "--pip" in bare.stderr
+    full = subprocess.run([sys.executable, "-m", "ftcluster", "--help"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert full.returncode == 0 and "submit" in full.stdout

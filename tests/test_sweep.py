@@ -103,6 +103,27 @@ def test_pareto_front():
     assert pareto_front([(1.0, 0.2), (2.0, 0.9), (3.0, 0.5)], "max") == [0, 1]
 
 
+def test_the_sweep_report_fronts_completed_trials_and_fits_a_laptop_window(tmp_path):
+    """A trial the scheduler stopped is cheap because it stopped: it is never on the Pareto front. The
+    leaderboard of many searched keys wraps its dotted headers and scrolls inside its own box."""
+    from ftcluster.report import write_sweep_report
+    from ftcluster.sweep.leaderboard import TrialRow, write_leaderboard
+
+    keys = {f"method.lora.setting_{i}": i / 3 for i in range(8)}
+    rows = [TrialRow(name, keys, metric, metric, steps, status, 100, 0.0, 0.01, cost, 1.0)
+            for name, metric, steps, status, cost in (("done-a", 0.50, 16, "completed", 0.020),
+                                                      ("done-b", 0.40, 16, "completed", 0.030),
+                                                      ("cut", 0.45, 4, "stopped early", 0.005))]
+    for row in rows:
+        (tmp_path / "trials" / row.trial).mkdir(parents=True)
+    write_leaderboard(tmp_path, rows, "val_loss", "min", {})
+    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert board["pareto_front"] == ["done-a", "done-b"]  # the stopped trial would have led it
+    page = write_sweep_report(tmp_path).read_text()
+    assert '<div class="wide"><table>' in page and "method.<wbr>lora.<wbr>setting_7" in page
+    assert "img{max-width:100%}" in page
+
+
 # --- real sweeps on the tiny model ----------------------------------------------------------------
 
 
@@ -183,6 +204,7 @@ def test_asha_sweep_stops_some_trials_and_writes_leaderboard_and_best(sweep_job,
     summary = json.loads((out / "best-run" / "summary.json").read_text())
     assert summary["after"]["val_loss"] == pytest.approx(best_row["metric"], rel=1e-4)
 
+    assert set(board["pareto_front"]) <= {r["trial"] for r in rows if r["status"] == "completed"}
     assert cli("report", out).code == 0
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "Pareto" in page

@@ -119,11 +119,11 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
     with tempfile.TemporaryDirectory(prefix="ftcluster-submit-") as tmp:
         package = build_package(spec, Path(tmp), options.space, options.max_upload_mb)
         if options.space is not None:
-            entrypoint = ["python", "-m", "ftcluster.cli", "tune", JOB_FILE, SPACE_FILE, *(options.tune_args or [])]
+            entrypoint = ["python", "-m", "ftcluster", "tune", JOB_FILE, SPACE_FILE, *(options.tune_args or [])]
         else:
             # The run name is an override, not an edit of the uploaded spec: the package (and the
             # working directory Ray keeps for it) stays the same from one submission to the next.
-            entrypoint = ["python", "-m", "ftcluster.cli", "train", JOB_FILE, f"name={name}"]
+            entrypoint = ["python", "-m", "ftcluster", "train", JOB_FILE, f"name={name}"]
             entrypoint += ["--resume"] if options.resume_job else []
         # ftcluster's settings and the store's (endpoint, region: never credentials, which the cluster has its own of)
         env = {k: v for k, v in os.environ.items()

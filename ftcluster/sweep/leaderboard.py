@@ -123,14 +123,16 @@ def totals(rows: list[TrialRow]) -> dict[str, Any]:
 
 def write_leaderboard(sweep_dir: Path, rows: list[TrialRow], metric: str, mode: str, extra: dict[str, Any]) -> None:
     """leaderboard.json (rows, totals, the Pareto front) and leaderboard.csv (one column per key)."""
-    points = [(r.cost_usd, r.metric) for r in rows if r.cost_usd is not None and r.metric is not None]
-    priced = [r.trial for r in rows if r.cost_usd is not None and r.metric is not None]
+    # Completed trials only: a trial the scheduler stopped is cheap because it stopped, and its metric is
+    # that of a shorter run; it is no setup one could choose for its price.
+    priced = [r for r in rows if r.status == COMPLETED and r.cost_usd is not None and r.metric is not None]
+    points = [(r.cost_usd, r.metric) for r in priced]
     document = {
         "metric": metric,
         "mode": mode,
         "rows": [asdict(r) for r in rows],
         "totals": totals(rows),
-        "pareto_front": [priced[i] for i in pareto_front(points, mode)],
+        "pareto_front": [priced[i].trial for i in pareto_front(points, mode)],
         **extra,
     }
     write_text_atomic(sweep_dir / LEADERBOARD_JSON, json.dumps(document, indent=1, default=str))
