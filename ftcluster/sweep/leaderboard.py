@@ -126,7 +126,7 @@ def write_leaderboard(sweep_dir: Path, rows: list[TrialRow], metric: str, mode: 
     # Completed trials only: a trial the scheduler stopped is cheap because it stopped, and its metric is
     # that of a shorter run; it is no setup one could choose for its price.
     priced = [r for r in rows if r.status == COMPLETED and r.cost_usd is not None and r.metric is not None]
-    points = [(r.cost_usd, r.metric) for r in priced]
+    points = [(float(r.cost_usd or 0), float(r.metric or 0)) for r in priced]  # (neither is None here)
     document = {
         "metric": metric,
         "mode": mode,
