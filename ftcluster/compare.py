@@ -11,7 +11,8 @@ import torch
 from ftcluster.data import build_data
 from ftcluster.data.render import Renderer
 from ftcluster.engine.objectives import make_objective
-from ftcluster.evaluate import base_model_view, few_shot_baseline, run_eval, scalar_metrics
+from ftcluster.eval_suite import few_shot_baseline, run_eval
+from ftcluster.evaluate import base_model_view, scalar_metrics
 from ftcluster.export import load_base, load_finetuned
 from ftcluster.forgetting import general_items
 from ftcluster.layout import FINAL, LABELS

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from ftcluster.data.batches import IGNORE, collate, count_targets, model_inputs
-from ftcluster.data.dataset import DataBundle
 from ftcluster.data.render import Encoded, Renderer
 
 
@@ -123,39 +122,6 @@ def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prom
     return {"exact_match": sum(matches) / max(len(matches), 1), "samples": samples}
 
 
-def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, batch_size: int, device,
-             autocast: Callable, generation: bool = True, objective=None, general: list[Encoded] | None = None) -> dict:
-    """Every metric the job asks for, on the validation set (`objective`: DPO scores its pairs itself).
-
-    generation=False (evaluations during training) skips the slow parts: generation and the
-    general-text perplexity of the forgetting check (`general`, scored before and after only).
-    """
-    pad_id = tokenizer.pad_token_id
-    with eval_mode(model):
-        if bundle.label_names is not None:
-            metrics = evaluate_loss(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
-            metrics.pop("val_perplexity", None)
-            metrics.update(
-                evaluate_classification(model, bundle.val, batch_size, pad_id, device, autocast, bundle.label_names, eval_spec.max_batches)
-            )
-        else:
-            if objective is not None and objective.name == "dpo":
-                metrics = objective.evaluate(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
-            else:
-                metrics = evaluate_loss(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
-            if generation and eval_spec.generation and bundle.val_examples:
-                gen = eval_spec.generation
-                with autocast():
-                    metrics.update(
-                        evaluate_generation(model, tokenizer, renderer, bundle.val_examples, gen.num_prompts, gen.max_new_tokens, device)
-                    )
-            if generation and general:
-                general_scores = evaluate_loss(model, general, batch_size, pad_id, device, autocast)
-                metrics["general_loss"] = general_scores["val_loss"]
-                metrics["general_perplexity"] = general_scores["val_perplexity"]
-    return metrics
-
-
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """model.eval() for the block, then back to whichever mode it was in."""
@@ -189,12 +155,3 @@ def base_model_view(model):
             yield model
     finally:
         model._ftcluster_base_view = False
-
-
-def few_shot_baseline(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, device, autocast) -> dict:
-    """The base model prompted with the first K training examples, scored like the fine-tuned model."""
-    gen, shots = eval_spec.generation, bundle.shots[: eval_spec.few_shot_baseline]
-    with eval_mode(model), autocast():
-        result = evaluate_generation(model, tokenizer, renderer, bundle.val_examples, gen.num_prompts,
-                                     gen.max_new_tokens, device, shots=shots)
-    return {"shots": len(shots), "exact_match": result["exact_match"], "samples": result["samples"][:3]}

@@ -273,6 +273,19 @@ class EvalSpec(Section):
     forgetting: ForgettingSpec | None = Field(
         None, description="Forgetting check: perplexity of general-domain text before vs after fine-tuning."
     )
+    choices: list[str] | None = Field(
+        None, min_length=2, description="The answers a prompt may have, e.g. [positive, negative]: each is scored by "
+        "its log-likelihood after the prompt (accuracy, per-class precision/recall/F1, confusion matrix), for the base, "
+        "few-shot and fine-tuned models. Default: found in the training data when its answers form a closed set.",
+    )
+    max_choices: int = Field(
+        20, ge=0, description="Score by choices when the training answers have at most this many distinct values, "
+        "each seen at least twice, and every validation answer is one of them; 0 turns the detection off.",
+    )
+    choice_score: Literal["sum", "mean"] = Field(
+        "sum", description="Rank choices by the sum of their tokens' log-probabilities, or by the mean per token "
+        "(length-normalised). Both accuracies are reported; this one decides precision/recall/F1.",
+    )
     few_shot_baseline: int | None = Field(
         None, ge=1, le=16,
         description="Also score the base model prompted with this many training examples (same held-out prompts, "
@@ -469,9 +482,13 @@ class JobSpec(Section):
         if deepspeed and objective.needs_reference and not method.adapters and self.distributed.zero_stage == 3:
             problems.append(f"{objective.name} with a {method.name} model under ZeRO-3 would need a partitioned reference "
                             "copy; use lora (its reference is the base with adapters off) or zero_stage 2")
-        if self.eval.few_shot_baseline and (self.eval.generation is None or not fmt.generation):
-            problems.append("eval.few_shot_baseline needs eval.generation and "
-                            + " or ".join(name for name, f in FORMATS.items() if f.generation) + " data")
+        prompted = " or ".join(name for name, f in FORMATS.items() if f.generation) + " data"
+        if self.eval.few_shot_baseline and ((self.eval.generation is None and not self.eval.choices) or not fmt.generation):
+            problems.append(f"eval.few_shot_baseline needs eval.generation or eval.choices, and {prompted}")
+        if self.eval.choices and (not fmt.generation or objective.name != "sft"):
+            problems.append(f"eval.choices scores answers to prompts: it needs method.objective sft and {prompted}")
+        if self.eval.choices and len({c.strip() for c in self.eval.choices}) < len(self.eval.choices):
+            problems.append("eval.choices: each choice must differ from the others")
         return problems
 
     def _setting_problems(self) -> list[str]:

@@ -133,20 +133,24 @@ def print_run_tables(summary: dict[str, Any], show_samples: int = 3, console: Co
 
 
 def few_shot_line(summary: dict[str, Any]) -> str | None:
-    """Did fine-tuning beat prompting the base model with a few examples?"""
-    few = summary.get("few_shot")
-    tuned = summary.get("after", {}).get("exact_match")
-    if not few or tuned is None:
+    """Did fine-tuning beat prompting the base model with a few examples? (By choice accuracy where the
+    answers are choices: exact match would count a right answer put in other words as wrong.)"""
+    few, after = summary.get("few_shot"), summary.get("after", {})
+    if not few:
         return None
-    gap = (tuned - few["exact_match"]) * 100
+    key = next((k for k in ("choice_accuracy", "exact_match") if k in few and after.get(k) is not None), None)
+    if key is None:
+        return None
+    gap = (after[key] - few[key]) * 100
     if gap > 2:
         verdict = f"fine-tuning wins by {gap:.0f} points"
     elif gap >= -2:
         verdict = "prompting is about as good: fine-tuning may not be needed"
     else:
         verdict = f"[yellow]prompting wins by {-gap:.0f} points[/]"
-    return (f"Fine-tune vs prompt: base model with {few['shots']} examples in the prompt: exact match "
-            f"{few['exact_match']:.2f}; fine-tuned: {tuned:.2f} — {verdict}")
+    label = key.replace("_", " ")
+    return (f"Fine-tune vs prompt: base model with {few['shots']} examples in the prompt: {label} "
+            f"{few[key]:.2f}; fine-tuned: {after[key]:.2f} — {verdict}")
 
 
 def forgetting_line(summary: dict[str, Any]) -> str | None:

@@ -44,6 +44,7 @@ class DataBundle:
     label_names: list[str] | None
     report: DataReport
     shots: list[Example] = field(default_factory=list)  # first training examples, for few-shot prompts
+    answers: list[str] = field(default_factory=list)  # the training examples' reference replies (choice detection)
 
 
 def _parse_all(rows: list[Row], spec: DataSpec, report: DataReport) -> list[Example]:
@@ -179,4 +180,5 @@ def build_data(
         train = balance_classes(train, spec.seed)
     if spec.packing and label_names is None:
         train = pack(train, spec.max_length)
-    return DataBundle(train, val, val_examples, label_names, report, shots=train_examples[:16])
+    answers = [e.reference for e in train_examples if e.reference is not None]
+    return DataBundle(train, val, val_examples, label_names, report, shots=train_examples[:16], answers=answers)

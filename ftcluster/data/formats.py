@@ -32,6 +32,14 @@ class Example:
     label: str | None = None
     rejected: str | None = None  # preference format: the dispreferred reply to the same prompt
 
+    @property
+    def reference(self) -> str | None:
+        """The reply a prompt-and-answer example expects (its last assistant turn); None for other kinds."""
+        if self.rejected is not None:
+            return None
+        replies = [m["content"] for m in self.messages if m["role"] == "assistant"]
+        return replies[-1] if replies else None
+
 
 def _text_field(record: dict[str, Any], key: str, *, required: bool = True) -> str:
     if key not in record or record[key] is None:

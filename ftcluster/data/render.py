@@ -72,12 +72,33 @@ class Renderer:
 
         shots: worked examples (whole conversations) placed before it, for a few-shot prompt.
         """
+        history, reference = self._history(example, shots)
+        return self.render_messages(history, add_generation_prompt=True), reference
+
+    def prompt_and_replies(self, example: Example, replies: list[str],
+                           shots: list[Example] | None = None) -> tuple[str, list[str]]:
+        """The generation prompt and, for each candidate reply, the text it adds after the prompt:
+        exactly what training scores for that reply (the template's end-of-turn or EOS included)."""
+        history, _ = self._history(example, shots)
+        prompt = self.render_messages(history, add_generation_prompt=True)
+        continuations = []
+        for reply in replies:
+            full = self.render_messages([*history, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+            if not self.has_template:
+                full += self.tokenizer.eos_token or ""
+            if not full.startswith(prompt):
+                raise ValueError("chat template is not prefix-stable; cannot score replies after the prompt")
+            continuations.append(full[len(prompt):])
+        return prompt, continuations
+
+    @staticmethod
+    def _history(example: Example, shots: list[Example] | None) -> tuple[list[dict[str, str]], str]:
+        """The turns before the example's last reply (after the shots' turns), and that reply."""
         last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
         system = [m for m in example.messages[:1] if m["role"] == "system"]
         turns = [m for shot in shots or [] for m in shot.messages if m["role"] != "system"]
         history = system + turns + [m for m in example.messages[:last] if m["role"] != "system"]
-        prompt = self.render_messages(history, add_generation_prompt=True)
-        return prompt, example.messages[last]["content"]
+        return history, example.messages[last]["content"]
 
     def encode(self, example: Example, label_ids: dict[str, int] | None = None) -> Encoded:
         tokenizer = self.tokenizer

@@ -28,7 +28,8 @@ from ftcluster.engine.records import LogWindow, MetricsLog, tokens_in
 from ftcluster.engine.setup import Setup, build_setup, peak_memory_mb
 from ftcluster.engine.summary import run_summary
 from ftcluster.errors import FtError, first_line
-from ftcluster.evaluate import base_model_view, few_shot_baseline, scalar_metrics
+from ftcluster.eval_suite import few_shot_baseline
+from ftcluster.evaluate import base_model_view, scalar_metrics
 from ftcluster.forgetting import message as forgetting_message
 from ftcluster.interrupts import STOP
 from ftcluster.layout import (

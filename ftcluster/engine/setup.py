@@ -29,7 +29,7 @@ from ftcluster.engine.objectives import make_objective
 from ftcluster.engine.optim import build_optimizer, lr_lambda, param_groups
 from ftcluster.engine.packing import check_packing_isolation
 from ftcluster.errors import FtError
-from ftcluster.evaluate import run_eval
+from ftcluster.eval_suite import run_eval
 from ftcluster.forgetting import general_items
 from ftcluster.layout import CHECKPOINTS
 from ftcluster.models.blocks import checkpoint_every_nth_block

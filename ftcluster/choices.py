@@ -1,0 +1,180 @@
+"""Choice scoring: when a prompt's answer is one of a few known options, rank the options by likelihood.
+
+Exact match asks a model to produce the answer word for word; a base model that answers in prose
+fails it even when it knows the answer. Here every option is scored by the log-probability the
+model gives it right after the prompt, and the best-scored option is the prediction: accuracy,
+per-class precision/recall/F1 and a confusion matrix, comparable between the base, few-shot and
+fine-tuned models. An option is scored as its own words, tokenized as training tokenizes replies;
+the template's end-of-turn is scored too only where one option's tokens begin another's
+(`scored_text`).
+
+Each prompt is run once; its attention cache is copied to every option, and all options of a batch
+of prompts are scored in one more forward pass. Methods whose adapters live in the attention cache
+(prefix tuning) score prompt+option sequences whole instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ftcluster.data.dataset import DataBundle
+from ftcluster.data.formats import Example
+from ftcluster.data.render import Renderer
+from ftcluster.evaluate import classification_metrics, eval_mode, normalize_answer
+
+
+def answer_choices(bundle: DataBundle, eval_spec) -> list[str] | None:
+    """The options to score: `eval.choices`, else the training answers when they form a closed set
+    (at most `eval.max_choices` distinct ones, each seen twice or more, covering every validation answer)."""
+    if eval_spec.choices:
+        return [normalize_answer(choice) for choice in eval_spec.choices]
+    if not eval_spec.max_choices or not bundle.answers or not bundle.val_examples:
+        return None
+    counts = Counter(normalize_answer(answer) for answer in bundle.answers)
+    if not 2 <= len(counts) <= eval_spec.max_choices or min(counts.values()) < 2:
+        return None
+    if any(normalize_answer(e.reference or "") not in counts for e in bundle.val_examples):
+        return None
+    return sorted(counts)
+
+
+@dataclass
+class ChoiceScores:
+    """Per prompt and option: the summed log-probability of the option's tokens, and their count."""
+
+    logprob: torch.Tensor  # (prompts, options)
+    tokens: torch.Tensor  # (options,) or (prompts, options): each option's token count
+
+    def predictions(self, score: str) -> list[int]:
+        values = self.logprob if score == "sum" else self.logprob / self.tokens
+        return values.argmax(-1).tolist()
+
+
+def _cache_holds_adapters(model) -> bool:
+    """Prefix tuning keeps its virtual tokens in the attention cache: a copied prompt cache would lose them."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@torch.no_grad()
+def score_options(model, prompts: list[list[int]], options: list[list[int]], device, pad_id: int,
+                  share_prompt_cache: bool | None = None) -> ChoiceScores:
+    """Log-probabilities of every option after every prompt (token ids; options may differ in length)."""
+    if share_prompt_cache is None:
+        share_prompt_cache = not _cache_holds_adapters(model)
+    lengths = torch.tensor([len(option) for option in options])
+    if share_prompt_cache:
+        logprob = _score_with_shared_cache(model, prompts, options, device, pad_id)
+    else:
+        logprob = _score_whole_sequences(model, prompts, options, device, pad_id)
+    return ChoiceScores(logprob.float().cpu(), lengths)
+
+
+def _score_with_shared_cache(model, prompts, options, device, pad_id) -> torch.Tensor:
+    n_options, width = len(options), max(len(p) for p in prompts)
+    # Prompts left-padded (the next token follows each one's end), positions counted from its first real token.
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = F.log_softmax(out.logits[:, -1].float(), -1)  # (prompts, vocab): each option's first token
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_options)
+    longest = max(len(o) for o in options)
+    option_ids = torch.tensor([o + [pad_id] * (longest - len(o)) for o in options], device=device)
+    option_mask = torch.tensor([[1] * len(o) + [0] * (longest - len(o)) for o in options], device=device)
+    tail_ids, tail_mask = option_ids.repeat(len(prompts), 1), option_mask.repeat(len(prompts), 1)
+    full_mask = torch.cat([mask.repeat_interleave(n_options, 0), tail_mask], dim=1)
+    tail_positions = mask.sum(-1).repeat_interleave(n_options)[:, None] + torch.arange(longest, device=device)
+    out = model(input_ids=tail_ids, attention_mask=full_mask, position_ids=tail_positions, past_key_values=cache,
+                use_cache=True)
+    later = F.log_softmax(out.logits[:, :-1].float(), -1)  # token j+1 of each option, from position j
+    token_logprob = torch.cat([
+        first.repeat_interleave(n_options, 0).gather(1, tail_ids[:, :1]),
+        later.gather(2, tail_ids[:, 1:, None]).squeeze(-1),
+    ], dim=1)
+    return (token_logprob * tail_mask).sum(-1).view(len(prompts), n_options)
+
+
+def _score_whole_sequences(model, prompts, options, device, pad_id) -> torch.Tensor:
+    sequences = [(p, o) for p in prompts for o in options]
+    longest = max(len(p) + len(o) for p, o in sequences)
+    ids = torch.tensor([p + o + [pad_id] * (longest - len(p) - len(o)) for p, o in sequences], device=device)
+    mask = torch.tensor([[1] * (len(p) + len(o)) + [0] * (longest - len(p) - len(o)) for p, o in sequences],
+                        device=device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -longest:].float()
+    logprob = F.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(-1)
+    # Token t of a sequence is predicted at t-1; an option's tokens start after its prompt.
+    scored = torch.zeros_like(logprob)
+    for row, (p, o) in enumerate(sequences):
+        scored[row, len(p) - 1 : len(p) + len(o) - 1] = 1
+    return (logprob * scored).sum(-1).view(len(prompts), len(options))
+
+
+def scored_text(continuations: list[str], choices: list[str], encode: Callable[[str], list[int]]) -> list[str]:
+    """What is scored of each choice: its own words, without the template's end-of-turn (a base model that
+    would go on talking is not penalised for it), unless one choice's tokens begin another's: then the
+    end-of-turn is what tells "pos" from "positive", and every choice keeps it."""
+    words = []
+    for continuation, choice in zip(continuations, choices):
+        found = continuation.find(choice)
+        words.append(continuation[: found + len(choice)] if found >= 0 else continuation)
+    ids = [encode(text) for text in words]
+    ambiguous = any(a != b and b[: len(a)] == a for a in ids for b in ids)
+    return continuations if ambiguous else words
+
+
+def _regroup(groups: dict[tuple[str, ...], list[int]], choices: list[str], encode) -> dict[tuple[str, ...], list[int]]:
+    merged: dict[tuple[str, ...], list[int]] = {}
+    for continuations, rows in groups.items():
+        merged.setdefault(tuple(scored_text(list(continuations), choices, encode)), []).extend(rows)
+    return merged
+
+
+def evaluate_choices(model, tokenizer, renderer: Renderer, examples: list[Example], choices: list[str], eval_spec,
+                     device, autocast: Callable, batch_size: int, shots: list[Example] | None = None) -> dict:
+    """Choice accuracy (sum and length-normalised), per-class scores and the confusion matrix."""
+    index = {choice: i for i, choice in enumerate(choices)}
+    scored = [e for e in examples if normalize_answer(e.reference or "") in index]
+    if not scored:
+        return {}
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # (as training tokenizes each piece)
+
+    # Options as the template renders them after each prompt (the same for every prompt of most templates).
+    groups: dict[tuple[str, ...], list[int]] = {}
+    prompts = []
+    for row, example in enumerate(scored):
+        prompt, continuations = renderer.prompt_and_replies(example, choices, shots)
+        prompts.append(encode(prompt))
+        groups.setdefault(tuple(continuations), []).append(row)
+    groups = _regroup(groups, choices, encode)
+    per_batch = max(1, batch_size // len(choices))
+    logprob = torch.empty(len(prompts), len(choices))
+    tokens = torch.empty(len(prompts), len(choices))
+    with eval_mode(model), autocast():
+        for option_texts, members in groups.items():
+            options = [encode(text) for text in option_texts]
+            members = sorted(members, key=lambda i: len(prompts[i]))  # similar lengths: little padding
+            for start in range(0, len(members), per_batch):
+                rows = members[start : start + per_batch]
+                result = score_options(model, [prompts[i] for i in rows], options, device, tokenizer.pad_token_id)
+                logprob[rows], tokens[rows] = result.logprob, result.tokens.float()
+    scores = ChoiceScores(logprob, tokens)
+    actual = [index[normalize_answer(e.reference or "")] for e in scored]
+    by_sum, by_mean = scores.predictions("sum"), scores.predictions("mean")
+    primary = by_sum if eval_spec.choice_score == "sum" else by_mean
+    details = classification_metrics(primary, actual, choices)
+    return {
+        "choice_accuracy": sum(p == a for p, a in zip(by_sum, actual)) / len(actual),
+        "choice_accuracy_norm": sum(p == a for p, a in zip(by_mean, actual)) / len(actual),
+        "choice_macro_f1": details["macro_f1"],
+        "choice": {"choices": choices, "score": eval_spec.choice_score, "examples": len(actual),
+                   "skipped": len(examples) - len(scored), "per_class": details["per_class"],
+                   "confusion_matrix": details["confusion_matrix"]},
+    }
