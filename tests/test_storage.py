@@ -63,6 +63,12 @@ def test_a_run_trained_into_s3_is_read_exported_and_loaded_from_there(store, nod
 
     AutoModelForCausalLM.from_pretrained(out)
     assert cli("report", run).code == 0
+    assert cli("eval", run).code == 0
+    node_cache()
+    fetched = cli("fetch", run, "--out", tmp_path / "here")  # by its URI: no cluster involved
+    assert fetched.code == 0, fetched
+    assert json.loads((tmp_path / "here" / "summary.json").read_text())["steps"] == 4
+    assert (tmp_path / "here" / "report.html").is_file() and not (tmp_path / "here" / "checkpoints").exists()
 
 
 def test_resume_from_the_store_on_another_machine_equals_an_uninterrupted_run(store, node_cache, make_job, cli):
