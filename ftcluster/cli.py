@@ -417,12 +417,20 @@ def show_plan(spec, mfu: float, suggest: bool = False, top: int = 10) -> None:
 
 
 @app.command("eval", epilog="Examples:\n\n  ftcluster eval runs/quickstart\n\n"
-             "  ftcluster eval runs/quickstart --baseline few-shot:3   # did fine-tuning beat prompting?")
+             "  ftcluster eval runs/quickstart --baseline few-shot:3   # did fine-tuning beat prompting?\n\n"
+             "  ftcluster eval runs/quickstart --harness arc_easy,hellaswag --harness-limit 200   # online\n\n"
+             "  ftcluster eval runs/quickstart --harness my_task --harness-include tasks/   # a local task YAML")
 def eval_run(
     run: RunArg,
     baseline: Annotated[str | None, typer.Option(
         help="Also score the base model prompted with K training examples (few-shot:K) on the same held-out "
              "prompts and metric.")] = None,
+    harness: Annotated[str | None, typer.Option(
+        help="Also run these lm-evaluation-harness tasks (comma-separated) on both models; replaces the run's "
+             "eval.harness tasks.")] = None,
+    harness_include: Annotated[Path | None, typer.Option(
+        help="A folder of harness task YAML files (tasks whose data are local files).")] = None,
+    harness_limit: Annotated[int | None, typer.Option(min=1, help="Score at most N examples per harness task.")] = None,
 ) -> None:
     """Evaluate a finished run's base model and fine-tuned model on its validation data, side by side."""
     from ftcluster.compare import compare_run
@@ -434,7 +442,13 @@ def eval_run(
         if kind != "few-shot" or not count.isdigit() or not 1 <= int(count) <= 16:
             raise FtError(f"--baseline {baseline!r}: expected few-shot:K with K from 1 to 16, e.g. few-shot:3")
         shots = int(count)
-    result = compare_run(run, shots)
+    tasks = None
+    if harness is not None or harness_include is not None or harness_limit is not None:
+        if not harness:
+            raise FtError("--harness-include and --harness-limit go with --harness TASK[,TASK...]")
+        tasks = {"tasks": [t.strip() for t in harness.split(",") if t.strip()], "limit": harness_limit,
+                 "include_path": str(harness_include) if harness_include else None}
+    result = compare_run(run, shots, tasks)
     console.print(before_after_table(result["before"], result["after"]))
     table = samples_table(result["samples_before"], result["samples_after"], 3)
     if table is not None:

@@ -21,15 +21,19 @@ from ftcluster.run_storage import open_run
 from ftcluster.spec import build_spec
 
 
-def compare_run(run_dir: str | Path, few_shot: int | None = None) -> dict[str, Any]:
+def compare_run(run_dir: str | Path, few_shot: int | None = None, harness: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate base and fine-tuned models of a finished run on its validation data (CPU, fp32);
-    `few_shot`: also the base model prompted with that many training examples."""
+    `few_shot`: also the base model prompted with that many training examples; `harness`: an
+    eval.harness section to run instead of the run's own."""
     run = open_run(run_dir)
     model, tokenizer, spec = load_finetuned(run)
-    if few_shot:  # the spec's own rules decide whether the run allows a few-shot baseline
+    if few_shot or harness:  # the spec's own rules decide whether the run allows them
         raw = spec.model_dump(mode="json")
-        raw["eval"]["few_shot_baseline"] = few_shot
-        spec = build_spec(raw, f"--baseline few-shot:{few_shot}")
+        if few_shot:
+            raw["eval"]["few_shot_baseline"] = few_shot
+        if harness:
+            raw["eval"]["harness"] = {**(raw["eval"].get("harness") or {}), **harness}
+        spec = build_spec(raw, "--baseline/--harness")
     bundle = build_data(spec.data, tokenizer)
     renderer = Renderer(tokenizer, spec.data.max_length, spec.data.train_on_prompt)
     device = torch.device("cpu")

@@ -16,6 +16,7 @@ from ftcluster.evaluate import (
     evaluate_generation,
     evaluate_loss,
 )
+from ftcluster.harness import run_harness
 
 
 def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, batch_size: int, device,
@@ -48,6 +49,9 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
         if choices:
             metrics.update(evaluate_choices(model, tokenizer, renderer, bundle.val_examples, choices, eval_spec, device,
                                             autocast, batch_size))
+        if eval_spec.harness is not None:
+            with autocast():
+                metrics.update(run_harness(model, tokenizer, eval_spec.harness, device))
         if general:
             general_scores = evaluate_loss(model, general, batch_size, pad_id, device, autocast)
             metrics["general_loss"] = general_scores["val_loss"]

@@ -251,6 +251,18 @@ class ForgettingSpec(Section):
     max_texts: int = Field(64, ge=1, description="Score at most this many texts.")
 
 
+class HarnessSpec(Section):
+    """Standard benchmarks through EleutherAI's lm-evaluation-harness (`pip install 'ftcluster[harness]'`)."""
+
+    tasks: list[str] = Field(min_length=1, description="Harness task names, e.g. [hellaswag, arc_easy] (hub data, "
+                             "online), or tasks defined by YAML files in include_path (local data, offline).")
+    include_path: str | None = Field(None, description="A folder of task YAML files (their data may be local "
+                                     "jsonl/csv files: dataset_path: json, dataset_kwargs.data_files).")
+    limit: int | None = Field(None, ge=1, description="Score at most this many examples per task.")
+    num_fewshot: int | None = Field(None, ge=0, description="Examples in each prompt (default: the task's own).")
+    batch_size: int = Field(8, ge=1, description="Requests scored per forward pass.")
+
+
 class EvalSpec(Section):
     every: int | None = Field(None, ge=1, description="Evaluate on validation data every N steps (and at the end).")
     max_batches: int | None = Field(None, ge=1, description="Cap validation batches per evaluation.")
@@ -285,6 +297,10 @@ class EvalSpec(Section):
     choice_score: Literal["sum", "mean"] = Field(
         "sum", description="Rank choices by the sum of their tokens' log-probabilities, or by the mean per token "
         "(length-normalised). Both accuracies are reported; this one decides precision/recall/F1.",
+    )
+    harness: HarnessSpec | None = Field(
+        None, description="Run lm-evaluation-harness tasks on the base and the fine-tuned model (adapters applied); "
+        "their scores join the before/after table as harness/TASK/METRIC.",
     )
     few_shot_baseline: int | None = Field(
         None, ge=1, le=16,
@@ -487,6 +503,8 @@ class JobSpec(Section):
             problems.append(f"eval.few_shot_baseline needs eval.generation or eval.choices, and {prompted}")
         if self.eval.choices and (not fmt.generation or objective.name != "sft"):
             problems.append(f"eval.choices scores answers to prompts: it needs method.objective sft and {prompted}")
+        if self.eval.harness is not None and task != "causal_lm":
+            problems.append("eval.harness runs language-model benchmarks: it needs model.task causal_lm")
         if self.eval.choices and len({c.strip() for c in self.eval.choices}) < len(self.eval.choices):
             problems.append("eval.choices: each choice must differ from the others")
         return problems
