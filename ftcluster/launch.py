@@ -7,6 +7,7 @@ With no address, Ray starts embedded in this process's machine and listens on 12
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -194,16 +195,35 @@ def forwarded_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
+@functools.cache
+def trainer_class():
+    """Ray Train's TorchTrainer without its placement-group cleaner (Ray 2.60).
+
+    The cleaner, a detached actor, polls the State API for the controller and takes a lookup that
+    finds nothing for death: it then removes the running worker group's placement group and kills a
+    healthy run ("A worker health check failed ... placement group was removed"; seen here under
+    load, and named in Ray's own review of ray-project/ray#65447). Without it, a controller that dies
+    uncleanly leaves its placement group until the job's driver exits, which `ftcluster train` does.
+    """
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):  # (Train v2's method: mypy sees the v1 class)
+            return [callback for callback in super()._create_default_callbacks()  # type: ignore[misc]
+                    if type(callback).__name__ != "PlacementGroupCleanerCallback"]
+
+    return Trainer
+
+
 def make_trainer(spec: JobSpec, resume: bool = False, callbacks: list | None = None, verbose: bool = True):
     """A TorchTrainer running the loop on `scaling.num_workers` workers (`spec` with absolute paths)."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from ftcluster.ray_loopback import torch_config
 
     scaling = spec.scaling
     launch = ray_run_name(spec)
-    return TorchTrainer(
+    return trainer_class()(
         _ray_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "resume": resume, "verbose": verbose, "launch": launch},
         torch_config=torch_config(spec.distributed.timeout_s),

@@ -84,6 +84,16 @@ def test_train_under_ray_matches_in_process_and_a_new_launch_starts_over(local_r
     assert train_losses(tmp_path / "runs" / "ray") == train_losses(tmp_path / "runs" / "local")
 
 
+def test_the_trainer_leaves_out_rays_placement_group_cleaner(make_job):
+    """Ray 2.60's cleaner takes a State API miss for the controller's death and kills a healthy run;
+    this fails when a Ray upgrade renames the hook ftcluster overrides (then re-check the cleaner)."""
+    from ftcluster.launch import make_trainer
+    from ftcluster.spec import load_spec
+
+    names = [type(c).__name__ for c in make_trainer(load_spec(make_job("pg")))._create_default_callbacks()]
+    assert "BackendSetupCallback" in names and "PlacementGroupCleanerCallback" not in names
+
+
 def test_worker_user_error_reaches_the_driver_as_one_line(local_ray, make_job):
     from ftcluster.errors import FtError
     from ftcluster.launch import run_with_ray
