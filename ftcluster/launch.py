@@ -27,7 +27,7 @@ from ftcluster.models.load import ALIASES
 from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
 from ftcluster.run_storage import pull_checkpoint, remote_summary
 from ftcluster.spec import JobSpec
-from ftcluster.storage import STORAGE_ENV
+from ftcluster.storage import forwarded_settings
 
 RAY_STORAGE = "ray"  # OUTPUT/ray: Ray Train's copy of reported checkpoints, unless scaling.storage_path
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait per placement attempt
@@ -188,10 +188,8 @@ def check_output_reaches_every_node(spec: JobSpec, timeout_s: float = 120) -> No
 
 
 def forwarded_env() -> dict | None:
-    """ftcluster's own settings (FTCLUSTER_*, but not a node's own cache folder) and the storage's
-    endpoint and region travel from this shell to the workers; credentials do not (nodes have their own)."""
-    env = {key: value for key, value in os.environ.items()
-           if (key.startswith("FTCLUSTER_") and key != "FTCLUSTER_CACHE") or key in STORAGE_ENV}
+    """The workers' runtime environment: the forwarded settings, less this node's own cache folder."""
+    env = forwarded_settings(keep_here="FTCLUSTER_CACHE")
     return {"env_vars": env} if env else None
 
 

@@ -26,6 +26,14 @@ URI = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
+def forwarded_settings(keep_here: str) -> dict[str, str]:
+    """What travels from this shell to the processes a run starts elsewhere: ftcluster's own settings
+    (FTCLUSTER_*, but not ``keep_here``, which names something of this machine) and the storage's
+    endpoint and region; never credentials (the nodes have their own)."""
+    return {key: value for key, value in os.environ.items()
+            if (key.startswith("FTCLUSTER_") and key != keep_here) or key in STORAGE_ENV}
+
+
 def is_uri(location: str | os.PathLike) -> bool:
     """An object-store URI (s3://bucket/run), as opposed to a local or mounted path (file:// counts as local)."""
     found = URI.match(str(location))

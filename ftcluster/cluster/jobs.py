@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import importlib.metadata
 import json
-import os
 import re
 import tempfile
 import time
@@ -26,7 +25,7 @@ from ftcluster.cluster.package import JOB_FILE, SPACE_FILE, build_package
 from ftcluster.cluster.target import ClusterTarget
 from ftcluster.errors import FtError, first_line
 from ftcluster.spec import JobSpec, read_yaml
-from ftcluster.storage import STORAGE_ENV, is_uri
+from ftcluster.storage import forwarded_settings, is_uri
 
 ENTRYPOINT_CPUS = 0.25  # the `ftcluster train` driver; Ray Train's workers reserve their own
 SUMMARY_MARKER = "ftcluster-summary: "  # the submitted run prints its summary on one line with this
@@ -125,9 +124,7 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
             # working directory Ray keeps for it) stays the same from one submission to the next.
             entrypoint = ["python", "-m", "ftcluster", "train", JOB_FILE, f"name={name}"]
             entrypoint += ["--resume"] if options.resume_job else []
-        # ftcluster's settings and the store's (endpoint, region: never credentials, which the cluster has its own of)
-        env = {k: v for k, v in os.environ.items()
-               if (k.startswith("FTCLUSTER_") and k != "FTCLUSTER_CLUSTERS") or k in STORAGE_ENV}
+        env = forwarded_settings(keep_here="FTCLUSTER_CLUSTERS")  # (this machine's cluster profiles)
         env.update({SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1", DRIVER_CPUS_ENV: f"{ENTRYPOINT_CPUS:g}"})
         if not options.capacity_check or options.cluster_config is not None:
             env[CHECKED_ENV] = "1"
@@ -169,14 +166,15 @@ def _status(info) -> str:
 def job_info(target: ClusterTarget, job_id: str) -> dict[str, Any]:
     with _refused(target, f"no job {job_id}"):
         info = target.client().get_job_info(job_id)
+    metadata = info.metadata or {}
     return {
         "job_id": job_id,
         "status": _status(info),
-        "name": (info.metadata or {}).get("ftcluster_job"),
-        "spec_sha256": (info.metadata or {}).get("spec_sha256"),
-        "run_name": (info.metadata or {}).get("run_name"),
-        "kind": (info.metadata or {}).get("kind"),
-        "output": (info.metadata or {}).get("output"),
+        "name": metadata.get("ftcluster_job"),
+        "spec_sha256": metadata.get("spec_sha256"),
+        "run_name": metadata.get("run_name"),
+        "kind": metadata.get("kind"),
+        "output": metadata.get("output"),
         "entrypoint": info.entrypoint,
         "message": info.message,
         "start_time": info.start_time,

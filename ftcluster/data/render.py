@@ -57,14 +57,11 @@ class Renderer:
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self.render_messages(messages[:index], add_generation_prompt=True)
-            full = self.render_messages(messages[: index + 1], add_generation_prompt=False)
-            if not self.has_template:
-                full += self.tokenizer.eos_token or ""
-            if not prompt.startswith(done) or not full.startswith(prompt):
+            prompt, reply = self._prompt_and_reply(messages[:index], message)
+            if not prompt.startswith(done):
                 raise ValueError("chat template is not prefix-stable; cannot mask prompt tokens")
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
+            pieces += [(prompt[len(done):], False), (reply, True)]
+            done = prompt + reply
         return [(text, trained) for text, trained in pieces if text]
 
     def prompt_text(self, example: Example, shots: list[Example] | None = None) -> tuple[str, str]:
@@ -81,15 +78,18 @@ class Renderer:
         exactly what training scores for that reply (the template's end-of-turn or EOS included)."""
         history, _ = self._history(example, shots)
         prompt = self.render_messages(history, add_generation_prompt=True)
-        continuations = []
-        for reply in replies:
-            full = self.render_messages([*history, {"role": "assistant", "content": reply}], add_generation_prompt=False)
-            if not self.has_template:
-                full += self.tokenizer.eos_token or ""
-            if not full.startswith(prompt):
-                raise ValueError("chat template is not prefix-stable; cannot score replies after the prompt")
-            continuations.append(full[len(prompt):])
-        return prompt, continuations
+        return prompt, [self._prompt_and_reply(history, {"role": "assistant", "content": reply})[1] for reply in replies]
+
+    def _prompt_and_reply(self, history: list[dict[str, str]], reply: dict[str, str]) -> tuple[str, str]:
+        """The generation prompt after ``history``, and the text the assistant ``reply`` adds to it
+        (the template's end of turn, or EOS without a template, included)."""
+        prompt = self.render_messages(history, add_generation_prompt=True)
+        full = self.render_messages([*history, reply], add_generation_prompt=False)
+        if not self.has_template:
+            full += self.tokenizer.eos_token or ""
+        if not full.startswith(prompt):
+            raise ValueError("chat template is not prefix-stable; cannot mask prompt tokens")
+        return prompt, full[len(prompt):]
 
     @staticmethod
     def _history(example: Example, shots: list[Example] | None) -> tuple[list[dict[str, str]], str]:

@@ -105,12 +105,14 @@ def tracker_ended_on_exit(state: RunState) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if isinstance(exc, SystemExit) and not exc.code:
+        stopped = isinstance(exc, SystemExit) and not exc.code
+        if stopped:
             reason = "stopped by the sweep's scheduler"
+        elif isinstance(exc, Exception):
+            reason = f"failed: {first_line(exc)}"
         else:
-            reason = f"interrupted ({type(exc).__name__})" if not isinstance(exc, Exception) else f"failed: {first_line(exc)}"
-        state.tracker.end_early({"step": state.step, **state.latest_scores, "stop_reason": reason},
-                                failed=not isinstance(exc, SystemExit) or bool(exc.code))
+            reason = f"interrupted ({type(exc).__name__})"
+        state.tracker.end_early({"step": state.step, **state.latest_scores, "stop_reason": reason}, failed=not stopped)
         raise
 
 
