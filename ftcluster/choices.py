@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ftcluster.data.dataset import DataBundle
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Renderer
-from ftcluster.evaluate import classification_metrics, eval_mode, normalize_answer
+from ftcluster.eval_shard import WHOLE, EvalShard, longest_first
+from ftcluster.evaluate import cache_holds_adapters, cache_of, classification_metrics, eval_mode, normalize_answer
 
 
 def answer_choices(bundle: DataBundle, eval_spec) -> list[str] | None:
@@ -55,18 +56,12 @@ class ChoiceScores:
         return values.argmax(-1).tolist()
 
 
-def _cache_holds_adapters(model) -> bool:
-    """Prefix tuning keeps its virtual tokens in the attention cache: a copied prompt cache would lose them."""
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
-
-
 @torch.no_grad()
 def score_options(model, prompts: list[list[int]], options: list[list[int]], device, pad_id: int,
                   share_prompt_cache: bool | None = None) -> ChoiceScores:
     """Log-probabilities of every option after every prompt (token ids; options may differ in length)."""
     if share_prompt_cache is None:
-        share_prompt_cache = not _cache_holds_adapters(model)
+        share_prompt_cache = not cache_holds_adapters(model)
     lengths = torch.tensor([len(option) for option in options])
     if share_prompt_cache:
         logprob = _score_with_shared_cache(model, prompts, options, device, pad_id)
@@ -83,7 +78,7 @@ def _score_with_shared_cache(model, prompts, options, device, pad_id) -> torch.T
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     first = F.log_softmax(out.logits[:, -1].float(), -1)  # (prompts, vocab): each option's first token
-    cache = out.past_key_values
+    keyword, cache = cache_of(out)
     cache.batch_repeat_interleave(n_options)
     longest = max(len(o) for o in options)
     option_ids = torch.tensor([o + [pad_id] * (longest - len(o)) for o in options], device=device)
@@ -91,8 +86,8 @@ def _score_with_shared_cache(model, prompts, options, device, pad_id) -> torch.T
     tail_ids, tail_mask = option_ids.repeat(len(prompts), 1), option_mask.repeat(len(prompts), 1)
     full_mask = torch.cat([mask.repeat_interleave(n_options, 0), tail_mask], dim=1)
     tail_positions = mask.sum(-1).repeat_interleave(n_options)[:, None] + torch.arange(longest, device=device)
-    out = model(input_ids=tail_ids, attention_mask=full_mask, position_ids=tail_positions, past_key_values=cache,
-                use_cache=True)
+    out = model(input_ids=tail_ids, attention_mask=full_mask, position_ids=tail_positions, use_cache=True,
+                **{keyword: cache})
     later = F.log_softmax(out.logits[:, :-1].float(), -1)  # token j+1 of each option, from position j
     token_logprob = torch.cat([
         first.repeat_interleave(n_options, 0).gather(1, tail_ids[:, :1]),
@@ -137,8 +132,10 @@ def _regroup(groups: dict[tuple[str, ...], list[int]], choices: list[str], encod
 
 
 def evaluate_choices(model, tokenizer, renderer: Renderer, examples: list[Example], choices: list[str], eval_spec,
-                     device, autocast: Callable, batch_size: int, shots: list[Example] | None = None) -> dict:
-    """Choice accuracy (sum and length-normalised), per-class scores and the confusion matrix."""
+                     device, autocast: Callable, batch_size: int, shots: list[Example] | None = None,
+                     shard: EvalShard = WHOLE) -> dict:
+    """Choice accuracy (sum and length-normalised), per-class scores and the confusion matrix
+    (every worker scores its share of the examples; the scores are gathered)."""
     index = {choice: i for i, choice in enumerate(choices)}
     scored = [e for e in examples if normalize_answer(e.reference or "") in index]
     if not scored:
@@ -146,27 +143,35 @@ def evaluate_choices(model, tokenizer, renderer: Renderer, examples: list[Exampl
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]  # (as training tokenizes each piece)
 
-    # Options as the template renders them after each prompt (the same for every prompt of most templates).
-    groups: dict[tuple[str, ...], list[int]] = {}
-    prompts = []
-    for row, example in enumerate(scored):
+    def rendered(example: Example) -> tuple[list[int], tuple[str, ...]]:
+        """The prompt's ids, and the options as the template renders them after it."""
         prompt, continuations = renderer.prompt_and_replies(example, choices, shots)
-        prompts.append(encode(prompt))
-        groups.setdefault(tuple(continuations), []).append(row)
-    groups = _regroup(groups, choices, encode)
+        return encode(prompt), tuple(continuations)
+
+    def spare() -> tuple[tuple[str, ...], list[list[int]], list[int]]:
+        prompt, continuations = rendered(scored[0])
+        return next(iter(_regroup({continuations: [0]}, choices, encode))), [prompt], []
+
+    mine = shard.part(scored)
+    prompts: list[list[int]] = []
+    groups: dict[tuple[str, ...], list[int]] = {}  # option texts: most templates render them the same after every prompt
+    for row, example in enumerate(mine):
+        prompt, continuations = rendered(example)
+        prompts.append(prompt)
+        groups.setdefault(continuations, []).append(row)
     per_batch = max(1, batch_size // len(choices))
-    logprob = torch.empty(len(prompts), len(choices))
-    tokens = torch.empty(len(prompts), len(choices))
+    batches = [(texts, [prompts[i] for i in rows], rows) for texts, members in _regroup(groups, choices, encode).items()
+               for rows in longest_first(members, per_batch, lambda i: len(prompts[i]))]
+    logprob, tokens = torch.empty(len(mine), len(choices)), torch.empty(len(mine), len(choices))
     with eval_mode(model), autocast():
-        for option_texts, members in groups.items():
-            options = [encode(text) for text in option_texts]
-            members = sorted(members, key=lambda i: len(prompts[i]))  # similar lengths: little padding
-            for start in range(0, len(members), per_batch):
-                rows = members[start : start + per_batch]
-                result = score_options(model, [prompts[i] for i in rows], options, device, tokenizer.pad_token_id)
+        for (texts, batch_prompts, rows), real in shard.batches(batches, spare):
+            result = score_options(model, batch_prompts, [encode(t) for t in texts], device, tokenizer.pad_token_id)
+            if real:
                 logprob[rows], tokens[rows] = result.logprob, result.tokens.float()
-    scores = ChoiceScores(logprob, tokens)
-    actual = [index[normalize_answer(e.reference or "")] for e in scored]
+    mine_actual = [index[normalize_answer(e.reference or "")] for e in mine]
+    gathered = shard.gather([(logprob[i].tolist(), tokens[i].tolist(), mine_actual[i]) for i in range(len(mine))])
+    scores = ChoiceScores(torch.tensor([g[0] for g in gathered]), torch.tensor([g[1] for g in gathered]))
+    actual = [g[2] for g in gathered]
     by_sum, by_mean = scores.predictions("sum"), scores.predictions("mean")
     primary = by_sum if eval_spec.choice_score == "sum" else by_mean
     details = classification_metrics(primary, actual, choices)

@@ -10,70 +10,107 @@ from collections.abc import Callable
 from ftcluster.choices import answer_choices, evaluate_choices
 from ftcluster.data.dataset import DataBundle
 from ftcluster.data.render import Encoded, Renderer
+from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
+from ftcluster.eval_shard import WHOLE, EvalShard
 from ftcluster.evaluate import (
     eval_mode,
     evaluate_classification,
     evaluate_generation,
     evaluate_loss,
+    loss_sum,
 )
 from ftcluster.harness import run_harness
 
 
 def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, batch_size: int, device,
-             autocast: Callable, generation: bool = True, objective=None, general: list[Encoded] | None = None) -> dict:
+             autocast: Callable, generation: bool = True, objective=None, general: list[Encoded] | None = None,
+             shard: EvalShard = WHOLE) -> dict:
     """Every metric the job asks for, on the validation set (`objective`: DPO scores its pairs itself).
 
-    generation=False (evaluations during training) skips the slow parts: generation, choice scoring
-    and the general-text perplexity of the forgetting check (`general`, scored before and after only).
+    generation=False (evaluations during training) skips the slow parts: generation, choice scoring,
+    the harness and the forgetting check (`general`, scored before and after only). Each worker of a
+    group scores its `shard` of the examples; every worker gets the metrics of the whole set.
     """
     pad_id = tokenizer.pad_token_id
+    scoring_batch = eval_spec.batch_size or batch_size
+    val, examples = bundle.val[: eval_spec.max_examples], bundle.val_examples[: eval_spec.max_examples]
+    loss_fn = scoring_loss(model, objective)
+
+    def loss_of(items: list[Encoded]) -> dict[str, float]:
+        return evaluate_loss(model, items, scoring_batch, pad_id, device, autocast, eval_spec.max_batches, shard,
+                             loss_fn)
+
     with eval_mode(model):
         if bundle.label_names is not None:
-            metrics = evaluate_loss(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
+            metrics = loss_of(val)
             metrics.pop("val_perplexity", None)
-            metrics.update(evaluate_classification(model, bundle.val, batch_size, pad_id, device, autocast,
-                                                   bundle.label_names, eval_spec.max_batches))
+            metrics.update(evaluate_classification(model, val, scoring_batch, pad_id, device, autocast,
+                                                   bundle.label_names, eval_spec.max_batches, shard))
             return metrics
         if objective is not None and objective.name == "dpo":
-            metrics = objective.evaluate(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
+            metrics = objective.evaluate(model, val, scoring_batch, pad_id, device, autocast, eval_spec.max_batches,
+                                         shard)
         else:
-            metrics = evaluate_loss(model, bundle.val, batch_size, pad_id, device, autocast, eval_spec.max_batches)
+            metrics = loss_of(val)
         if not generation:
             return metrics
-        if eval_spec.generation and bundle.val_examples:
-            gen = eval_spec.generation
-            with autocast():
-                metrics.update(evaluate_generation(model, tokenizer, renderer, bundle.val_examples, gen.num_prompts,
-                                                   gen.max_new_tokens, device))
+        if eval_spec.generation and examples:
+            metrics.update(generate_and_match(model, tokenizer, renderer, examples, eval_spec, device, autocast, shard))
         choices = answer_choices(bundle, eval_spec) if objective is None or objective.name == "sft" else None
         if choices:
-            metrics.update(evaluate_choices(model, tokenizer, renderer, bundle.val_examples, choices, eval_spec, device,
-                                            autocast, batch_size))
-        if eval_spec.harness is not None:
+            metrics.update(evaluate_choices(model, tokenizer, renderer, examples, choices, eval_spec, device,
+                                            autocast, scoring_batch, shard=shard))
+        for harness in harness_sections(eval_spec):
             with autocast():
-                metrics.update(run_harness(model, tokenizer, eval_spec.harness, device))
+                metrics.update(run_harness(model, tokenizer, harness, device))
         if general:
-            general_scores = evaluate_loss(model, general, batch_size, pad_id, device, autocast)
+            general_scores = evaluate_loss(model, general, scoring_batch, pad_id, device, autocast, shard=shard,
+                                           loss_fn=loss_fn)
             metrics["general_loss"] = general_scores["val_loss"]
             metrics["general_perplexity"] = general_scores["val_perplexity"]
     return metrics
 
 
+def scoring_loss(model, objective) -> Callable:
+    """The loss evaluation sums: chunked where the objective trains with it (it computes the output head
+    only at the scored positions, without the full logits), on this model's own head."""
+    head = output_head(model) if objective is not None and getattr(objective, "head", None) is not None else None
+    if head is None:
+        return loss_sum
+    return lambda model, batch: chunked_loss_sum(model, batch, head, objective.chunk_tokens)
+
+
+def harness_sections(eval_spec) -> list:
+    """The harness runs a job asks for: eval.harness, and the forgetting check's tasks (once each)."""
+    sections = [eval_spec.harness, eval_spec.forgetting.harness if eval_spec.forgetting else None]
+    sections = [section for section in sections if section is not None]
+    if len(sections) == 2 and sections[0] == sections[1]:
+        return sections[:1]
+    return sections
+
+
+def generate_and_match(model, tokenizer, renderer: Renderer, examples, eval_spec, device, autocast,
+                       shard: EvalShard = WHOLE, shots=None) -> dict:
+    """eval.generation: greedy answers to held-out prompts, exact match against the references."""
+    settings = eval_spec.generation
+    with eval_mode(model), autocast():
+        return evaluate_generation(model, tokenizer, renderer, examples, settings.num_prompts,
+                                   settings.max_new_tokens, device, eval_spec.batch_size or 16, shots, shard)
+
+
 def few_shot_baseline(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, device, autocast,
-                      batch_size: int = 8) -> dict:
+                      batch_size: int = 8, shard: EvalShard = WHOLE) -> dict:
     """The base model prompted with the first K training examples, scored like the fine-tuned model
     (exact match with eval.generation; choice accuracy where the answers are choices)."""
     shots = bundle.shots[: eval_spec.few_shot_baseline]
+    examples = bundle.val_examples[: eval_spec.max_examples]
     result: dict = {"shots": len(shots)}
-    gen = eval_spec.generation
-    if gen is not None:
-        with eval_mode(model), autocast():
-            generated = evaluate_generation(model, tokenizer, renderer, bundle.val_examples, gen.num_prompts,
-                                            gen.max_new_tokens, device, shots=shots)
+    if eval_spec.generation is not None:
+        generated = generate_and_match(model, tokenizer, renderer, examples, eval_spec, device, autocast, shard, shots)
         result.update(exact_match=generated["exact_match"], samples=generated["samples"][:3])
     choices = answer_choices(bundle, eval_spec)
     if choices:
-        scored = evaluate_choices(model, tokenizer, renderer, bundle.val_examples, choices, eval_spec, device, autocast,
-                                  batch_size, shots=shots)
+        scored = evaluate_choices(model, tokenizer, renderer, examples, choices, eval_spec, device, autocast,
+                                  eval_spec.batch_size or batch_size, shots=shots, shard=shard)
         result.update({k: v for k, v in scored.items() if k != "choice"})
     return result

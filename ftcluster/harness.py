@@ -9,8 +9,10 @@ as `harness/TASK/METRIC` and join the before/after table. Offline, tasks are YAM
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from ftcluster.errors import FtError, first_line
+from ftcluster.forgetting import HIGHER_IS_BETTER
 
 
 def _harness():
@@ -30,8 +32,8 @@ def _task_manager(include_path: str | None):
     return _harness()[2](include_path=include_path, verbosity="ERROR")
 
 
-def run_harness(model, tokenizer, settings, device) -> dict[str, float]:
-    """The harness's scores of ``model`` on ``settings.tasks`` (an `eval.harness` section)."""
+def run_harness(model, tokenizer, settings, device) -> dict[str, Any]:
+    """The harness's scores of ``model`` on ``settings.tasks`` (an `eval.harness` section), and which way each improves."""
     simple_evaluate, HFLM, _ = _harness()
     manager = _task_manager(settings.include_path)
     unknown = [task for task in settings.tasks if task not in manager.all_tasks]
@@ -48,7 +50,9 @@ def run_harness(model, tokenizer, settings, device) -> dict[str, float]:
         raise FtError(f"eval.harness: {first_line(exc)}") from None
     finally:
         tokenizer.padding_side = padding_side
-    return harness_scores(results["results"] if results else {})
+    if not results:
+        return {}
+    return {**harness_scores(results["results"]), HIGHER_IS_BETTER: harness_directions(results.get("higher_is_better", {}))}
 
 
 def harness_scores(results: dict[str, dict]) -> dict[str, float]:
@@ -62,3 +66,9 @@ def harness_scores(results: dict[str, dict]) -> dict[str, float]:
             name = metric if filter_name == "none" else f"{metric}_{filter_name}"
             scores[f"harness/{task}/{name}"] = float(value)
     return scores
+
+
+def harness_directions(higher_is_better: dict[str, dict]) -> dict[str, bool]:
+    """{task: {"acc": True}} → {"harness/task/acc": True}: which way each score improves."""
+    return {f"harness/{task}/{metric}": bool(value) for task, metrics in higher_is_better.items()
+            for metric, value in metrics.items()}

@@ -234,23 +234,6 @@ class GenerationEvalSpec(Section):
     show: int = Field(3, ge=0, description="Examples printed in the before/after table.")
 
 
-class ForgettingSpec(Section):
-    """Score general-domain text before and after fine-tuning: did the model lose what it knew?"""
-
-    data: str = Field(
-        "builtin",
-        description="General-domain texts: builtin (a small sample ftcluster ships), or a .jsonl/.json/.csv/.parquet "
-        "file with a `text` column.",
-    )
-    max_increase_pct: float = Field(
-        10.0, gt=0, description="Perplexity rise on those texts, in percent, above which the run warns or fails."
-    )
-    action: Literal["warn", "fail"] = Field(
-        "warn", description="Above the threshold: warn (and record it), or fail the run (exit 2; outputs kept)."
-    )
-    max_texts: int = Field(64, ge=1, description="Score at most this many texts.")
-
-
 class HarnessSpec(Section):
     """Standard benchmarks through EleutherAI's lm-evaluation-harness (`pip install 'ftcluster[harness]'`)."""
 
@@ -261,6 +244,28 @@ class HarnessSpec(Section):
     limit: int | None = Field(None, ge=1, description="Score at most this many examples per task.")
     num_fewshot: int | None = Field(None, ge=0, description="Examples in each prompt (default: the task's own).")
     batch_size: int = Field(8, ge=1, description="Requests scored per forward pass.")
+
+
+class ForgettingSpec(Section):
+    """Score general-domain text before and after fine-tuning: did the model lose what it knew?"""
+
+    data: str | None = Field(
+        "builtin",
+        description="General-domain texts whose perplexity is compared: builtin (a small sample ftcluster ships), "
+        "a .jsonl/.json/.csv/.parquet file with a `text` column, or null (only the harness tasks below).",
+    )
+    harness: HarnessSpec | None = Field(
+        None, description="lm-evaluation-harness tasks whose scores must not fall, e.g. {tasks: [arc_easy], limit: "
+        "200}: scored on the base and the fine-tuned model, like eval.harness.",
+    )
+    max_increase_pct: float = Field(
+        10.0, gt=0, description="How much worse, in percent, the general-text perplexity (a rise) or a harness "
+        "score (a fall; a rise for perplexity-like metrics) may get before the run warns or fails."
+    )
+    action: Literal["warn", "fail"] = Field(
+        "warn", description="Above the threshold: warn (and record it), or fail the run (exit 2; outputs kept)."
+    )
+    max_texts: int = Field(64, ge=1, description="Score at most this many texts.")
 
 
 class EvalSpec(Section):
@@ -279,6 +284,15 @@ class EvalSpec(Section):
     )
     overfit_evals: int = Field(2, ge=1, description="Consecutive evaluations of divergence that signal overfitting.")
     before_after: bool = Field(True, description="Evaluate the base model too and print both side by side.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Examples per evaluation batch (loss, choice scoring, generation). No gradients are "
+        "kept, so it can often be larger than training.batch_size. Default: training.batch_size for scoring, 16 for "
+        "generation.",
+    )
+    max_examples: int | None = Field(
+        None, ge=1, description="Evaluate on at most the first N validation examples (every evaluation: loss, "
+        "choices, generation). Under several workers each scores its share of them.",
+    )
     generation: GenerationEvalSpec | None = Field(
         None, description="Generate on held-out prompts and score exact match against references."
     )
@@ -531,6 +545,8 @@ class JobSpec(Section):
             problems.append("training.max_failures needs training.checkpoint_every (restarts resume from a checkpoint)")
         if self.eval.forgetting is not None and (self.model.task != "causal_lm" or not self.eval.before_after):
             problems.append("eval.forgetting needs model.task: causal_lm and eval.before_after: true")
+        if self.eval.forgetting is not None and self.eval.forgetting.data is None and self.eval.forgetting.harness is None:
+            problems.append("eval.forgetting: set data (general texts), harness (benchmark tasks) or both")
         return problems
 
     @property

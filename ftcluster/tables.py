@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ftcluster.forgetting import changes as forgetting_changes
+
 # Metrics where lower is better (for the arrow in the change column).
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -52,6 +54,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("stopped", summary["stop_reason"]),
         ("tokens", summary["tokens"]),
         ("train time", format_duration(summary["train_seconds"])),
+        ("evaluation time", format_duration(summary.get("eval_seconds", 0.0))),
         ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
         ("peak memory (MB)", f"{summary['peak_memory_mb']:,.0f}"),
         ("workers x device", f"{summary['world_size']} x {summary['device']} ({summary['precision']})"),
@@ -159,9 +162,8 @@ def forgetting_line(summary: dict[str, Any]) -> str | None:
         return None
     colour = "red" if result["exceeded"] else "green"
     state = "ABOVE" if result["exceeded"] else "within"
-    return (f"Forgetting check: general-text perplexity {result['perplexity_before']:.2f} -> "
-            f"{result['perplexity_after']:.2f} ([{colour}]{result['increase_pct']:+.1f}%, {state} the "
-            f"{result['threshold_pct']:g}% threshold[/])")
+    return (f"Forgetting check: {'; '.join(forgetting_changes(result))} "
+            f"([{colour}]{state} the {result['threshold_pct']:g}% threshold[/])")
 
 
 def _gb(value: float) -> str:

@@ -47,12 +47,19 @@ def test_deepspeed_zero_two_workers_equal_one_worker_with_double_batch(stage, pa
     method = {"name": "full"}
     training = {"max_steps": 4, "max_grad_norm": None}
     data = {"packing": packing}
+    # Each worker evaluates its share (in lockstep under ZeRO-3, where every forward pass is a collective).
+    evaluation = {"before_after": True, "generation": {"num_prompts": 7, "max_new_tokens": 4}}
     summary = two_worker_run(make_job, f"zero{stage}", method=method, training={"batch_size": 4, **training},
-                             distributed={"backend": "deepspeed", "zero_stage": stage}, data=data)
+                             distributed={"backend": "deepspeed", "zero_stage": stage}, data=data, eval=evaluation)
     assert summary["world_size"] == 2
-    run_in_process(load_spec(make_job("single", method=method, training={"batch_size": 8, **training}, data=data)))
+    single = run_in_process(load_spec(make_job("single", method=method, training={"batch_size": 8, **training},
+                                               data=data, eval=evaluation)))
     two, one = train_losses(tmp_path / "runs" / f"zero{stage}"), train_losses(tmp_path / "runs" / "single")
     assert two == pytest.approx(one, rel=1e-4)
+    for when in ("before", "after"):
+        assert summary[when]["val_loss"] == pytest.approx(single[when]["val_loss"], rel=1e-4)
+        assert summary[when]["exact_match"] == single[when]["exact_match"]
+    assert [s["output"] for s in summary["samples"]["before"]] == [s["output"] for s in single["samples"]["before"]]
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / f"zero{stage}" / "final" / "model")

@@ -22,6 +22,35 @@ def test_classification_metrics_by_hand():
     assert metrics["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
 
 
+def test_forgetting_verdict_reads_each_scores_direction():
+    from ftcluster.forgetting import HIGHER_IS_BETTER, message, verdict
+    from ftcluster.spec import ForgettingSpec
+
+    spec = ForgettingSpec(harness={"tasks": ["arc"]}, max_increase_pct=10)
+    directions = {"harness/arc/acc": True, "harness/arc/word_perplexity": False}
+    before = {"general_perplexity": 20.0, "harness/arc/acc": 0.50, "harness/arc/word_perplexity": 10.0,
+              "harness/other/acc": 0.9, HIGHER_IS_BETTER: directions}
+    after = {"general_perplexity": 21.0, "harness/arc/acc": 0.40, "harness/arc/word_perplexity": 10.5,
+             "harness/other/acc": 0.1, HIGHER_IS_BETTER: directions}
+    result = verdict(before, after, spec)
+    assert result["increase_pct"] == pytest.approx(5.0)  # perplexity 20 -> 21
+    assert result["harness"]["harness/arc/acc"]["worse_pct"] == pytest.approx(20.0)  # accuracy fell by a fifth
+    assert result["harness"]["harness/arc/word_perplexity"]["worse_pct"] == pytest.approx(5.0)  # lower is better
+    assert "harness/other/acc" not in result["harness"]  # not one of the check's tasks
+    assert result["worst"] == "harness/arc/acc" and result["exceeded"]
+    assert "harness/arc/acc 0.500 -> 0.400 (+20.0% worse)" in message(result)
+    improved = verdict(before, {**before, "harness/arc/acc": 0.6}, spec)
+    assert improved["harness"]["harness/arc/acc"]["worse_pct"] == pytest.approx(-20.0) and not improved["exceeded"]
+
+
+def test_forgetting_needs_something_to_check(make_job):
+    from ftcluster.errors import FtError
+    from ftcluster.spec import load_spec
+
+    with pytest.raises(FtError, match=r"eval\.forgetting: set data"):
+        load_spec(make_job("nothing", eval={"before_after": True, "forgetting": {"data": None}}))
+
+
 def test_exact_match_ignores_surrounding_whitespace_only():
     assert normalize_answer("  Maria|Lisbon \n") == "Maria|Lisbon"
     assert normalize_answer("maria|lisbon") != "Maria|Lisbon"

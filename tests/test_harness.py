@@ -33,14 +33,21 @@ def test_harness_results_become_flat_scores():
 
 def test_a_local_harness_task_before_and_after_training(make_job, cli, tmp_path):
     tasks = local_task(tmp_path / "tasks")
+    harness = {"tasks": ["tiny_sums"], "include_path": str(tasks), "limit": 8}
+    # The same task is the forgetting check (run once for both): did the score fall?
     job = make_job("harnessed", training={"max_steps": 8}, eval={
-        "before_after": True, "harness": {"tasks": ["tiny_sums"], "include_path": str(tasks), "limit": 8}})
+        "before_after": True, "harness": harness, "forgetting": {"data": None, "harness": harness}})
     result = cli("train", job, "--no-ray")
     assert result.code == 0, result
     summary = json.loads((tmp_path / "runs" / "harnessed" / "summary.json").read_text())
     for when in ("before", "after"):
         assert 0 <= summary[when]["harness/tiny_sums/acc"] <= 1
     assert "harness/tiny_sums/acc" in result.out  # in the before/after table
+    check = summary["forgetting"]["harness"]["harness/tiny_sums/acc"]
+    assert (check["before"], check["after"]) == (summary["before"]["harness/tiny_sums/acc"],
+                                                 summary["after"]["harness/tiny_sums/acc"])
+    assert summary["forgetting"]["exceeded"] == (check["worse_pct"] > 10) and "perplexity_before" not in summary["forgetting"]
+    assert "Forgetting check: harness/tiny_sums/acc" in result.out
     evaluated = cli("eval", tmp_path / "runs" / "harnessed", "--harness", "tiny_sums", "--harness-include", tasks,
                     "--harness-limit", "4")
     assert evaluated.code == 0 and "harness/tiny_sums/acc" in evaluated.out

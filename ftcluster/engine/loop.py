@@ -76,6 +76,16 @@ class RunState:
     # What every report to the launcher carries (a sweep's scheduler and budget read these).
     report_fields: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = "completed"
+    eval_seconds: float = 0.0  # wall time spent evaluating (base, during training, final)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Count the block's wall time as evaluation time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_seconds += time.perf_counter() - start
 
 
 def train(spec: JobSpec, ctx: WorkerContext | None = None, *, resume: bool = False, train_records=None,
@@ -192,13 +202,14 @@ def evaluate_base_model(setup: Setup, state: RunState) -> None:
     if spec.eval.before_after:
         if state.resumed and before_path.is_file():
             state.before = json.loads(before_path.read_text())
-        else:  # every worker evaluates: under ZeRO-3 each forward pass is a collective
+        else:  # every worker evaluates its share of the examples (see eval_shard.py)
             setup.say("Evaluating the base model ...")
-            with base_model_view(setup.module):
+            with base_model_view(setup.module), state.evaluating():
                 state.before = setup.evaluate()
                 if spec.eval.few_shot_baseline:
                     state.before["few_shot"] = few_shot_baseline(setup.module, setup.tokenizer, setup.bundle,
-                                                                 setup.renderer, spec.eval, setup.device, setup.autocast)
+                                                                 setup.renderer, spec.eval, setup.device, setup.autocast,
+                                                                 shard=setup.eval_shard)
             if setup.ctx.is_main:
                 write_text_atomic(before_path, json.dumps(state.before, indent=1))
     setup.say(f"Training {setup.total_steps} steps: {counts.trainable:,} of {counts.total:,} parameters "
@@ -281,7 +292,8 @@ def log_window(setup: Setup, state: RunState) -> None:
 def evaluate_during_training(setup: Setup, state: RunState) -> None:
     """Validation metrics; early stopping and the overfitting signal decide whether to stop."""
     spec, step = setup.spec, state.step
-    scores = scalar_metrics(setup.evaluate(generation=False))
+    with state.evaluating():
+        scores = scalar_metrics(setup.evaluate(generation=False))
     diverging = state.overfit.update(state.window.mean_loss_since_eval(), scores.get("val_loss"))
     improved = state.stopper.update(scores, step)
     record = {"step": step, "time": time.time(), **scores, "overfitting": int(diverging)}
@@ -323,7 +335,8 @@ def wrap_up(setup: Setup, state: RunState) -> dict[str, Any]:
     """Final evaluation, the fine-tuned weights (atomically), the summary; then the last report."""
     ctx, out_dir = setup.ctx, setup.out_dir
     check_weights_finite(setup.module, state.step, setup.device, ctx.world_size)  # never save a diverged model
-    after = setup.evaluate()
+    with state.evaluating():
+        after = setup.evaluate()
     final_scores = scalar_metrics(after)
     state.log.write({"step": state.step, "time": time.time(), **final_scores})
     state.tracker.log({"step": state.step, **final_scores})

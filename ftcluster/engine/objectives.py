@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ftcluster.data.batches import IGNORE, collate, count_targets, model_inputs
 from ftcluster.data.render import Encoded
 from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
-from ftcluster.evaluate import base_model_view, eval_mode, iter_batches, loss_sum
+from ftcluster.eval_shard import WHOLE, EvalShard
+from ftcluster.evaluate import base_model_view, eval_batches, eval_mode, loss_sum
 
 ReferenceFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -125,14 +126,16 @@ class DPOObjective:
 
     @torch.no_grad()
     def evaluate(self, model, items: list[Encoded], batch_size: int, pad_id: int, device, autocast,
-                 limit: int | None = None) -> dict[str, float]:
+                 limit: int | None = None, shard: EvalShard = WHOLE) -> dict[str, float]:
         """On held-out pairs: DPO loss, how often the model itself prefers the chosen reply
         (pref_accuracy: log p(chosen) > log p(rejected)), reward accuracy and margin."""
-        sums = {"loss": 0.0, "prefers": 0.0, "reward_right": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0}
-        pairs = 0
-        for batch in iter_batches(items, batch_size, pad_id, device, limit, collate_fn=self.collate):
+        names = ("loss", "prefers", "reward_right", "margin", "chosen", "rejected", "pairs")
+        sums = dict.fromkeys(names, 0.0)
+        for batch, real in eval_batches(items, batch_size, pad_id, device, limit, self.collate, shard):
             with autocast():
                 terms = self.terms(model, batch)
+            if not real:
+                continue
             margin = terms["chosen_reward"] - terms["rejected_reward"]
             sums["loss"] += float(terms["losses"].sum())
             sums["prefers"] += float((terms["chosen"] > terms["rejected"]).sum())
@@ -140,7 +143,9 @@ class DPOObjective:
             sums["margin"] += float(margin.sum())
             sums["chosen"] += float(terms["chosen"].sum())
             sums["rejected"] += float(terms["rejected"].sum())
-            pairs += margin.shape[0]
+            sums["pairs"] += margin.shape[0]
+        sums = dict(zip(names, shard.total([sums[name] for name in names])))
+        pairs = sums["pairs"]
         if pairs == 0:
             return {}
         return {

@@ -29,6 +29,7 @@ from ftcluster.engine.objectives import make_objective
 from ftcluster.engine.optim import build_optimizer, lr_lambda, param_groups
 from ftcluster.engine.packing import check_packing_isolation
 from ftcluster.errors import FtError
+from ftcluster.eval_shard import EvalShard
 from ftcluster.eval_suite import run_eval
 from ftcluster.forgetting import general_items
 from ftcluster.layout import CHECKPOINTS
@@ -123,11 +124,18 @@ class Setup:
     def checkpoint_root(self) -> Path:
         return self.out_dir / CHECKPOINTS
 
+    @property
+    def eval_shard(self) -> EvalShard:
+        """This worker's share of every evaluation (in lockstep under ZeRO-3, where a forward pass is a collective)."""
+        distributed = self.spec.distributed
+        zero3 = distributed.backend == "deepspeed" and distributed.zero_stage == 3
+        return EvalShard(self.ctx.rank, self.ctx.world_size, lockstep=zero3, device=self.device)
+
     def evaluate(self, generation: bool = True) -> dict:
         """Validation loss/metrics (and generation) of the module as it is now."""
         return run_eval(self.module, self.tokenizer, self.bundle, self.renderer, self.spec.eval,
                         self.spec.training.batch_size, self.device, self.autocast, generation, self.objective,
-                        self.general)
+                        self.general, self.eval_shard)
 
 
 def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_records=None,

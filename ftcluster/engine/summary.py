@@ -20,7 +20,7 @@ def run_summary(setup, state, before: dict, after: dict) -> dict[str, Any]:
         "name": spec.name, "method": spec.method.name, "model": spec.model.path,
         "steps": state.step, "total_steps": setup.total_steps, "epochs": round(setup.order.epoch_of(state.step), 4),
         "stop_reason": state.stop_reason,
-        "tokens": tokens, "train_seconds": round(seconds, 3), "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "tokens": tokens, "train_seconds": round(seconds, 3), "eval_seconds": round(state.eval_seconds, 3), "tokens_per_s": tokens / seconds if seconds else 0.0,
         "trainable_params": setup.counts.trainable, "total_params": setup.counts.total,
         "world_size": setup.ctx.world_size, "precision": setup.precision, "device": str(setup.device),
         "peak_memory_mb": peak_memory_mb(setup.device), "load_peak_memory_mb": setup.load_peak_mb,
@@ -44,7 +44,7 @@ def run_summary(setup, state, before: dict, after: dict) -> dict[str, Any]:
     )
     if before.get("few_shot"):
         summary["few_shot"] = {k: v for k, v in before["few_shot"].items() if k != "samples"}
-    if spec.eval.forgetting and "general_perplexity" in before:
+    if spec.eval.forgetting and before:
         summary["forgetting"] = forgetting_verdict(before, after, spec.eval.forgetting)
     if setup.bundle.label_names is not None and "confusion_matrix" in after:
         summary["confusion"] = {"labels": setup.bundle.label_names, "matrix": after["confusion_matrix"]}

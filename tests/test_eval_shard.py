@@ -1,0 +1,107 @@
+"""Evaluation split over workers: each scores its share, every worker ends with the whole set's metrics.
+
+Two real processes in a gloo group (a file store, sockets on the loopback interface), no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftcluster.choices import evaluate_choices
+from ftcluster.data.formats import Example
+from ftcluster.data.render import Renderer
+from ftcluster.eval_shard import WHOLE, EvalShard, longest_first
+from ftcluster.evaluate import Generator, evaluate_generation, evaluate_loss
+from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
+
+SYSTEM = "You are a careful calculator. Answer with the number only, nothing else."
+SETTINGS = SimpleNamespace(choice_score="sum")
+
+
+def examples() -> list[Example]:
+    """Seven sums of different lengths (shares of 4 and 3 under two workers)."""
+    pairs = [(1, 2), (10, 20), (3, 4), (100, 200), (5, 5), (1000, 2000), (7, 1)]
+    return [Example(messages=[{"role": "system", "content": SYSTEM},
+                              {"role": "user", "content": f"add {a} and {b} ="},
+                              {"role": "assistant", "content": str(a + b)}]) for a, b in pairs]
+
+
+def load(model_path: str):
+    resolved = resolve_model(model_path)
+    tokenizer = load_tokenizer(resolved, None)
+    model = load_pretrained(resolved, "causal_lm", dtype=torch.float32, label_names=None,
+                            pad_token_id=tokenizer.pad_token_id, revision=None)
+    return model.eval(), tokenizer
+
+
+def evaluate_everything(model_path: str, shard: EvalShard) -> dict:
+    """Loss, generation and choice scoring of `examples()` on this worker's share; and what it ran."""
+    torch.manual_seed(0)
+    model, tokenizer = load(model_path)
+    renderer = Renderer(tokenizer, 128, False)
+    data = examples()
+    calls: list[int] = []  # rows of every forward pass
+    model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    device = torch.device("cpu")
+    nothing = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    loss = evaluate_loss(model, [renderer.encode(e) for e in data], 2, tokenizer.pad_token_id, device, nothing,
+                         shard=shard)
+    loss_rows = sum(calls)
+    generated = evaluate_generation(model, tokenizer, renderer, data, len(data), 4, device, batch_size=2, shard=shard)
+    choices = sorted({e.reference for e in data})[:4]
+    chosen = evaluate_choices(model, tokenizer, renderer, [e for e in data if e.reference in choices], choices,
+                              SETTINGS, device, nothing, 4, shard=shard)
+    return {"loss": loss, "outputs": [s["output"] for s in generated["samples"]], "exact_match": generated["exact_match"],
+            "choice": chosen["choice"]["confusion_matrix"], "choice_accuracy": chosen["choice_accuracy"],
+            "loss_rows": loss_rows, "forward_calls": len(calls)}
+
+
+def worker(rank: int, world: int, store: str, lockstep: bool, model_path: str, out: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(store, world), rank=rank,
+                                         world_size=world)
+    try:
+        result = evaluate_everything(model_path, EvalShard(rank, world, lockstep=lockstep))
+        Path(out, f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_two_workers_score_their_shares_and_get_the_whole_sets_metrics(lockstep, tiny_model, tmp_path):
+    whole = evaluate_everything(str(tiny_model), WHOLE)
+    torch.multiprocessing.spawn(worker, args=(2, str(tmp_path / "store"), lockstep, str(tiny_model), str(tmp_path)),
+                                nprocs=2)
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    for result in results:
+        assert result["loss"]["val_loss"] == pytest.approx(whole["loss"]["val_loss"], rel=1e-5)
+        assert result["outputs"] == whole["outputs"] and result["exact_match"] == whole["exact_match"]
+        assert result["choice"] == whole["choice"] and result["choice_accuracy"] == whole["choice_accuracy"]
+    # Each worker ran the loss on its own share only: 4 and 3 of the 7 examples.
+    assert sorted(r["loss_rows"] for r in results) == [3, 4] and whole["loss_rows"] == 7
+    if lockstep:  # ZeRO-3: every forward pass is a collective, so both ran as many
+        assert results[0]["forward_calls"] == results[1]["forward_calls"]
+
+
+def test_a_shared_prompt_beginning_is_run_once_and_changes_nothing(tiny_model):
+    model, tokenizer = load(str(tiny_model))
+    renderer = Renderer(tokenizer, 128, False)
+    prompts = [tokenizer(renderer.prompt_text(e)[0], add_special_tokens=False)["input_ids"] for e in examples()]
+    shared = Generator(model, tokenizer, 6, torch.device("cpu"))
+    shared.share_prefix(prompts)
+    assert len(shared.prefix) >= Generator.MIN_SHARED and shared.cache is not None
+    plain = Generator(model, tokenizer, 6, torch.device("cpu"))
+    for batch in longest_first(prompts, 3, len):
+        assert shared(batch) == plain(batch)
+
+
+def test_batches_are_length_sorted_longest_first():
+    batches = longest_first(["a", "bbbb", "cc", "ddd", "e"], 2, len)
+    assert batches == [["bbbb", "ddd"], ["cc", "a"], ["e"]]
