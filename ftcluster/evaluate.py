@@ -50,11 +50,17 @@ def eval_batches(items: list[Encoded], batch_size: int, pad_id: int, device, lim
 @torch.no_grad()
 def evaluate_loss(model, items: list[Encoded], batch_size: int, pad_id: int, device, autocast, limit=None,
                   shard: EvalShard = WHOLE, loss_fn: Callable = loss_sum) -> dict[str, float]:
-    """Mean loss per target over `items` (every worker its share; the sums are added up)."""
+    """Mean loss per target over `items` (every worker its share; the sums are added up). The tokens
+    every item begins with, when none of them is scored (a system prompt, an instruction), run once."""
+    if limit is not None:
+        items = items[: limit * batch_size]
+    prefix = _unscored_prefix(model, items, device, shard)
+    if prefix is not None:
+        items = [Encoded(item.input_ids[prefix.length :], item.trained[prefix.length :]) for item in items]
     total, count = 0.0, 0.0
-    for batch, real in eval_batches(items, batch_size, pad_id, device, limit, shard=shard):
+    for batch, real in eval_batches(items, batch_size, pad_id, device, shard=shard):
         with autocast():
-            loss = float(loss_fn(model, batch))
+            loss = float(loss_fn(model, prefix.continued(batch) if prefix is not None else batch))
         if real:
             total, count = total + loss, count + count_targets(batch)
     total, count = shard.total([total, count])
@@ -62,6 +68,15 @@ def evaluate_loss(model, items: list[Encoded], batch_size: int, pad_id: int, dev
         return {}
     loss = total / count
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _unscored_prefix(model, items: list[Encoded], device, shard: EvalShard) -> PrefixCache | None:
+    """A cache of the tokens all items begin with, up to the position that predicts the first scored one."""
+    if not items or items[0].label is not None or items[0].positions is not None or items[0].rejected is not None:
+        return None
+    first_scored = min((item.trained.index(True) if True in item.trained else len(item.trained)) for item in items)
+    limit = min(first_scored - 1, min(len(item.input_ids) for item in items) - 1)
+    return shared_prefix(model, [item.input_ids for item in items], limit, device, shard.lockstep and shard.split)
 
 
 def classification_metrics(predicted: list[int], actual: list[int], label_names: list[str]) -> dict:
@@ -138,55 +153,82 @@ def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prom
     return {"exact_match": sum(matches) / len(matches), "samples": samples}
 
 
-class Generator:
-    """Greedy continuations of batches of prompts (token ids), left-padded.
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common beginning is not worth a cache copy per batch
+
+
+class PrefixCache:
+    """The attention cache of a token prefix, computed once and copied into every batch that continues it.
 
     Held-out prompts often begin alike (system prompt, instruction, few-shot examples): that common
-    beginning is run once (`share_prefix`) and its attention cache copied into every batch, which
-    then computes only the rest of each prompt, padded between the shared part and its own. The
-    outputs are the same; the few-shot baseline's prompts cost a third.
+    beginning runs once, and each batch computes only the rest of its sequences. The results are the
+    same; the few-shot baseline's prompts cost a third.
     """
 
-    MIN_SHARED = 16  # tokens; a shorter common beginning is not worth a cache copy per batch
+    def __init__(self, model, tokens: list[int], device):
+        self.tokens = tokens
+        out = model(input_ids=torch.tensor([tokens], device=device), use_cache=True)
+        self.keyword, self._cache = cache_of(out)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def copies(self, rows: int) -> dict[str, Any]:
+        """The cache repeated for a batch of `rows` (a copy: a forward pass appends to it), as a keyword."""
+        cache = copy.deepcopy(self._cache)
+        cache.batch_repeat_interleave(rows)
+        return {self.keyword: cache}
+
+    def continued(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A right-padded batch of continuations, as forward() inputs after the prefix."""
+        rows, width = batch["input_ids"].shape
+        device = batch["input_ids"].device
+        ones = torch.ones(rows, self.length, dtype=batch["attention_mask"].dtype, device=device)
+        return {**batch, "attention_mask": torch.cat([ones, batch["attention_mask"]], dim=1),
+                "position_ids": (self.length + torch.arange(width, device=device)).expand(rows, -1),
+                **self.copies(rows)}
+
+
+def shared_prefix(model, sequences: list[list[int]], limit: int, device, lockstep: bool) -> PrefixCache | None:
+    """The cache of the first tokens (at most `limit`) every sequence shares, if they are worth it. Not in
+    lockstep (ZeRO-3 workers must run equal forward passes) nor for prefix tuning (its virtual tokens
+    live in the cache)."""
+    if lockstep or cache_holds_adapters(model) or not sequences:
+        return None
+    length, first = 0, sequences[0]
+    while length < limit and all(sequence[length] == first[length] for sequence in sequences):
+        length += 1
+    return PrefixCache(model, first[:length], device) if length >= MIN_SHARED_PREFIX else None
+
+
+class Generator:
+    """Greedy continuations of batches of prompts (token ids), left-padded; with `share_prefix`, the
+    prompts' common beginning is run once and each batch padded between it and its own tokens."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, device, synced: bool = False):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.max_new_tokens, self.synced = max_new_tokens, synced
-        self.prefix: list[int] = []
-        self.cache, self.cache_keyword = None, ""
+        self.prefix: PrefixCache | None = None
 
     @torch.no_grad()
     def share_prefix(self, prompts: list[list[int]]) -> None:
-        """Run the tokens every prompt begins with (leaving each at least one of its own), once.
-        Not in lockstep (ZeRO-3 workers must run equal forward passes) nor for prefix tuning (its
-        virtual tokens live in the cache)."""
-        if self.synced or cache_holds_adapters(self.model) or not prompts:
-            return
-        shortest = min(len(ids) for ids in prompts) - 1
-        length = 0
-        while length < shortest and all(ids[length] == prompts[0][length] for ids in prompts):
-            length += 1
-        if length >= self.MIN_SHARED:
-            self.prefix = prompts[0][:length]
-            out = self.model(input_ids=torch.tensor([self.prefix], device=self.device), use_cache=True)
-            self.cache_keyword, self.cache = cache_of(out)
+        """Cache what every prompt begins with, leaving each at least one token of its own."""
+        limit = min((len(ids) for ids in prompts), default=1) - 1
+        self.prefix = shared_prefix(self.model, prompts, limit, self.device, self.synced)
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]]) -> list[str]:
-        pad_id, shared = self.tokenizer.pad_token_id, len(self.prefix)
-        tails = [ids[shared:] if self.cache is not None else ids for ids in prompts]
+        pad_id = self.tokenizer.pad_token_id
+        shared = self.prefix.tokens if self.prefix is not None else []
+        tails = [ids[len(shared) :] for ids in prompts]
         width = max(len(tail) for tail in tails)
-        ids = [self.prefix + [pad_id] * (width - len(tail)) + tail for tail in tails]
-        mask = [[1] * shared + [0] * (width - len(tail)) + [1] * len(tail) for tail in tails]
-        extra: dict[str, Any] = {}
-        if self.cache is not None:
-            cache = copy.deepcopy(self.cache)  # generation appends to it
-            cache.batch_repeat_interleave(len(prompts))
-            extra[self.cache_keyword] = cache
+        ids = [shared + [pad_id] * (width - len(tail)) + tail for tail in tails]
+        mask = [[1] * len(shared) + [0] * (width - len(tail)) + [1] * len(tail) for tail in tails]
+        cache = self.prefix.copies(len(prompts)) if self.prefix is not None else {}
         generated = self.model.generate(
             input_ids=torch.tensor(ids, device=self.device), attention_mask=torch.tensor(mask, device=self.device),
-            max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id, synced_gpus=self.synced, **extra)
-        return self.tokenizer.batch_decode(generated[:, shared + width :], skip_special_tokens=True)
+            max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id, synced_gpus=self.synced, **cache)
+        return self.tokenizer.batch_decode(generated[:, len(shared) + width :], skip_special_tokens=True)
 
 
 def cache_of(output) -> tuple[str, Any]:

@@ -85,6 +85,7 @@ def ray_context(checkpoint_root: Path, checkpoints_to_ray: bool = True) -> Worke
         local_rank=context.get_local_rank(),
         report=report,
         restored=restore_checkpoint(ray.train.get_checkpoint(), checkpoint_root),
+        preemption_notice=lambda: ray.train.get_preemption_info() is not None,
     )
 
 

@@ -219,7 +219,8 @@ class TrainingSpec(Section):
     )
     checkpoint_on_preempt: bool = Field(
         True, description="On Ctrl+C or SIGTERM (pod eviction, spot reclaim), finish the step in flight and save a "
-        "checkpoint before exiting, so --resume loses at most that step.",
+        "checkpoint before exiting, so --resume loses at most that step. Under Ray, also save one as soon as a node "
+        "of the run gets a preemption notice (a drain with a deadline), and keep training until the node goes.",
     )
     skip_nonfinite_steps: int = Field(
         0, ge=0,

@@ -46,13 +46,14 @@ def evaluate_everything(model_path: str, shard: EvalShard) -> dict:
     model, tokenizer = load(model_path)
     renderer = Renderer(tokenizer, 128, False)
     data = examples()
-    calls: list[int] = []  # rows of every forward pass
-    model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    calls: list[tuple[int, bool]] = []  # rows of every forward pass, and whether it was a loss's (no cache kept)
+    model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(
+        (kwargs["input_ids"].shape[0], kwargs.get("use_cache") is False)), with_kwargs=True)
     device = torch.device("cpu")
     nothing = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     loss = evaluate_loss(model, [renderer.encode(e) for e in data], 2, tokenizer.pad_token_id, device, nothing,
                          shard=shard)
-    loss_rows = sum(calls)
+    loss_rows = sum(rows for rows, scored in calls if scored)
     generated = evaluate_generation(model, tokenizer, renderer, data, len(data), 4, device, batch_size=2, shard=shard)
     choices = sorted({e.reference for e in data})[:4]
     chosen = evaluate_choices(model, tokenizer, renderer, [e for e in data if e.reference in choices], choices,
@@ -90,16 +91,36 @@ def test_two_workers_score_their_shares_and_get_the_whole_sets_metrics(lockstep,
         assert results[0]["forward_calls"] == results[1]["forward_calls"]
 
 
-def test_a_shared_prompt_beginning_is_run_once_and_changes_nothing(tiny_model):
+def test_a_shared_prompt_beginning_is_run_once_and_changes_nothing(tiny_model, monkeypatch):
+    import ftcluster.evaluate as evaluate
+    from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
+
     model, tokenizer = load(str(tiny_model))
     renderer = Renderer(tokenizer, 128, False)
     prompts = [tokenizer(renderer.prompt_text(e)[0], add_special_tokens=False)["input_ids"] for e in examples()]
-    shared = Generator(model, tokenizer, 6, torch.device("cpu"))
-    shared.share_prefix(prompts)
-    assert len(shared.prefix) >= Generator.MIN_SHARED and shared.cache is not None
-    plain = Generator(model, tokenizer, 6, torch.device("cpu"))
-    for batch in longest_first(prompts, 3, len):
-        assert shared(batch) == plain(batch)
+    items = [renderer.encode(e) for e in examples()]
+    chunked = lambda model, batch: chunked_loss_sum(model, batch, output_head(model))  # noqa: E731
+    nothing = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+
+    def run() -> tuple:
+        shared = Generator(model, tokenizer, 6, torch.device("cpu"))
+        shared.share_prefix(prompts)
+        outputs = [shared(batch) for batch in longest_first(prompts, 3, len)]
+        losses = [evaluate_loss(model, items, 3, tokenizer.pad_token_id, torch.device("cpu"), nothing, loss_fn=fn)
+                  for fn in (evaluate.loss_sum, chunked)]
+        return shared.prefix, outputs, losses
+
+    prefix, outputs, losses = run()
+    assert prefix is not None and prefix.length >= evaluate.MIN_SHARED_PREFIX  # the system prompt, at least
+    used = []
+    monkeypatch.setattr(evaluate.PrefixCache, "continued", lambda self, batch, real=evaluate.PrefixCache.continued:
+                        used.append(1) or real(self, batch))
+    assert run()[2] == losses and used  # the loss ran on the tails after the cached prefix
+    monkeypatch.setattr(evaluate, "MIN_SHARED_PREFIX", 10**6)  # nothing shared: every token computed per batch
+    unshared, plain_outputs, plain_losses = run()
+    assert unshared is None and plain_outputs == outputs
+    for shared_loss, plain_loss in zip(losses, plain_losses):
+        assert shared_loss["val_loss"] == pytest.approx(plain_loss["val_loss"], rel=1e-5)
 
 
 def test_batches_are_length_sorted_longest_first():

@@ -76,6 +76,7 @@ def nodes(store, tmp_path_factory):
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"  # how often Ray Train looks for drained nodes
     ray.shutdown()  # an earlier module's in-process `ftcluster train` leaves its local Ray running
     cluster = Nodes(tmp_path_factory.mktemp("nodes"))
     ray.init(address=cluster.cluster.address)
@@ -191,6 +192,58 @@ def test_a_lost_node_restarts_from_the_store_and_matches(which, nodes, store, ma
     assert summary["steps"] == 12
     assert summary["resumed_from_step"] in range(2, 12, 2)  # the new group continued from the store
     assert stored_losses(store, name) == pytest.approx(ddp_reference["losses"], rel=1e-5)
+
+
+def working_copy(node, name: str, file: str = "metrics.jsonl") -> Path:
+    return next(node.cache.glob(f"runs/s3/*/{name}/{file}"))
+
+
+def drain_for_preemption(node) -> None:
+    """What a cloud's spot reclaim does through Ray's autoscaler: drain the node, with a deadline."""
+    import ray
+
+    ray_cli = Path(sys.executable).with_name("ray")
+    address = ray.get_runtime_context().gcs_address
+    subprocess.run([str(ray_cli), "drain-node", "--address", address, "--node-id", node.node_id, "--reason",
+                    "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaimed",
+                    "--deadline-remaining-seconds", "60"], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.slow  # (75 s: two 300-step runs on the nodes)
+def test_a_preemption_notice_saves_a_checkpoint_in_time_and_the_run_resumes_there(nodes, store, make_job):
+    """Rank 0's node is drained for preemption mid-run, with no periodic checkpoint due: the workers
+    save one at the next step boundary and keep training; the node is then reclaimed (removed) and a
+    fresh one joins; the group resumes from that checkpoint and ends with the uninterrupted losses."""
+    # (max_failures: the surviving worker's collective fails as the node goes, which Ray may count as a failure)
+    name, training = "preempted", {**TRAINING, "max_steps": 300, "checkpoint_every": 1000}
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["summary"] = run_on_nodes(make_job, store, name, method={"name": "full"}, training=training)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    trainer = threading.Thread(target=train, daemon=True)
+    trainer.start()
+    deadline = time.monotonic() + 300
+    while (rank0 := nodes.holding(name)) is None or "train_loss" not in working_copy(rank0, name).read_text():
+        assert trainer.is_alive() and time.monotonic() < deadline, outcome  # until a step is logged
+        time.sleep(0.05)
+    drain_for_preemption(rank0)
+    while not store.keys(f"{name}/checkpoints/latest"):  # the just-in-time checkpoint
+        assert trainer.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.05)
+    saved = int(store.read(f"{name}/checkpoints/latest").decode().strip().removeprefix("step-"))
+    nodes.replace(rank0)  # the reclaim
+    trainer.join(timeout=600)
+    if "error" in outcome:
+        raise outcome["error"]
+    summary = outcome["summary"]
+    assert summary["steps"] == 300 and 0 < summary["resumed_from_step"] < 300, summary["resumed_from_step"]
+    assert summary["resumed_from_step"] >= saved  # no periodic checkpoint was due: this one saved the steps
+    run_on_nodes(make_job, store, "preempted-whole", method={"name": "full"}, training=training)
+    assert stored_losses(store, name) == pytest.approx(stored_losses(store, "preempted-whole"), rel=1e-5)
 
 
 def test_a_local_output_dir_a_node_cannot_see_is_refused(nodes, make_job, tmp_path):

@@ -123,3 +123,35 @@ def test_submit_says_where_a_stored_run_lands_and_how_to_fetch_it():
     relative = output_note("runs/sub-1", "job-1")
     assert "is relative" in relative and "storage URI" in relative
     assert "works only where this path is mounted" in output_note("/shared/runs/sub-1", "job-1")
+
+
+def test_sigterm_mid_run_into_the_store_then_resume_elsewhere_equals_an_uninterrupted_run(store, node_cache, make_job,
+                                                                                            cli, tmp_path):
+    """What a pod eviction does to `ftcluster train --no-ray output.dir=s3://...`: exit 143 with one line
+    naming the checkpoint in the store and --resume; the resumed run, on a machine with an empty
+    cache, ends with the uninterrupted run's losses."""
+    import signal
+
+    from test_reliability import TRACEBACK, start_cli, wait_for_steps
+
+    from ftcluster.storage import staging_dir
+
+    training = {"max_steps": 150, "checkpoint_every": 1000, "scheduler": "cosine", "warmup_steps": 5}
+    job, run = make_job("evicted", training=training), store.uri("evicted")
+    process = start_cli("train", job, "--no-ray", f"output.dir={run}", cwd=tmp_path)
+    wait_for_steps(staging_dir(run), 3, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert TRACEBACK not in stdout + stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted (SIGTERM) at step" in lines[0] and "--resume" in lines[0], stderr
+    assert f"checkpoint: {run}/checkpoints/step-" in lines[0]
+    assert store.keys("evicted/checkpoints/latest") and not store.keys("evicted/summary.json")
+
+    node_cache()  # another machine: everything comes from the store
+    resumed = cli("train", job, "--no-ray", f"output.dir={run}", "--resume")
+    assert resumed.code == 0, resumed
+    assert cli("train", make_job("evicted-whole", training=training), "--no-ray").code == 0
+    assert train_losses(staging_dir(run))[-1] == pytest.approx(
+        train_losses(tmp_path / "runs" / "evicted-whole")[-1], rel=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -42,6 +43,9 @@ class WorkerContext:
     # The launch this worker belongs to (Ray Train's run name), recorded in checkpoints: a worker group
     # that Ray restarts continues its own launch's checkpoint in run storage, never an older one.
     launch: str | None = None
+    # Whether a node of the worker group has a preemption notice (Ray's drain of a spot node, with a
+    # deadline): every worker asks at every step boundary, and gets the same answer.
+    preemption_notice: Callable[[], bool] = field(default=lambda: False)
 
     @property
     def is_main(self) -> bool:

@@ -77,6 +77,7 @@ class RunState:
     report_fields: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = "completed"
     eval_seconds: float = 0.0  # wall time spent evaluating (base, during training, final)
+    preemption_noticed: bool = False  # a node of the group is being drained for preemption (Ray)
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -141,16 +142,36 @@ def run_steps(setup: Setup, state: RunState) -> None:
             if eval_every is not None and step % eval_every == 0 and not last:
                 evaluate_during_training(setup, state)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
-                saved = checkpoint(setup, state)
-                setup.ctx.report({**state.report_fields, **state.latest_scores, "step": step},
-                                 saved if setup.ctx.is_main else None)
-                state.window.restart_clock()
+                checkpoint_and_report(setup, state)
+            elif cfg.checkpoint_on_preempt and not last and preemption_notice_arrived(setup, state):
+                saved = checkpoint_and_report(setup, state)  # just in time: a restart loses no step
+                if setup.ctx.is_main:
+                    state.progress.message(f"step {step}: a node of this run is being preempted; checkpoint saved "
+                                           f"({display_checkpoint(setup.spec, saved)}), training goes on until it goes")
             STOP.raise_if_requested(step, lambda: checkpoint(setup, state) if cfg.checkpoint_on_preempt
                                     else latest_checkpoint(setup.checkpoint_root))
             if state.stop_reason != "completed":
                 state.progress.message(f"Stopping at step {step}: {state.stop_reason}")
                 break
     state.progress.close()
+
+
+def checkpoint_and_report(setup: Setup, state: RunState) -> Path:
+    """A checkpoint of this step, handed to the launcher with the latest metrics."""
+    saved = checkpoint(setup, state)
+    setup.ctx.report({**state.report_fields, **state.latest_scores, "step": state.step},
+                     saved if setup.ctx.is_main else None)
+    state.window.restart_clock()
+    return saved
+
+
+def preemption_notice_arrived(setup: Setup, state: RunState) -> bool:
+    """True once, at the first step boundary after Ray learns that a node of this run will be reclaimed
+    (asked every step by every worker: the question is a barrier)."""
+    if state.preemption_noticed or not setup.ctx.preemption_notice():
+        return False
+    state.preemption_noticed = True
+    return True
 
 
 # --- phases --------------------------------------------------------------------------------------
