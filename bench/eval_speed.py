@@ -8,8 +8,9 @@ loss, `tokenizer(..., padding=True)` + `generate` for the answers. ftcluster's e
 `run_eval` as a run calls it (eval.batch_size 16). Reported: both times, the ratio ftcluster /
 plain (target <= 0.7), and that both gave the same loss and the same answers.
 
-Then (unless --no-quickstart) the quickstart job runs as `make demo` runs it, and the share of its
-wall time spent evaluating (summary.json's eval_seconds; target <= 15%) is reported.
+Then (unless --no-quickstart) the quickstart job runs as `make demo` runs it (Ray Train) and with
+--no-ray, and the share of its wall time spent evaluating (summary.json's eval_seconds; target
+<= 15%) is reported for both.
 
     .venv/bin/python bench/eval_speed.py                        # 500 prompts + the quickstart
     .venv/bin/python bench/eval_speed.py --prompts 32 --model tiny --no-quickstart   # smoke run
@@ -132,16 +133,17 @@ def compare(model_path: str, prompts: int, threads: int, folder: Path) -> dict:
     }
 
 
-def quickstart(folder: Path) -> dict:
-    """The quickstart job as `make demo` runs it; the share of its wall time spent evaluating."""
-    out = folder / "quickstart"
+def quickstart(folder: Path, ray: bool) -> dict:
+    """The quickstart job as `make demo` runs it (ray=True), or in this process (--no-ray); the share of
+    its wall time spent evaluating."""
+    out = folder / f"quickstart-{'ray' if ray else 'no-ray'}"
     ftcluster = Path(sys.executable).with_name("ftcluster")
+    command = [str(ftcluster), "train", str(REPO / "jobs" / "quickstart.yaml"), f"output.dir={out}"]
     started = time.perf_counter()
-    subprocess.run([str(ftcluster), "train", str(REPO / "jobs" / "quickstart.yaml"), f"output.dir={out}"],
-                   check=True, capture_output=True)
+    subprocess.run(command + ([] if ray else ["--no-ray"]), check=True, capture_output=True)
     wall = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
-    return {"wall_s": round(wall, 1), "eval_s": round(summary["eval_seconds"], 1),
+    return {"ray": ray, "wall_s": round(wall, 1), "eval_s": round(summary["eval_seconds"], 1),
             "train_s": round(summary["train_seconds"], 1), "eval_share": round(summary["eval_seconds"] / wall, 3),
             "exact_match_after": summary["after"].get("exact_match")}
 
@@ -160,16 +162,15 @@ def main() -> None:
         model = str(make_tiny_llama(folder / "tiny")) if args.model == "tiny" else args.model
         result = {"comparison": compare(model, args.prompts, args.threads, folder)}
         if not args.no_quickstart:
-            result["quickstart"] = quickstart(folder)
+            result["quickstart"] = [quickstart(folder, ray=True), quickstart(folder, ray=False)]
     row = result["comparison"]
     print(f"{row['prompts']} prompts, {row['threads']} threads: plain transformers loop {row['plain_s']:.1f} s, "
           f"ftcluster {row['ftcluster_s']:.1f} s, ratio {row['ratio']:.2f} (target <= 0.7); same answers "
           f"{row['same_answers']}/{row['prompts']}; val_loss {row['val_loss']['plain']:.4f} vs "
           f"{row['val_loss']['ftcluster']:.4f}")
-    if "quickstart" in result:
-        q = result["quickstart"]
-        print(f"quickstart: {q['wall_s']:.0f} s wall, {q['eval_s']:.0f} s evaluating = {q['eval_share']:.1%} "
-              f"(target <= 15%), {q['train_s']:.0f} s training")
+    for q in result.get("quickstart", []):
+        print(f"quickstart ({'Ray Train' if q['ray'] else '--no-ray'}): {q['wall_s']:.0f} s wall, {q['eval_s']:.0f} s "
+              f"evaluating = {q['eval_share']:.1%} (target <= 15%), {q['train_s']:.0f} s training")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

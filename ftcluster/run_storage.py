@@ -82,8 +82,14 @@ def _upload_node_shards(remote: RemoteFolder, shards: Path, name: str) -> None:
     shutil.rmtree(shards, ignore_errors=True)
 
 
+# What push_run_files last sent from each local file: (size, modification time). A file that has
+# not changed since is not sent again (W&B's files and the evaluations grow once, metrics every step).
+_pushed: dict[Path, tuple[int, int]] = {}
+
+
 def push_run_files(spec: JobSpec, finished: bool = False) -> None:
-    """Rank 0: the run's files other than checkpoints; `summary.json` (the run is finished) last."""
+    """Rank 0: the run's files other than checkpoints, those changed since the last push;
+    `summary.json` (the run is finished) last."""
     remote = remote_of(spec)
     if remote is None:
         return
@@ -91,7 +97,11 @@ def push_run_files(spec: JobSpec, finished: bool = False) -> None:
     for item in sorted(out.iterdir()):
         if item.name in LOCAL_ONLY or item.name == SUMMARY or item.name.startswith("."):
             continue
-        remote.upload(item, item.name)
+        for file in sorted(item.rglob("*")) if item.is_dir() else [item]:
+            stat = file.stat() if file.is_file() else None
+            if stat is not None and _pushed.get(file) != (stat.st_size, stat.st_mtime_ns):
+                remote.upload(file, *file.relative_to(out).parts)
+                _pushed[file] = (stat.st_size, stat.st_mtime_ns)
     if finished:
         remote.upload(out / SUMMARY, SUMMARY)
 
@@ -102,6 +112,8 @@ def clear_remote_run(spec: JobSpec) -> None:
     remote = remote_of(spec)
     if remote is None:
         return
+    for file in [file for file in _pushed if spec.output_dir in file.parents]:
+        del _pushed[file]  # deleted there: send them again
     remote.delete(SUMMARY)
     for name in remote.names():
         if name != "ray":

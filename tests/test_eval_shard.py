@@ -126,3 +126,25 @@ def test_a_shared_prompt_beginning_is_run_once_and_changes_nothing(tiny_model, m
 def test_batches_are_length_sorted_longest_first():
     batches = longest_first(["a", "bbbb", "cc", "ddd", "e"], 2, len)
     assert batches == [["bbbb", "ddd"], ["cc", "a"], ["e"]]
+
+
+def test_max_examples_and_batch_size_bound_every_evaluation(tiny_model):
+    from ftcluster.data.dataset import DataBundle, DataReport
+    from ftcluster.eval_suite import run_eval
+    from ftcluster.spec import EvalSpec
+
+    model, tokenizer = load(str(tiny_model))
+    renderer = Renderer(tokenizer, 128, False)
+    data = examples()
+    bundle = DataBundle(train=[], val=[renderer.encode(e) for e in data], val_examples=data, label_names=None,
+                        report=DataReport(), answers=[e.reference for e in data] * 2)
+    settings = EvalSpec(generation={"num_prompts": 7, "max_new_tokens": 2}, max_examples=3, batch_size=2,
+                        choices=sorted({e.reference for e in data}))
+    batches: list[int] = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: batches.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    metrics = run_eval(model, tokenizer, bundle, renderer, settings, 8, torch.device("cpu"),
+                       lambda: torch.autocast("cpu", enabled=False))
+    assert len(metrics["samples"]) == 3 and metrics["choice"]["examples"] == 3  # the first 3 examples only
+    assert max(batches) <= 2 * len(settings.choices)  # (choice scoring runs batch x choices rows)
+    assert batches[:3] == [1, 2, 1]  # the loss: the shared prefix once, then 3 examples in batches of 2

@@ -155,3 +155,29 @@ def test_sigterm_mid_run_into_the_store_then_resume_elsewhere_equals_an_uninterr
     assert cli("train", make_job("evicted-whole", training=training), "--no-ray").code == 0
     assert train_losses(staging_dir(run))[-1] == pytest.approx(
         train_losses(tmp_path / "runs" / "evicted-whole")[-1], rel=1e-6)
+
+
+def test_run_files_are_pushed_only_when_they_changed(store, node_cache, make_job, monkeypatch):
+    """Every checkpoint pushes the run files: what did not change since the last push stays put."""
+    from ftcluster.run_storage import push_run_files
+    from ftcluster.spec import load_spec
+    from ftcluster.storage import RemoteFolder
+
+    spec = load_spec(make_job("pushed", output={"dir": store.uri("pushed")}))
+    out = spec.output_dir
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "wandb").mkdir()
+    (out / "wandb" / "run.wandb").write_text("records")
+    sent: list[tuple[str, ...]] = []
+    upload = RemoteFolder.upload
+    monkeypatch.setattr(RemoteFolder, "upload", lambda self, local, *parts: sent.append(parts) or upload(self, local, *parts))
+    push_run_files(spec)
+    assert sorted(sent) == [("metrics.jsonl",), ("wandb", "run.wandb")]
+    sent.clear()
+    with (out / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 2}\n')
+    push_run_files(spec)
+    assert sent == [("metrics.jsonl",)]  # W&B's file did not change
+    assert store.read("pushed/metrics.jsonl").decode().count("step") == 2
+    assert store.read("pushed/wandb/run.wandb") == b"records"
