@@ -131,3 +131,13 @@ gpu_finish
     assert steps["fine"]["status"] == "ok" and steps["fine"]["result"] == {"answer": 42}
     assert steps["late"]["status"] == "skipped" and "out of time" in steps["late"]["note"]
     assert result["status_counts"] == {"ok": 1, "failed": 1, "timeout": 1, "skipped": 1}
+
+
+@pytest.mark.slow
+def test_eval_speed_benchmark_smoke(tmp_path):
+    out = tmp_path / "eval.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "eval_speed.py"), "--prompts", "32", "--model", "tiny",
+                    "--no-quickstart", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    row = json.loads(out.read_text())["comparison"]
+    assert row["ftcluster_s"] > 0 and row["plain_s"] > 0
+    assert row["same_answers"] == row["prompts"] and row["val_loss"]["ftcluster"] == pytest.approx(row["val_loss"]["plain"], rel=1e-4)
