@@ -32,6 +32,11 @@ class EvalShard:
     def split(self) -> bool:
         return self.world_size > 1 and torch.distributed.is_initialized()
 
+    @property
+    def in_lockstep(self) -> bool:
+        """Split over workers that must run equal forward passes (nothing may be skipped or run once)."""
+        return self.lockstep and self.split
+
     def part(self, items: Sequence[T]) -> list[T]:
         """Every world_size-th item from this worker's rank: shares differ in size by at most one."""
         return list(items[self.rank :: self.world_size]) if self.split else list(items)
@@ -40,7 +45,7 @@ class EvalShard:
         """(batch, real) for each batch; in lockstep, as many as the busiest worker has, the missing
         ones a repeat of the last batch (or `spare()` when this worker has none) with real=False."""
         count = len(batches)
-        if self.lockstep and self.split:
+        if self.in_lockstep:
             count = int(self._reduce([float(count)], torch.distributed.ReduceOp.MAX)[0])
         for index in range(count):
             if index < len(batches):

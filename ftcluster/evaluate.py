@@ -76,7 +76,7 @@ def _unscored_prefix(model, items: list[Encoded], device, shard: EvalShard) -> P
         return None
     first_scored = min((item.trained.index(True) if True in item.trained else len(item.trained)) for item in items)
     limit = min(first_scored - 1, min(len(item.input_ids) for item in items) - 1)
-    return shared_prefix(model, [item.input_ids for item in items], limit, device, shard.lockstep and shard.split)
+    return shared_prefix(model, [item.input_ids for item in items], limit, device, shard.in_lockstep)
 
 
 def classification_metrics(predicted: list[int], actual: list[int], label_names: list[str]) -> dict:
@@ -135,7 +135,7 @@ def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prom
         return {"exact_match": 0.0, "samples": []}
     mine = [(index, tokenizer(pairs[index][0], add_special_tokens=False)["input_ids"])
             for index in shard.part(range(len(pairs)))]
-    generator = Generator(model, tokenizer, max_new_tokens, device, synced=shard.lockstep and shard.split)
+    generator = Generator(model, tokenizer, max_new_tokens, device, synced=shard.in_lockstep)
     generator.share_prefix([ids for _, ids in mine])
     # Prompts of similar length together: left padding is compute spent on nothing.
     batches = longest_first(mine, batch_size, lambda indexed: len(indexed[1]))
