@@ -57,6 +57,19 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def load_causal_lm(path: str):
+    """A causal LM and its tokenizer as ftcluster loads them (float32, eval mode): for tests that score by hand."""
+    import torch
+
+    from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
+
+    resolved = resolve_model(path)
+    tokenizer = load_tokenizer(resolved, None)
+    model = load_pretrained(resolved, "causal_lm", dtype=torch.float32, label_names=None,
+                            pad_token_id=tokenizer.pad_token_id, revision=None)
+    return model.eval(), tokenizer
+
+
 def deep_update(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

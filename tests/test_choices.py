@@ -10,26 +10,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_jsonl
+from conftest import load_causal_lm, write_jsonl
 
 from ftcluster.choices import answer_choices, evaluate_choices, score_options, scored_text
 from ftcluster.data.dataset import DataBundle, DataReport
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Renderer
-from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
+from ftcluster.models.load import load_tokenizer, resolve_model
 
 
 def qa(question: str, answer: str, system: str | None = None) -> Example:
     turns = [{"role": "system", "content": system}] if system else []
     return Example(messages=[*turns, {"role": "user", "content": question}, {"role": "assistant", "content": answer}])
-
-
-def load(path: str):
-    resolved = resolve_model(path)
-    tokenizer = load_tokenizer(resolved, None)
-    model = load_pretrained(resolved, "causal_lm", dtype=torch.float32, label_names=None,
-                            pad_token_id=tokenizer.pad_token_id, revision=None)
-    return model.eval(), tokenizer
 
 
 @torch.no_grad()
@@ -43,7 +35,7 @@ def by_hand(model, prompt: list[int], option: list[int]) -> float:
 def test_choice_scores_equal_a_by_hand_computation(tiny_model, adapter):
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
-    model, tokenizer = load(str(tiny_model))
+    model, tokenizer = load_causal_lm(str(tiny_model))
     torch.manual_seed(0)
     if adapter == "lora":  # random adapter weights, so the adapters change every score
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -91,7 +83,7 @@ def test_a_base_model_that_answers_in_prose_ranks_the_right_choice():
     likelihoods, ranks the right word first."""
     from ftcluster.evaluate import evaluate_generation
 
-    model, tokenizer = load("smollm2-135m-instruct")
+    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
     reviews = [("an absolute delight from start to finish", "positive"), ("I loved every minute of it", "positive"),
                ("a wonderful, moving film", "positive"), ("brilliant acting and a great story", "positive"),
                ("the best movie I have seen this year", "positive"), ("funny, warm and beautifully shot", "positive"),

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_causal_lm
 
 from ftcluster.choices import evaluate_choices
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Renderer
 from ftcluster.eval_shard import WHOLE, EvalShard, longest_first
 from ftcluster.evaluate import Generator, evaluate_generation, evaluate_loss
-from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 
 SYSTEM = "You are a careful calculator. Answer with the number only, nothing else."
 SETTINGS = SimpleNamespace(choice_score="sum")
@@ -32,18 +32,10 @@ def examples() -> list[Example]:
                               {"role": "assistant", "content": str(a + b)}]) for a, b in pairs]
 
 
-def load(model_path: str):
-    resolved = resolve_model(model_path)
-    tokenizer = load_tokenizer(resolved, None)
-    model = load_pretrained(resolved, "causal_lm", dtype=torch.float32, label_names=None,
-                            pad_token_id=tokenizer.pad_token_id, revision=None)
-    return model.eval(), tokenizer
-
-
 def evaluate_everything(model_path: str, shard: EvalShard) -> dict:
     """Loss, generation and choice scoring of `examples()` on this worker's share; and what it ran."""
     torch.manual_seed(0)
-    model, tokenizer = load(model_path)
+    model, tokenizer = load_causal_lm(model_path)
     renderer = Renderer(tokenizer, 128, False)
     data = examples()
     calls: list[tuple[int, bool]] = []  # rows of every forward pass, and whether it was a loss's (no cache kept)
@@ -95,7 +87,7 @@ def test_a_shared_prompt_beginning_is_run_once_and_changes_nothing(tiny_model, m
     import ftcluster.evaluate as evaluate
     from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
 
-    model, tokenizer = load(str(tiny_model))
+    model, tokenizer = load_causal_lm(str(tiny_model))
     renderer = Renderer(tokenizer, 128, False)
     prompts = [tokenizer(renderer.prompt_text(e)[0], add_special_tokens=False)["input_ids"] for e in examples()]
     items = [renderer.encode(e) for e in examples()]
@@ -133,7 +125,7 @@ def test_max_examples_and_batch_size_bound_every_evaluation(tiny_model):
     from ftcluster.eval_suite import run_eval
     from ftcluster.spec import EvalSpec
 
-    model, tokenizer = load(str(tiny_model))
+    model, tokenizer = load_causal_lm(str(tiny_model))
     renderer = Renderer(tokenizer, 128, False)
     data = examples()
     bundle = DataBundle(train=[], val=[renderer.encode(e) for e in data], val_examples=data, label_names=None,

@@ -152,31 +152,42 @@ def test_zero3_across_nodes_stores_every_nodes_shards_and_equals_one_node(nodes,
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def remove_mid_run(nodes, store, make_job, name: str, pick) -> dict:
-    """Train (in a thread); once the store has a checkpoint, replace the node `pick(nodes, rank0_node)`
-    chooses. Nodes are started from the main thread: Ray's Node sets signal handlers."""
-    outcome: dict = {}
+class BackgroundRun:
+    """A run on the nodes in a thread, while the test's main thread acts on the cluster (nodes are
+    started from the main thread: Ray's Node sets signal handlers)."""
 
-    def train() -> None:
+    def __init__(self, make_job, store, name: str, training: dict) -> None:
+        self.outcome: dict = {}
+        self.thread = threading.Thread(target=self._train, args=(make_job, store, name, training), daemon=True)
+        self.thread.start()
+
+    def _train(self, make_job, store, name: str, training: dict) -> None:
         try:
-            outcome["summary"] = run_on_nodes(make_job, store, name, method={"name": "full"}, training=TRAINING)
+            self.outcome["summary"] = run_on_nodes(make_job, store, name, method={"name": "full"}, training=training)
         except BaseException as exc:
-            outcome["error"] = exc
+            self.outcome["error"] = exc
 
-    trainer = threading.Thread(target=train, daemon=True)
-    trainer.start()
+    def summary(self) -> dict:
+        """Wait for the run; its summary, or its error raised here."""
+        self.thread.join(timeout=600)
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return self.outcome["summary"]
+
+
+def remove_mid_run(nodes, store, make_job, name: str, pick) -> dict:
+    """Train in the background; once the store has a checkpoint, replace the node `pick(nodes, rank0_node)` chooses."""
+    run = BackgroundRun(make_job, store, name, TRAINING)
     removed = False
-    while trainer.is_alive() and not removed:
+    while run.thread.is_alive() and not removed:
         rank0 = nodes.holding(name)
         if rank0 is not None and store.keys(f"{name}/checkpoints/latest"):
             nodes.replace(pick(nodes, rank0))
             removed = True
         time.sleep(0.05)
-    trainer.join(timeout=600)
+    run.thread.join(timeout=600)
     assert removed, "the run ended before a node could be removed"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["summary"]
+    return run.summary()
 
 
 @pytest.mark.parametrize("which", ["rank0", pytest.param("worker", marks=pytest.mark.slow)])
@@ -216,30 +227,18 @@ def test_a_preemption_notice_saves_a_checkpoint_in_time_and_the_run_resumes_ther
     fresh one joins; the group resumes from that checkpoint and ends with the uninterrupted losses."""
     # (max_failures: the surviving worker's collective fails as the node goes, which Ray may count as a failure)
     name, training = "preempted", {**TRAINING, "max_steps": 300, "checkpoint_every": 1000}
-    outcome: dict = {}
-
-    def train() -> None:
-        try:
-            outcome["summary"] = run_on_nodes(make_job, store, name, method={"name": "full"}, training=training)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    trainer = threading.Thread(target=train, daemon=True)
-    trainer.start()
+    run = BackgroundRun(make_job, store, name, training)
     deadline = time.monotonic() + 300
     while (rank0 := nodes.holding(name)) is None or "train_loss" not in working_copy(rank0, name).read_text():
-        assert trainer.is_alive() and time.monotonic() < deadline, outcome  # until a step is logged
+        assert run.thread.is_alive() and time.monotonic() < deadline, run.outcome  # until a step is logged
         time.sleep(0.05)
     drain_for_preemption(rank0)
     while not store.keys(f"{name}/checkpoints/latest"):  # the just-in-time checkpoint
-        assert trainer.is_alive() and time.monotonic() < deadline, outcome
+        assert run.thread.is_alive() and time.monotonic() < deadline, run.outcome
         time.sleep(0.05)
     saved = int(store.read(f"{name}/checkpoints/latest").decode().strip().removeprefix("step-"))
     nodes.replace(rank0)  # the reclaim
-    trainer.join(timeout=600)
-    if "error" in outcome:
-        raise outcome["error"]
-    summary = outcome["summary"]
+    summary = run.summary()
     assert summary["steps"] == 300 and 0 < summary["resumed_from_step"] < 300, summary["resumed_from_step"]
     assert summary["resumed_from_step"] >= saved  # no periodic checkpoint was due: this one saved the steps
     run_on_nodes(make_job, store, "preempted-whole", method={"name": "full"}, training=training)
