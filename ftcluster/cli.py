@@ -133,6 +133,7 @@ def train(
              "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --trials 6 --concurrent 2\n\n"
              "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --searcher optuna --max-cost-usd 5\n\n"
              "  ftcluster tune jobs/classify-minilm.yaml tune_spaces/unfreeze.yaml --scheduler none\n\n"
+             "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --out s3://bucket/sweeps/lora\n\n"
              "  ftcluster tune --resume runs/quickstart-sweep")
 def tune(
     job: Annotated[Path | None, typer.Argument(help="Job spec YAML every trial starts from.", show_default=False)] = None,
@@ -150,9 +151,13 @@ def tune(
     max_gpu_hours: Annotated[float | None, typer.Option(help="Start no new trial once the trials have used this many GPU-hours.")] = None,
     max_cost_usd: Annotated[float | None, typer.Option(help="Start no new trial once the trials have cost this much (cost section prices).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the searcher (same seed, same trials).")] = 0,
-    out: Annotated[Path | None, typer.Option(help="Sweep folder (default: runs/NAME-sweep).")] = None,
+    out: Annotated[str | None, typer.Option(
+        help="Sweep folder (default: runs/NAME-sweep): a path (on a cluster, a mount every node sees) or a storage "
+             "URI such as s3://bucket/sweeps/lora, where every trial's run, Tune's state and the leaderboards land.",
+        show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing sweep in the folder.")] = False,
-    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted sweep in this folder.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue the interrupted sweep in this folder or URI.",
+                                               show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
         "--address", envvar="RAY_ADDRESS", help="Ray cluster to run on; default: embedded local Ray on 127.0.0.1.")] = None,
 ) -> None:
@@ -176,7 +181,7 @@ def tune(
         sweep = prepare_sweep(spec, space, options, out, force)
     console.print(f"[bold]ftcluster tune[/] {sweep.setup.name}: {sweep.trials} trials, {sweep.options.concurrent} at once, "
                   f"{sweep.options.searcher} search, scheduler {sweep.options.scheduler}, "
-                  f"{sweep.metric} ({sweep.mode}) → {sweep.folder}")
+                  f"{sweep.metric} ({sweep.mode}) → {sweep.location}", soft_wrap=True, highlight=False)
     outcome = run_sweep(sweep, resume=resume is not None, address=address)
     console.print(leaderboard_table(outcome.rows, sweep.metric, f"Sweep {sweep.setup.name}"))
     t = outcome.totals
@@ -188,9 +193,11 @@ def tune(
         console.print("[yellow]Budget reached:[/] no new trials were started after it.")
     if outcome.best_spec:
         console.print(f"Best spec: {outcome.best_spec} (run it: ftcluster train {outcome.best_spec}). "
-                      f"Leaderboard: {sweep.folder}/leaderboard.csv; report: ftcluster report {sweep.folder}")
+                      f"Leaderboard: {sweep.folder}/leaderboard.csv; report: ftcluster report {sweep.location}",
+                      soft_wrap=True, highlight=False)
     if outcome.interrupted:
-        err_console.print(f"interrupted; continue with `ftcluster tune --resume {sweep.folder}`")
+        err_console.print(f"interrupted; continue with `ftcluster tune --resume {sweep.location}`", soft_wrap=True,
+                          highlight=False)
         sys.exit(130)
 
 
@@ -512,16 +519,16 @@ def fetch(
 
 
 @app.command(epilog="Examples:\n\n  ftcluster report runs/quickstart   # then open runs/quickstart/report.html\n\n"
-             "  ftcluster report runs/quickstart-sweep")
-def report(run: Annotated[str, typer.Argument(help="A run (folder or storage URI), or a sweep folder written by "
-                                              "`ftcluster tune`.", show_default=False)]) -> None:
+             "  ftcluster report runs/quickstart-sweep\n\n"
+             "  ftcluster report s3://bucket/sweeps/lora   # fetched to the local cache; prints where the page is")
+def report(run: Annotated[str, typer.Argument(help="A run, or a sweep written by `ftcluster tune` (a folder or a "
+                                              "storage URI).", show_default=False)]) -> None:
     """Write report.html: for a run, overview, base-vs-fine-tuned and plots of loss, throughput, memory, cost;
     for a sweep, the leaderboard, metric vs dollars with the Pareto front, and every trial's curve."""
     from ftcluster.report import write_run_report, write_sweep_report
-    from ftcluster.sweep.leaderboard import LEADERBOARD_JSON
+    from ftcluster.sweep.stored import is_sweep, open_sweep
 
-    is_sweep = (Path(run) / LEADERBOARD_JSON).is_file()
-    path = write_sweep_report(run) if is_sweep else write_run_report(run)
+    path = write_sweep_report(open_sweep(run)) if is_sweep(run) else write_run_report(run)
     console.print(f"[green]✓[/] wrote {path}")
 
 

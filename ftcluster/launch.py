@@ -148,10 +148,11 @@ def check_cluster_capacity(spec: JobSpec) -> None:
         raise FtError("\n".join(problems))
 
 
-def check_output_reaches_every_node(spec: JobSpec, timeout_s: float = 120) -> None:
+def check_output_reaches_every_node(spec: JobSpec, timeout_s: float = 120, key: str = "output.dir") -> None:
     """On a cluster of several nodes, a run folder on a path must be one every node that may run a
     worker sees (a shared mount): else rank 0 writes the run to its own disk, which the driver cannot
-    read and which goes with the node. Tested for real: a probe file, looked for from each node."""
+    read and which goes with the node. Tested for real: a probe file, looked for from each node.
+    ``key`` is what the user set the folder with (a sweep's is --out)."""
     if spec.output_uri:
         return
     import uuid
@@ -183,8 +184,8 @@ def check_output_reaches_every_node(spec: JobSpec, timeout_s: float = 120) -> No
         probe.unlink(missing_ok=True)
     blind = [node["NodeID"][:12] for node, ok in zip(nodes, seen) if not ok]
     if blind:
-        raise FtError(f"output.dir: {out} is on this machine's disk, not on {len(blind)} of the {len(nodes)} nodes that "
-                      f"may run workers (node {', '.join(blind)}); set output.dir to a storage URI "
+        raise FtError(f"{key}: {out} is on this machine's disk, not on {len(blind)} of the {len(nodes)} nodes that "
+                      f"may run workers (node {', '.join(blind)}); set {key} to a storage URI "
                       f"(s3://BUCKET/runs/{spec.name}) or to a folder on a mount every node shares")
 
 

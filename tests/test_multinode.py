@@ -253,6 +253,7 @@ def test_a_local_output_dir_a_node_cannot_see_is_refused(nodes, make_job, tmp_pa
     from ftcluster.errors import FtError
     from ftcluster.launch import run_with_ray
     from ftcluster.spec import load_spec
+    from ftcluster.sweep.driver import SweepOptions, prepare_sweep, run_sweep
 
     disk = tmp_path / "node-local-disk"
     disk.mkdir()
@@ -278,6 +279,14 @@ def test_a_local_output_dir_a_node_cannot_see_is_refused(nodes, make_job, tmp_pa
                                           r"set output.dir to a storage URI"):
             run_with_ray(load_spec(job))
         assert not (disk / "run" / "summary.json").exists()
+        space = tmp_path / "space.yaml"  # a sweep's folder likewise
+        space.write_text("training.lr: {grid: [0.001]}\n")
+        options = SweepOptions(searcher="grid", scheduler="none")
+        sweep = prepare_sweep(load_spec(job), space, options, str(disk / "sweep"), force=False)
+        with pytest.raises(FtError, match=r"--out: .+ is on this machine's disk, not on 1 of the \d nodes .+ "
+                                          r"set --out to a storage URI"):
+            run_sweep(sweep)
+        assert not (disk / "sweep" / "trials").exists()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, 15)

@@ -181,3 +181,59 @@ def test_run_files_are_pushed_only_when_they_changed(store, node_cache, make_job
     assert sent == [("metrics.jsonl",)]  # W&B's file did not change
     assert store.read("pushed/metrics.jsonl").decode().count("step") == 2
     assert store.read("pushed/wandb/run.wandb") == b"records"
+
+
+@pytest.fixture
+def own_ray():
+    """A local Ray started inside the test, after the store's endpoint is set, and ended after it."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def test_a_sweep_into_the_store_lands_there_and_is_reported_and_resumed_from_another_machine(
+        store, node_cache, own_ray, make_job, cli, tmp_path):
+    import yaml
+
+    job = make_job("swept", training={"max_steps": 6, "log_every": 2}, eval={"every": 3},
+                   scaling={"cpus_per_worker": 0.5})
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"training.lr": {"grid": [1e-3, 3e-2]}}))
+    sweep = store.uri("sweeps", "lr")
+    result = cli("tune", job, space, "--searcher", "grid", "--concurrent", "2", "--scheduler", "none", "--out", sweep)
+    assert result.code == 0, result
+    assert f"→ {sweep}" in result.out and f"ftcluster report {sweep}" in result.out
+    keys = store.keys("sweeps/lr/")
+    board = json.loads(store.read("sweeps/lr/leaderboard.json"))
+    rows = board["rows"]
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["steps"] == 6 for r in rows)
+    for row in rows:  # each trial is a run in the store: read back as any stored run is
+        trial = f"sweeps/lr/trials/{row['trial']}"
+        for name in ("trial.json", "summary.json", "run.yaml", "metrics.jsonl", "final/adapter/adapter_model.safetensors"):
+            assert f"{trial}/{name}" in keys, name
+        summary = json.loads(store.read(f"{trial}/summary.json"))
+        assert summary["after"]["val_loss"] == pytest.approx(row["metric"])
+        assert yaml.safe_load(store.read(f"{trial}/run.yaml"))["output"]["dir"] == f"{sweep}/trials/{row['trial']}"
+    for name in ("sweep.json", "leaderboard.csv", "best.yaml"):
+        assert f"sweeps/lr/{name}" in keys, name
+    assert any(key.startswith("sweeps/lr/tune/experiment_state-") for key in keys)  # Ray Tune's state, for --resume
+    best = yaml.safe_load(store.read("sweeps/lr/best.yaml"))
+    assert best["output"]["dir"] == f"{sweep}/best-run"
+
+    laptop = node_cache()  # a machine that never saw the sweep
+    reported = cli("report", sweep)
+    assert reported.code == 0, reported
+    page = (laptop / "runs" / "s3" / store.bucket / "sweeps" / "lr" / "report.html").read_text()
+    assert all(row["trial"] in page for row in rows) and page.count("data:image/png;base64,") == 2
+
+    summaries = [store.read(f"sweeps/lr/trials/{row['trial']}/summary.json") for row in rows]
+    node_cache()  # resume the (finished) sweep elsewhere: Tune's state and the trials come from the store
+    resumed = cli("tune", "--resume", sweep)
+    assert resumed.code == 0, resumed
+    again = json.loads(store.read("sweeps/lr/leaderboard.json"))["rows"]
+    assert [(r["trial"], r["metric"], r["steps"]) for r in again] == [(r["trial"], r["metric"], r["steps"]) for r in rows]
+    assert [store.read(f"sweeps/lr/trials/{row['trial']}/summary.json") for row in rows] == summaries  # none retrained
+    refused = cli("tune", job, space, "--searcher", "grid", "--out", sweep)
+    assert refused.code == 2 and f"{sweep}: already holds a sweep" in refused.err

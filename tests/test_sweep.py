@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -257,33 +258,62 @@ def test_bad_sweep_options_are_refused_before_launch(sweep_job, cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes(sweep_job, tmp_path):
+@pytest.mark.parametrize("where", ["path", "store"])
+def test_interrupted_sweep_resumes(sweep_job, tmp_path, monkeypatch, where):
+    """Ctrl+C mid-sweep, then `tune --resume`: into a folder, and into an S3 store on loopback
+    (resumed by a machine with an empty cache, so everything it continues from is in the store)."""
+    from storage_server import loopback_store
+
+    from ftcluster.storage import staging_dir
+
+    with contextlib.ExitStack() as stack:
+        if where == "store":
+            store = stack.enter_context(loopback_store())
+            location = store.uri("sweeps", "interrupted")
+            monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache-first"))
+            out = staging_dir(location)  # the driver's copy, where this machine's trials write too
+        else:
+            location = str(tmp_path / "sweep")
+            out = Path(location)
+        interrupt_then_resume(sweep_job, tmp_path, monkeypatch, location, out)
+        if where == "store":
+            board = json.loads(store.read("sweeps/interrupted/leaderboard.json"))
+            assert not board["interrupted"] and len(board["rows"]) == 4
+
+
+def interrupt_then_resume(sweep_job, tmp_path, monkeypatch, location: str, out: Path) -> None:
     job, space = sweep_job(training={"max_steps": 40, "log_every": 4})
-    out = tmp_path / "sweep"
     ftcluster = Path(sys.executable).with_name("ftcluster")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [str(ftcluster), "tune", str(job), str(space), "--trials", "4", "--concurrent", "1",
-               "--scheduler", "none", "--out", str(out)]
+               "--scheduler", "none", "--out", location]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((out / "trials").glob("*/summary.json"))) < 1:
         time.sleep(0.5)
     first = list((out / "trials").glob("*/summary.json"))
     assert first, "no trial finished in time"
-    finished_at = first[0].stat().st_mtime
+    first_summary = first[0].read_text()
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=180)
     assert process.returncode == 130, output[-3000:]
-    assert "ftcluster tune --resume" in output
+    assert f"ftcluster tune --resume {location}" in output
     assert json.loads((out / "leaderboard.json").read_text())["interrupted"]
 
-    resumed = subprocess.run([str(ftcluster), "tune", "--resume", str(out)], env=env, capture_output=True,
+    if location != str(out):  # a store: resume on a machine with an empty cache
+        env["FTCLUSTER_CACHE"] = str(tmp_path / "cache-second")
+        from ftcluster.storage import staging_dir
+
+        monkeypatch.setenv("FTCLUSTER_CACHE", env["FTCLUSTER_CACHE"])
+        out = staging_dir(location)
+    resumed = subprocess.run([str(ftcluster), "tune", "--resume", location], env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     board = json.loads((out / "leaderboard.json").read_text())
     assert not board["interrupted"] and len(board["rows"]) == 4
     assert all(r["status"] == "completed" and r["steps"] == 40 for r in board["rows"])
-    assert first[0].stat().st_mtime == finished_at  # a finished trial is not run again
+    finished = out / "trials" / first[0].parent.name / "summary.json"
+    assert finished.read_text() == first_summary  # a finished trial is not run again
     for row in board["rows"]:
         steps = [r["step"] for r in read_metrics(out / "trials" / row["trial"]) if "train_loss" in r]
         assert steps == sorted(set(steps))  # one history per trial, no restarts mixed in

@@ -4,6 +4,8 @@
     SWEEP/tune/             Ray Tune's experiment state
     SWEEP/trials/<id>/      each trial's run folder (run.yaml, metrics.jsonl, final/, ...)
     SWEEP/leaderboard.json, leaderboard.csv, best.yaml
+
+SWEEP is a path (a shared mount on a cluster) or a storage URI: see ftcluster/sweep/stored.py.
 """
 
 from __future__ import annotations
@@ -18,13 +20,23 @@ from typing import Any
 from ftcluster.atomic import write_text_atomic
 from ftcluster.errors import FtError
 from ftcluster.spec import JobSpec, build_spec, read_yaml
+from ftcluster.storage import RemoteFolder, forwarded_settings
 from ftcluster.sweep.leaderboard import TrialRow, collect_rows, totals, write_best_spec, write_leaderboard
 from ftcluster.sweep.searchers import SEARCHERS, BudgetLimiter, make_searcher
 from ftcluster.sweep.space import SearchSpace, parse_space
+from ftcluster.sweep.stored import (
+    SWEEP_FILE,
+    TUNE_DIR,
+    clear_sweep,
+    is_sweep,
+    pull_sweep,
+    push_sweep_results,
+    sweep_location,
+    sweep_remote,
+    working_folder,
+)
 from ftcluster.sweep.trial import SweepSetup, trial_trainable
 
-SWEEP_FILE = "sweep.json"
-TUNE_DIR = "tune"
 SCHEDULERS = ("asha", "pbt", "none")
 
 
@@ -45,10 +57,19 @@ class SweepOptions:
 class Sweep:
     """A prepared (or reloaded) sweep: its folder, the trials' common setup and the options."""
 
-    folder: Path
+    folder: Path  # where this machine writes: the sweep's folder, or its copy of a URI's
     setup: SweepSetup
     options: SweepOptions
     base_spec: JobSpec = field(repr=False)
+
+    @property
+    def location(self) -> str:
+        """The sweep's folder as the user names it: a path or a storage URI."""
+        return self.setup.location
+
+    @property
+    def remote(self) -> RemoteFolder | None:
+        return sweep_remote(self.location)
 
     @property
     def metric(self) -> str:
@@ -103,7 +124,7 @@ def check_options(spec: JobSpec, space: SearchSpace, options: SweepOptions) -> N
         raise FtError("\n".join(problems))
 
 
-def prepare_sweep(spec: JobSpec, space_path: Path, options: SweepOptions, folder: Path | None, force: bool) -> Sweep:
+def prepare_sweep(spec: JobSpec, space_path: Path, options: SweepOptions, location: str | None, force: bool) -> Sweep:
     """Validate everything, then record the sweep in its folder (nothing runs yet)."""
     from ftcluster.launch import absolute_paths
 
@@ -112,27 +133,43 @@ def prepare_sweep(spec: JobSpec, space_path: Path, options: SweepOptions, folder
     space_raw = read_yaml(space_path)
     space = parse_space(space_raw, str(space_path), base)
     check_options(spec, space, options)
-    folder = Path(folder or Path("runs") / f"{spec.name}-sweep").resolve()
-    if (folder / SWEEP_FILE).exists():
+    location = sweep_location(location or Path("runs") / f"{spec.name}-sweep")
+    remote, folder = sweep_remote(location), working_folder(location)
+    if remote is not None:
+        remote.probe_writable()
+    if is_sweep(location):
         if not force:
-            raise FtError(f"{folder}: already holds a sweep; continue it with `ftcluster tune --resume {folder}`, "
+            raise FtError(f"{location}: already holds a sweep; continue it with `ftcluster tune --resume {location}`, "
                           "replace it with --force, or choose --out")
-        shutil.rmtree(folder)
+        clear_sweep(location)
+    elif remote is not None:  # this machine's stale copy of an earlier sweep at this URI
+        shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"name": spec.name, "job": base, "space_source": str(space_path), "space": space_raw,
               "options": asdict(options)}
     write_text_atomic(folder / SWEEP_FILE, json.dumps(record, indent=1))
-    return load_sweep(folder)
+    if remote is not None:
+        remote.upload(folder / SWEEP_FILE, SWEEP_FILE)
+    return load_sweep(location)
 
 
-def load_sweep(folder: Path) -> Sweep:
-    folder = Path(folder).resolve()
+def load_sweep(location: str | Path) -> Sweep:
+    """The sweep recorded at ``location`` (a URI's is read from the store)."""
+    location = sweep_location(location)
+    remote, folder = sweep_remote(location), working_folder(location)
+    if remote is not None:
+        text = remote.read_text(SWEEP_FILE)
+        if text is None:
+            raise FtError(f"{location}: not a sweep (no {SWEEP_FILE}); pass the --out of a `ftcluster tune` sweep")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / SWEEP_FILE, text)
     if not (folder / SWEEP_FILE).is_file():
         raise FtError(f"{folder}: not a sweep folder (no {SWEEP_FILE}); pass the folder `ftcluster tune` wrote")
     record = json.loads((folder / SWEEP_FILE).read_text())
-    spec = build_spec(record["job"], str(folder / SWEEP_FILE))
+    spec = build_spec(record["job"], f"{location}/{SWEEP_FILE}")
     space = parse_space(record["space"], record["space_source"], record["job"])
-    setup = SweepSetup(name=f"{record['name']}-sweep", sweep_dir=str(folder), base=record["job"], space=space)
+    setup = SweepSetup(name=f"{record['name']}-sweep", location=location, base=record["job"], space=space,
+                       settings=forwarded_settings(keep_here="FTCLUSTER_CACHE"))
     return Sweep(folder, setup, SweepOptions(**record["options"]), spec)
 
 
@@ -161,11 +198,11 @@ def _tuner(sweep: Sweep, resume: bool):
     from ray import tune
 
     trainable = tune.with_resources(trial_trainable(sweep.setup), sweep.setup.resources)
-    tune_dir = sweep.folder / TUNE_DIR
+    tune_dir = f"{sweep.location}/{TUNE_DIR}"
     if resume:
-        if not tune.Tuner.can_restore(str(tune_dir)):
-            raise FtError(f"{sweep.folder}: no Ray Tune state to resume from (the sweep never started); start it again")
-        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        if not tune.Tuner.can_restore(tune_dir):
+            raise FtError(f"{sweep.location}: no Ray Tune state to resume from (the sweep never started); start it again")
+        return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     options = sweep.options
     param_space = None
     search_alg = None
@@ -185,7 +222,7 @@ def _tuner(sweep: Sweep, resume: bool):
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=str(sweep.folder), verbose=0,
+            name=TUNE_DIR, storage_path=sweep.location, verbose=0,
             callbacks=[SweepProgress(sweep.metric, sweep.trials)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
@@ -200,26 +237,47 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     init_ray(address)
+    check_sweep_reaches_every_node(sweep)
     _tuner(sweep, resume).fit()
-    return finish_sweep(sweep, _interrupted(sweep.folder / TUNE_DIR))
+    return finish_sweep(sweep, _interrupted(sweep))
 
 
-def _interrupted(tune_dir: Path) -> bool:
+def check_sweep_reaches_every_node(sweep: Sweep) -> None:
+    """A sweep on a path, on a cluster of several nodes, must be on a mount every node sees (as a run's
+    output.dir must): trials would otherwise write to whichever node's disk they land on."""
+    from ftcluster.launch import check_output_reaches_every_node
+
+    if sweep.remote is None:
+        output = sweep.base_spec.output.model_copy(update={"dir": sweep.location})
+        check_output_reaches_every_node(sweep.base_spec.model_copy(update={"output": output}), key="--out")
+
+
+def _interrupted(sweep: Sweep) -> bool:
     """Whether Tune ended with trials still running or pending (Ctrl+C), from its saved state.
 
     The saved state, not the returned ResultGrid: Tune marks the trials it tears down on Ctrl+C
     as terminated in memory, while the state it saved for resuming says what they really were.
     """
-    states = sorted(tune_dir.glob("experiment_state-*.json"))  # named by session start time; Tune re-copies old ones
-    if not states:
+    # Named by session start time (Tune re-copies old ones): the last is the newest.
+    remote = sweep.remote
+    if remote is not None:
+        names = [n for n in remote.names(TUNE_DIR) if n.startswith("experiment_state-") and n.endswith(".json")]
+        newest = remote.read_text(TUNE_DIR, names[-1]) if names else None
+    else:
+        states = sorted((sweep.folder / TUNE_DIR).glob("experiment_state-*.json"))
+        newest = states[-1].read_text() if states else None
+    if newest is None:
         return True
-    trials = json.loads(states[-1].read_text())["trial_data"]
+    trials = json.loads(newest)["trial_data"]
     statuses = [(json.loads(t[0]) if isinstance(t[0], str) else t[0])["status"] for t in trials]
     return any(status not in ("TERMINATED", "ERROR") for status in statuses)
 
 
 def finish_sweep(sweep: Sweep, interrupted: bool) -> SweepOutcome:
-    """Leaderboard, best.yaml and the W&B sweep table, from the trials' folders."""
+    """Leaderboard, best.yaml and the W&B sweep table, from the trials' folders (in the store too)."""
+    remote = sweep.remote
+    if remote is not None:
+        pull_sweep(remote, sweep.folder)
     rows = collect_rows(sweep.folder, sweep.metric, sweep.mode, sweep_finished=not interrupted)
     summed = totals(rows)
     options = sweep.options
@@ -232,10 +290,12 @@ def finish_sweep(sweep: Sweep, interrupted: bool) -> SweepOutcome:
     extra = {"sweep": sweep.setup.name, "interrupted": interrupted, "budget_reached": budget_reached,
              "options": asdict(options), "space": sweep.setup.space.source}
     write_leaderboard(sweep.folder, rows, sweep.metric, sweep.mode, extra)
-    best = write_best_spec(sweep.folder, rows, sweep.setup.name)
+    best = write_best_spec(sweep.folder, rows, sweep.setup.name, f"{sweep.location}/best-run")
     wandb = sweep.base_spec.tracking.wandb
     if wandb is not None and wandb.mode != "disabled" and rows:
         from ftcluster.track.wandb_run import log_sweep_table
 
         log_sweep_table(wandb, sweep.folder, sweep.setup.name, sweep.metric, rows, summed)
+    if remote is not None:
+        push_sweep_results(remote, sweep.folder)
     return SweepOutcome(rows, summed, interrupted, budget_reached, best)

@@ -159,8 +159,9 @@ def read_leaderboard(sweep_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def write_best_spec(sweep_dir: Path, rows: list[TrialRow], sweep_name: str) -> Path | None:
-    """best.yaml: the best completed trial's full job spec, runnable as is (into its own new folder).
+def write_best_spec(sweep_dir: Path, rows: list[TrialRow], sweep_name: str, run_location: str) -> Path | None:
+    """best.yaml: the best completed trial's full job spec, runnable as is (into ``run_location``, a new
+    folder of the sweep's: SWEEP/best-run).
 
     Completed trials come first: a trial the scheduler stopped would train longer when rerun.
     """
@@ -171,7 +172,7 @@ def write_best_spec(sweep_dir: Path, rows: list[TrialRow], sweep_name: str) -> P
         return None
     spec = yaml.safe_load((sweep_dir / TRIALS / best.trial / RUN_SPEC).read_text())
     spec["name"] = f"{sweep_name}-best"
-    spec["output"] = {"dir": str(sweep_dir / "best-run"), "overwrite": False}
+    spec["output"] = {"dir": run_location, "overwrite": False}
     header = (f"# Best trial {best.trial} of sweep {sweep_name}: {best.metric} ({best.status}).\n"
               f"# Run it: ftcluster train {sweep_dir / BEST_SPEC}\n")
     path = sweep_dir / BEST_SPEC

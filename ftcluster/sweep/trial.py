@@ -8,8 +8,9 @@ Train worker group, whose reports reach Tune through `TuneReportCallback`.
 from __future__ import annotations
 
 import json
+import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ftcluster.atomic import write_text_atomic
 from ftcluster.engine.context import WorkerContext, restore_checkpoint
 from ftcluster.errors import first_line
 from ftcluster.layout import CHECKPOINTS, SUMMARY
+from ftcluster.run_storage import remote_of
 from ftcluster.spec import JobSpec
 from ftcluster.sweep.space import SearchSpace, trial_spec
 
@@ -32,19 +34,22 @@ class SweepSetup:
     """Everything a trial needs, shipped to it once through Ray's object store."""
 
     name: str
-    sweep_dir: str
+    location: str  # the sweep's folder: an absolute path, or a storage URI
     base: dict[str, Any]  # the job spec (absolute paths) every trial starts from
     space: SearchSpace
+    # The storage's endpoint and ftcluster's settings from the driver's shell, for trials on other nodes.
+    settings: dict[str, str] = field(default_factory=dict)
 
-    def trial_dir(self, trial_id: str) -> Path:
-        return Path(self.sweep_dir) / TRIALS / trial_id
+    def trial_location(self, trial_id: str) -> str:
+        """The trial's run folder: SWEEP/trials/<id>, a path or a URI like the sweep's."""
+        return f"{self.location}/{TRIALS}/{trial_id}"
 
     def spec_for(self, trial_id: str, chosen: dict[str, Any]) -> JobSpec:
         """The trial's job spec: the searched values, its own folder, the sweep's W&B group."""
         spec = trial_spec(self.space, self.base, chosen)
         update: dict[str, Any] = {
             "name": f"{self.name}-{trial_id}",
-            "output": spec.output.model_copy(update={"dir": str(self.trial_dir(trial_id)), "overwrite": True}),
+            "output": spec.output.model_copy(update={"dir": self.trial_location(trial_id), "overwrite": True}),
         }
         if spec.tracking.wandb is not None:
             wandb = spec.tracking.wandb.model_copy(update={"group": self.name, "tags": [*spec.tracking.wandb.tags, "sweep"]})
@@ -65,10 +70,28 @@ class SweepSetup:
         return PlacementGroupFactory([bundle])
 
 
-def write_trial_info(folder: Path, trial_id: str, values: dict[str, Any], status: str, error: str | None = None) -> None:
+def write_trial_info(spec: JobSpec, trial_id: str, values: dict[str, Any], status: str, error: str | None = None) -> None:
+    """SWEEP/trials/<id>/trial.json, in the store too for a sweep in one (the driver reads it there)."""
+    folder = spec.output_dir
     folder.mkdir(parents=True, exist_ok=True)
     info = {"trial_id": trial_id, "params": values, "status": status, "error": error}
     write_text_atomic(folder / TRIAL_INFO, json.dumps(info, indent=1, default=str))
+    remote = remote_of(spec)
+    if remote is not None:
+        remote.upload(folder / TRIAL_INFO, TRIAL_INFO)
+
+
+def pull_trial_outcome(spec: JobSpec) -> None:
+    """A trial in a store: its trial.json and summary.json into this node's copy, for `finished_report`
+    (a resumed sweep may restart the trial on a node that never ran it)."""
+    remote = remote_of(spec)
+    if remote is None:
+        return
+    for name in (TRIAL_INFO, SUMMARY):
+        text = remote.read_text(name)
+        if text is not None:
+            spec.output_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(spec.output_dir / name, text)
 
 
 def finished_report(folder: Path, values: dict[str, Any]) -> dict[str, Any] | None:
@@ -143,18 +166,21 @@ def _run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
 
     quiet_libraries()
     quiet_ray_train_worker()
+    for key, value in setup.settings.items():
+        os.environ.setdefault(key, value)
     trial_id = tune.get_context().get_trial_id()
     searched = {p.path for p in setup.space.params}
     chosen = {key: value for key, value in config.items() if key in searched}
     spec = setup.spec_for(trial_id, chosen)
     folder = spec.output_dir
     values = setup.space.resolve(chosen, setup.base)
+    pull_trial_outcome(spec)
     replay = finished_report(folder, values)
     if replay is not None:
-        write_trial_info(folder, trial_id, values, "completed")
+        write_trial_info(spec, trial_id, values, "completed")
         tune.report(replay)
         return
-    write_trial_info(folder, trial_id, values, "running")
+    write_trial_info(spec, trial_id, values, "running")
     try:
         if spec.scaling.num_workers == 1:
             train(spec, tune_context(folder / CHECKPOINTS), verbose=False)
@@ -163,6 +189,6 @@ def _run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
 
             fit(make_trainer(spec, callbacks=[TuneReportCallback()], verbose=False), spec)
     except Exception as exc:
-        write_trial_info(folder, trial_id, values, "error", first_line(exc))
+        write_trial_info(spec, trial_id, values, "error", first_line(exc))
         raise
-    write_trial_info(folder, trial_id, values, "completed")
+    write_trial_info(spec, trial_id, values, "completed")
