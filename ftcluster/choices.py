@@ -34,9 +34,11 @@ def answer_choices(bundle: DataBundle, eval_spec) -> list[str] | None:
     (at most `eval.max_choices` distinct ones, each seen twice or more, covering every validation answer)."""
     if eval_spec.choices:
         return [normalize_answer(choice) for choice in eval_spec.choices]
-    if not eval_spec.max_choices or not bundle.answers or not bundle.val_examples:
+    if not eval_spec.max_choices or not bundle.answer_counts or not bundle.val_examples:
         return None
-    counts = Counter(normalize_answer(answer) for answer in bundle.answers)
+    counts: Counter[str] = Counter()
+    for answer, seen in bundle.answer_counts.items():
+        counts[normalize_answer(answer)] += seen
     if not 2 <= len(counts) <= eval_spec.max_choices or min(counts.values()) < 2:
         return None
     if any(normalize_answer(e.reference or "") not in counts for e in bundle.val_examples):

@@ -33,7 +33,7 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
     """
     pad_id = tokenizer.pad_token_id
     scoring_batch = eval_spec.batch_size or batch_size
-    val, examples = bundle.val[: eval_spec.max_examples], bundle.val_examples[: eval_spec.max_examples]
+    val, examples = list(bundle.val[: eval_spec.max_examples]), list(bundle.val_examples[: eval_spec.max_examples])
     loss_fn = scoring_loss(model, objective)
 
     def loss_of(items: list[Encoded]) -> dict[str, float]:
@@ -103,7 +103,7 @@ def few_shot_baseline(model, tokenizer, bundle: DataBundle, renderer: Renderer, 
     """The base model prompted with the first K training examples, scored like the fine-tuned model
     (exact match with eval.generation; choice accuracy where the answers are choices)."""
     shots = bundle.shots[: eval_spec.few_shot_baseline]
-    examples = bundle.val_examples[: eval_spec.max_examples]
+    examples = list(bundle.val_examples[: eval_spec.max_examples])
     result: dict = {"shots": len(shots)}
     if eval_spec.generation is not None:
         generated = generate_and_match(model, tokenizer, renderer, examples, eval_spec, device, autocast, shard, shots)

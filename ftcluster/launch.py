@@ -23,6 +23,7 @@ from ftcluster.engine.loop import train
 from ftcluster.errors import FtError, io_error_line, storage_errno
 from ftcluster.interrupts import STOP
 from ftcluster.layout import CHECKPOINTS, SUMMARY
+from ftcluster.locations import is_remote
 from ftcluster.models.load import ALIASES
 from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
 from ftcluster.run_storage import pull_checkpoint, remote_summary
@@ -37,15 +38,20 @@ DEFAULT_START_TIMEOUT_S = 60.0  # its default
 def absolute_paths(spec: JobSpec) -> JobSpec:
     """Ray workers may start in another directory: make every local path absolute."""
     spec = spec.model_copy(deep=True)
-    spec.data.train = str(Path(spec.data.train).resolve())
+    spec.data.train = absolute_data_path(spec.data.train)
     if spec.data.validation:
-        spec.data.validation = str(Path(spec.data.validation).resolve())
+        spec.data.validation = absolute_data_path(spec.data.validation)
     if not spec.output_uri:
         spec.output.dir = str(spec.output_dir.resolve())
     model_path = Path(spec.model.path).expanduser()
     if spec.model.path not in ALIASES and model_path.exists():
         spec.model.path = str(model_path.resolve())
     return spec
+
+
+def absolute_data_path(location: str) -> str:
+    """A data path (or glob) made absolute; storage URIs and hub ids as they are."""
+    return location if is_remote(location) else os.path.abspath(location)
 
 
 def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:

@@ -242,8 +242,6 @@ def host_bytes(setup: Setup, total: int, trainable: int, largest: int, precision
 
 def count_tokens(spec: JobSpec) -> tuple[int, bool]:
     """Training tokens per epoch: exact with the model's tokenizer when it is local, else ~4 chars/token."""
-    from pathlib import Path
-
     from ftcluster.models.load import locate_model
 
     try:
@@ -252,14 +250,16 @@ def count_tokens(spec: JobSpec) -> tuple[int, bool]:
         local = False
     if local:
         from ftcluster.data import build_data
+        from ftcluster.data.token_cache import EncodedSequences
         from ftcluster.models.load import load_tokenizer, resolve_model
 
-        bundle = build_data(spec.data, load_tokenizer(resolve_model(spec.model.path)))
-        return sum(len(item.input_ids) for item in bundle.train), False
-    path = Path(spec.data.train)
-    if not path.is_file():
-        raise FtError(f"data.train: file not found: {path}")
-    return round(path.stat().st_size * (1 - spec.data.val_fraction) / 4), True
+        train = build_data(spec.data, load_tokenizer(resolve_model(spec.model.path))).train
+        assert isinstance(train, EncodedSequences)  # (what build_data returns: read from the cache files)
+        return train.total_tokens(), False
+    from ftcluster.data.sources import Source
+
+    size = sum(shard.path.stat().st_size for shard in Source(spec.data.train, spec.data.split).shards())
+    return round(size * (1 - spec.data.val_fraction) / 4), True
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftcluster.errors import SpecError
+from ftcluster.locations import exists, is_remote
 from ftcluster.storage import is_uri, local_path, staging_dir
 
 
@@ -146,9 +147,19 @@ class ColumnSpec(Section):
 
 
 class DataSpec(Section):
-    train: str = Field(description="Training data file: .jsonl, .json, .csv or .parquet.")
+    train: str = Field(description="Training data: a .jsonl/.json/.csv/.parquet file, a folder of them, a glob "
+                       "(data/part-*.parquet), the same in an object store (s3://bucket/data/part-*.jsonl), a "
+                       "`datasets.save_to_disk` folder, or a Hugging Face hub dataset (hf:NAME, online only).")
     validation: str | None = Field(
-        None, description="Separate validation file. None: split `val_fraction` off the training data."
+        None, description="Separate validation data (any form `train` takes). None: split `val_fraction` off the "
+        "training data."
+    )
+    split: str = Field("train", description="The split of a `datasets` source (save_to_disk folder or hf:NAME) to train on.")
+    validation_split: str = Field("validation", description="The split of a `datasets` validation source.")
+    cache_dir: str | None = Field(
+        None, description="Where tokenized data is cached (Arrow, memory-mapped; reused by every worker, restart and "
+        "sweep trial with the same data, tokenizer and settings). None: $FTCLUSTER_CACHE/data, else "
+        "~/.cache/ftcluster/data. A folder on a mount the nodes share tokenizes once per cluster."
     )
     format: Literal["instruction", "chat", "text", "classification", "preference"] = Field(
         "instruction", description="Row format of the files."
@@ -306,7 +317,7 @@ class EvalSpec(Section):
         "few-shot and fine-tuned models. Default: found in the training data when its answers form a closed set.",
     )
     max_choices: int = Field(
-        20, ge=0, description="Score by choices when the training answers have at most this many distinct values, "
+        20, ge=0, le=1000, description="Score by choices when the training answers have at most this many distinct values, "
         "each seen at least twice, and every validation answer is one of them; 0 turns the detection off.",
     )
     choice_score: Literal["sum", "mean"] = Field(
@@ -674,12 +685,15 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 
 
 def resolve_data_path(value: str, spec_file: Path) -> str:
-    """Data paths are relative to the working directory, or else to the spec file's folder."""
-    candidate = Path(value).expanduser()
-    if candidate.is_absolute() or candidate.exists():
-        return str(candidate)
-    beside_spec = spec_file.parent / candidate
-    return str(beside_spec) if beside_spec.exists() else str(candidate)
+    """Data paths (and globs) are relative to the working directory, or else to the spec file's
+    folder; storage URIs and hub ids are left as they are."""
+    if is_remote(value):
+        return value
+    candidate = str(Path(value).expanduser())
+    if Path(candidate).is_absolute() or exists(candidate):
+        return candidate
+    beside_spec = str(spec_file.parent / candidate)
+    return beside_spec if exists(beside_spec) else candidate
 
 
 def check_files(spec: JobSpec, source: str) -> list[str]:
@@ -687,7 +701,7 @@ def check_files(spec: JobSpec, source: str) -> list[str]:
     problems = []
     for key in ("train", "validation"):
         value = getattr(spec.data, key)
-        if value and not Path(value).is_file():
+        if value and not exists(value):
             problems.append(f"{source}: data.{key}: file not found: {value}")
     return problems
 

@@ -96,6 +96,11 @@ class RemoteFolder:
             return "file"
         return "dir" if info.type == pafs.FileType.Directory else "missing"
 
+    def stat(self, *parts: str) -> tuple[int, int]:
+        """A file's size and modification time (nanoseconds; 0 where the store keeps none)."""
+        info = self._call("reading", self.fs.get_file_info, self.path(*parts))
+        return info.size or 0, info.mtime_ns or 0
+
     def exists(self, *parts: str) -> bool:
         return self.kind(*parts) != "missing"
 

@@ -13,7 +13,7 @@ PACKAGE = REPO / "ftcluster"
 # Lowest first. A module may import modules of its own layer or of lower layers, never higher ones.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("ftcluster", "ftcluster.errors", "ftcluster.layout", "ftcluster.atomic", "ftcluster.accelerators", "ftcluster.registry",
-              "ftcluster.storage",
+              "ftcluster.storage", "ftcluster.locations",
               "ftcluster.interrupts", "ftcluster.quiet")),
     ("spec", ("ftcluster.spec", "ftcluster.ds_config")),
     ("data, models, tracking", ("ftcluster.data", "ftcluster.models", "ftcluster.track", "ftcluster.tables",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -55,7 +56,7 @@ def test_choice_scores_equal_a_by_hand_computation(tiny_model, adapter):
 
 def test_answer_choices_are_found_only_in_a_closed_set():
     def bundle(answers: list[str], val: list[str]) -> DataBundle:
-        return DataBundle([], [], [qa("q", a) for a in val], None, DataReport(), answers=answers)
+        return DataBundle([], [], [qa("q", a) for a in val], None, DataReport(), answer_counts=dict(Counter(answers)))
 
     closed = SimpleNamespace(choices=None, max_choices=20)
     assert answer_choices(bundle(["yes", "no ", "no", "yes"], ["no"]), closed) == ["no", "yes"]

@@ -129,7 +129,7 @@ def test_max_examples_and_batch_size_bound_every_evaluation(tiny_model):
     renderer = Renderer(tokenizer, 128, False)
     data = examples()
     bundle = DataBundle(train=[], val=[renderer.encode(e) for e in data], val_examples=data, label_names=None,
-                        report=DataReport(), answers=[e.reference for e in data] * 2)
+                        report=DataReport(), answer_counts={e.reference: 2 for e in data})
     settings = EvalSpec(generation={"num_prompts": 7, "max_new_tokens": 2}, max_examples=3, batch_size=2,
                         choices=sorted({e.reference for e in data}))
     batches: list[int] = []
