@@ -183,6 +183,13 @@ def test_outputs_must_outlive_the_pods(cli, tmp_path):
         container = group["template"]["spec"]["containers"][0]
         assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
     assert manifest_errors(rayjob) == []
+    shards = REPO / "jobs" / "data" / "*.jsonl"  # a glob of files: not what a ConfigMap carries
+    folded = cli("render", "k8s", llama, f"data.train={shards}", "output.dir=s3://bucket/runs/{name}",
+                 "scaling.storage_path=null", "--image", IMAGE)
+    assert folded.code == 2 and "is a folder or a glob of files, which a ConfigMap cannot carry" in folded.err
+    configmap, _ = render(cli, tmp_path, llama, "data.train=s3://bucket/data/part-*.parquet",
+                          "output.dir=s3://bucket/runs/{name}", "scaling.storage_path=null")
+    assert build_spec(yaml.safe_load(configmap["data"]["job.yaml"])).data.train == "s3://bucket/data/part-*.parquet"
 
 
 def built(folder: Path) -> list[dict]:

@@ -238,6 +238,30 @@ def test_upload_is_limited_and_never_carries_secrets(make_job, tmp_path):
         build_package(leaky, tmp_path / "leak", None, max_upload_mb=10)
 
 
+def test_shards_a_glob_and_a_datasets_folder_travel_as_folders_and_uris_stay(make_job, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("part-0.jsonl", "part-1.jsonl"):
+        (shards / name).write_text('{"instruction": "q", "output": "a"}\n')
+    (shards / "notes.txt").write_text("not data")
+    job = make_job("pkg", data={"train": str(shards / "part-*.jsonl"), "validation": str(shards)})
+    package = build_package(load_spec(job), tmp_path / "pkg-out", None, max_upload_mb=10)
+    names = sorted(p.relative_to(package.folder).as_posix() for p in package.folder.rglob("*") if p.is_file())
+    assert names == ["data/train-part-_.jsonl/part-0.jsonl", "data/train-part-_.jsonl/part-1.jsonl",
+                     "data/validation-shards/part-0.jsonl", "data/validation-shards/part-1.jsonl", "job.yaml"]
+    (shards / "id_rsa").write_text("key")
+    saved = tmp_path / "saved"
+    shutil.copytree(shards, saved)
+    (saved / "state.json").write_text("{}")  # a `datasets` folder travels whole: its secrets are refused
+    job = make_job("pkg2", data={"train": str(saved), "validation": "s3://bucket/val/part-*.jsonl"})
+    with pytest.raises(FtError, match=r"data.train: id_rsa looks like a credentials file"):
+        build_package(load_spec(job), tmp_path / "pkg-2", None, max_upload_mb=10)
+    (saved / "id_rsa").unlink()
+    package = build_package(load_spec(job), tmp_path / "pkg-3", None, max_upload_mb=10)
+    data = yaml.safe_load((package.folder / "job.yaml").read_text())["data"]
+    assert data["validation"] == "s3://bucket/val/part-*.jsonl" and (package.folder / data["train"] / "state.json").is_file()
+
+
 def test_pinned_requirements_leave_torch_to_the_image():
     from ftcluster.cluster.jobs import pinned_requirements
 

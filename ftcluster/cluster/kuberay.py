@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ftcluster.errors import FtError
+from ftcluster.locations import is_remote
 from ftcluster.spec import JobSpec, dump_spec
 from ftcluster.storage import is_uri
 
@@ -148,9 +149,13 @@ def job_files(spec: JobSpec, options: K8sOptions, space: Path | None) -> dict[st
         value = getattr(spec.data, key)
         if not value:
             continue
-        if is_uri(value) or _on_volume(value, options.pvc_mount):
-            continue  # read where it is: object storage, or the shared volume
+        if is_remote(value) or _on_volume(value, options.pvc_mount):
+            continue  # read where it is: object storage, the hub, or the shared volume
         source = Path(value)
+        if not source.is_file():
+            raise FtError(f"data.{key}: {value} is a folder or a glob of files, which a ConfigMap cannot carry; copy it to "
+                          f"the shared volume (--pvc, mounted at {options.pvc_mount}) or into object storage (s3://...) "
+                          f"and point data.{key} there")
         name = f"{key}-{source.name}"
         files[name] = source.read_text()
         data_update[key] = f"{JOB_MOUNT}/{name}"

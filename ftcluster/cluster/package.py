@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from ftcluster.data.sources import Source
 from ftcluster.errors import FtError
+from ftcluster.locations import is_remote
 from ftcluster.models.load import ALIASES
 from ftcluster.spec import JobSpec, dump_spec
 
@@ -36,6 +38,29 @@ def looks_secret(path: Path) -> bool:
     return any(fnmatch(path.name, pattern) for pattern in SECRET_PATTERNS)
 
 
+def _copy_data(location: str, target: Path, key: str) -> list[Path]:
+    """A data file (to ``target``), or a folder of shards, a glob's files or a save_to_disk folder
+    (into the folder ``target``); a file that looks like a credential is refused."""
+    source = Path(location)
+    if source.is_file():
+        files, base = [source], None
+    elif Source(location).is_files():  # a folder of shards, or a glob
+        files, base = [shard.path for shard in Source(location).shards()], source if source.is_dir() else None
+    else:  # a `datasets` folder: all of it
+        files, base = [p for p in source.rglob("*") if p.is_file()], source
+    for file in files:
+        if looks_secret(file):
+            raise FtError(f"data.{key}: {file.name} looks like a credentials file; it is never uploaded")
+    if source.is_file():
+        shutil.copyfile(source, target)
+        return [target]
+    copies = [target / (file.relative_to(base) if base else file.name) for file in files]
+    for file, copy in zip(files, copies):
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, copy)
+    return copies
+
+
 def build_package(spec: JobSpec, folder: Path, space: Path | None, max_upload_mb: float) -> Package:
     """Copy the spec's local data (and the space) into `folder`; refuse secrets and oversize uploads."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,13 +72,11 @@ def build_package(spec: JobSpec, folder: Path, space: Path | None, max_upload_mb
         value = getattr(spec.data, key)
         if not value:
             continue
-        source = Path(value)
-        if looks_secret(source):
-            raise FtError(f"data.{key}: {source.name} looks like a credentials file; it is never uploaded")
-        target = Path(DATA_DIR) / f"{key}-{source.name}"
-        shutil.copyfile(source, folder / target)
+        if is_remote(value):
+            continue  # read where it is: object storage or the hub
+        target = Path(DATA_DIR) / f"{key}-{Path(value).name.replace('*', '_')}"
         data_update[key] = str(target)
-        sources.append(folder / target)
+        sources += _copy_data(value, folder / target, key)
     cluster_spec = spec.model_copy(update={"data": spec.data.model_copy(update=data_update)})
     model_path = Path(spec.model.path).expanduser()
     if spec.model.path not in ALIASES and model_path.exists():

@@ -45,7 +45,7 @@ class Source:
         self.split = split
 
     def rows(self) -> Iterator[Row]:
-        if self._is_hub() or self._is_saved_dataset():
+        if not self.is_files():
             yield from self._dataset_rows()
             return
         for shard in self.shards():
@@ -87,6 +87,10 @@ class Source:
 
     def _is_hub(self) -> bool:
         return self.location.startswith(HUB_PREFIX)
+
+    def is_files(self) -> bool:
+        """Data files (one, a folder's, a glob's, a URI's), as opposed to a `datasets` source."""
+        return not (self._is_hub() or self._is_saved_dataset())
 
     def _is_saved_dataset(self) -> bool:
         folder = Path(self.location)
