@@ -29,7 +29,7 @@ from ftcluster.data.render import Encoded
 
 TRAIN_FILE, VAL_FILE, META_FILE = "train.arrow", "val.arrow", "meta.json"
 EXAMPLE = "example"  # val.arrow: each validation example, as JSON
-BATCH_ROWS = 2048  # sequences per Arrow record batch on write
+BATCH_ROWS = 8192  # sequences per Arrow record batch on write
 
 
 def _schema(with_examples: bool):
@@ -95,38 +95,85 @@ class SequenceWriter:
 
 
 class _Column:
-    """A list<int> column of every record batch, read as NumPy views over the memory map."""
+    """One column of every record batch, read with positional reads at its buffers' places in the file.
 
-    def __init__(self, chunks: list) -> None:
-        self.offsets = [np.asarray(chunk.offsets) for chunk in chunks]
-        self.values = [np.asarray(chunk.values) for chunk in chunks]
-        self.valid = [chunk.is_valid() if chunk.null_count else None for chunk in chunks]
+    Only the file's structure is memory-mapped (to find the buffers). Reading a row's values through
+    the map would leave the pages around it (the kernel maps 64 KiB per fault) resident in every
+    worker, growing with the data set; a read of just the row's bytes does not.
+    """
 
-    def get(self, chunk: int, row: int) -> list[int] | None:
+    def __init__(self, file: int, base: int, chunks: list, dtype: type) -> None:
+        self.file, self.dtype = file, np.dtype(dtype)
+        import pyarrow as pa
+
+        kind = chunks[0].type
+        self.nested = pa.types.is_list(kind) or pa.types.is_string(kind)  # offsets, then values
+        self.offsets_at: list[int] = []
+        self.values_at: list[int] = []
+        self.valid: list[Any] = []  # per chunk: None (no nulls), False (all null) or the validity bitmap
+        for chunk in chunks:
+            nulls = chunk.null_count
+            self.valid.append(None if nulls == 0 else False if nulls == len(chunk) else chunk.is_valid())
+            buffers = chunk.buffers()
+            if self.valid[-1] is False:  # (no values to find)
+                self.offsets_at.append(0)
+                self.values_at.append(0)
+            elif self.nested:
+                self.offsets_at.append(buffers[1].address - base + chunk.offset * 4)
+                data = buffers[3] if len(buffers) > 3 else buffers[2]  # list's child values, or the string bytes
+                self.values_at.append(data.address - base if data is not None else 0)
+            else:
+                self.values_at.append(buffers[1].address - base + chunk.offset * self.dtype.itemsize)
+
+    def _present(self, chunk: int, row: int) -> bool:
         valid = self.valid[chunk]
-        if valid is not None and not valid[row].as_py():
+        return valid is None or (valid is not False and valid[row].as_py())
+
+    def _read(self, at: int, count: int, dtype: np.dtype) -> np.ndarray:
+        return np.frombuffer(os.pread(self.file, count * dtype.itemsize, at), dtype=dtype)
+
+    def values(self, chunk: int, row: int) -> np.ndarray | None:
+        """A list row's values (a string row's bytes), or None for a null."""
+        if not self._present(chunk, row):
             return None
-        offsets = self.offsets[chunk]
-        return self.values[chunk][offsets[row]:offsets[row + 1]].tolist()
+        start, end = self._read(self.offsets_at[chunk] + row * 4, 2, np.dtype(np.int32))
+        return self._read(self.values_at[chunk] + int(start) * self.dtype.itemsize, int(end - start), self.dtype)
+
+    def scalar(self, chunk: int, row: int) -> int | None:
+        if not self._present(chunk, row):
+            return None
+        return int(self._read(self.values_at[chunk] + row * self.dtype.itemsize, 1, self.dtype)[0])
+
+
+# Each column's element type in the file.
+COLUMN_TYPES = {"input_ids": np.int32, "trained": np.int8, "label": np.int32, "positions": np.int32,
+                "rejected_input_ids": np.int32, "rejected_trained": np.int8, EXAMPLE: np.uint8}
 
 
 class EncodedSequences(Sequence[Encoded]):
     """The sequences of one cache file, read on access (index or slice), in write order."""
 
     def __init__(self, path: Path) -> None:
+        import mmap
+
         import pyarrow as pa
 
         self.path = path
-        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        self._file = os.open(path, os.O_RDONLY)
+        with open(path, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        whole = pa.py_buffer(self._map)
+        reader = pa.ipc.open_file(whole)
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self._starts = list(np.cumsum([0, *[b.num_rows for b in batches]]).tolist())
         self._length = self._starts[-1]
-        columns = {name: [b.column(name) for b in batches] for name in reader.schema.names}
-        self._lists = {name: _Column(columns[name]) for name in
-                       ("input_ids", "trained", "positions", "rejected_input_ids", "rejected_trained")}
-        self._labels = [chunk.to_numpy(zero_copy_only=False) if chunk.null_count == 0 else None
-                        for chunk in columns["label"]]
-        self._examples = columns.get(EXAMPLE)
+        self._columns = {name: _Column(self._file, whole.address, [b.column(name) for b in batches], COLUMN_TYPES[name])
+                         for name in reader.schema.names} if batches else {}
+        self._token_count = sum(len(b.column("input_ids").values) for b in batches)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._file)
 
     def __len__(self) -> int:
         return self._length
@@ -139,6 +186,10 @@ class EncodedSequences(Sequence[Encoded]):
         chunk = bisect.bisect_right(self._starts, index) - 1
         return chunk, index - self._starts[chunk]
 
+    def _list(self, name: str, chunk: int, row: int) -> list[int] | None:
+        values = self._columns[name].values(chunk, row)
+        return values.tolist() if values is not None else None
+
     @overload
     def __getitem__(self, index: int) -> Encoded: ...
 
@@ -149,27 +200,27 @@ class EncodedSequences(Sequence[Encoded]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self._length))]
         chunk, row = self._locate(index)
-        ids = self._lists["input_ids"].get(chunk, row)
-        trained = [bool(t) for t in self._lists["trained"].get(chunk, row) or []]
-        labels = self._labels[chunk]
-        encoded = Encoded(ids or [], trained, label=int(labels[row]) if labels is not None else None,
-                          positions=self._lists["positions"].get(chunk, row))
-        rejected = self._lists["rejected_input_ids"].get(chunk, row)
+        encoded = Encoded(self._list("input_ids", chunk, row) or [],
+                          [bool(t) for t in self._list("trained", chunk, row) or []],
+                          label=self._columns["label"].scalar(chunk, row),
+                          positions=self._list("positions", chunk, row))
+        rejected = self._list("rejected_input_ids", chunk, row)
         if rejected is not None:
-            encoded.rejected = Encoded(rejected, [bool(t) for t in self._lists["rejected_trained"].get(chunk, row) or []])
+            encoded.rejected = Encoded(rejected, [bool(t) for t in self._list("rejected_trained", chunk, row) or []])
         return encoded
 
     def example(self, index: int) -> Example:
-        assert self._examples is not None, f"{self.path} holds no examples"
-        chunk, row = self._locate(index)
-        return Example(**json.loads(self._examples[chunk][row].as_py()))
+        assert EXAMPLE in self._columns, f"{self.path} holds no examples"
+        raw = self._columns[EXAMPLE].values(*self._locate(index))
+        assert raw is not None
+        return Example(**json.loads(raw.tobytes()))
 
     def labels(self) -> list[int]:
         """Every sequence's class id (classification)."""
-        return [int(label) for chunk in self._labels if chunk is not None for label in chunk]
+        return [label for index in range(self._length) if (label := self[index].label) is not None]
 
     def total_tokens(self) -> int:
-        return int(sum(offsets[-1] - offsets[0] for offsets in self._lists["input_ids"].offsets))
+        return self._token_count
 
 
 class ExampleSequence(Sequence[Example]):
