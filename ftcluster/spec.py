@@ -157,9 +157,10 @@ class DataSpec(Section):
     split: str = Field("train", description="The split of a `datasets` source (save_to_disk folder or hf:NAME) to train on.")
     validation_split: str = Field("validation", description="The split of a `datasets` validation source.")
     cache_dir: str | None = Field(
-        None, description="Where tokenized data is cached (Arrow, memory-mapped; reused by every worker, restart and "
-        "sweep trial with the same data, tokenizer and settings). None: $FTCLUSTER_CACHE/data, else "
-        "~/.cache/ftcluster/data. A folder on a mount the nodes share tokenizes once per cluster."
+        None, description="Where tokenized data is cached (Arrow files each worker reads row by row on demand; "
+        "reused by every worker, restart and sweep trial with the same data, tokenizer and settings). None: "
+        "$FTCLUSTER_CACHE/data/tokenized, else ~/.cache/ftcluster/data/tokenized. A folder on a mount the nodes share "
+        "tokenizes once per cluster; delete entries to reclaim space."
     )
     format: Literal["instruction", "chat", "text", "classification", "preference"] = Field(
         "instruction", description="Row format of the files."
