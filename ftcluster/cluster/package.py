@@ -41,20 +41,18 @@ def looks_secret(path: Path) -> bool:
 def _copy_data(location: str, target: Path, key: str) -> list[Path]:
     """A data file (to ``target``), or a folder of shards, a glob's files or a save_to_disk folder
     (into the folder ``target``); a file that looks like a credential is refused."""
-    source = Path(location)
+    source, data = Path(location), Source(location)
     if source.is_file():
-        files, base = [source], None
-    elif Source(location).is_files():  # a folder of shards, or a glob
-        files, base = [shard.path for shard in Source(location).shards()], source if source.is_dir() else None
+        copies, files = [target], [source]
+    elif data.is_files():  # a folder of shards, or a glob
+        files = [shard.path for shard in data.shards()]
+        copies = [target / (file.relative_to(source) if source.is_dir() else file.name) for file in files]
     else:  # a `datasets` folder: all of it
-        files, base = [p for p in source.rglob("*") if p.is_file()], source
+        files = [p for p in source.rglob("*") if p.is_file()]
+        copies = [target / file.relative_to(source) for file in files]
     for file in files:
         if looks_secret(file):
             raise FtError(f"data.{key}: {file.name} looks like a credentials file; it is never uploaded")
-    if source.is_file():
-        shutil.copyfile(source, target)
-        return [target]
-    copies = [target / (file.relative_to(base) if base else file.name) for file in files]
     for file, copy in zip(files, copies):
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, copy)

@@ -157,7 +157,7 @@ class RecordSource:
     """Rows given in Python (a list of dicts or a `datasets.Dataset`) instead of files."""
 
     def __init__(self, records: Iterable[Any], name: str) -> None:
-        self.records = records if isinstance(records, Sequence) or hasattr(records, "__len__") else list(records)
+        self.records = records if hasattr(records, "__len__") else list(records)  # read twice: not a one-shot iterator
         self.location = name
 
     def rows(self) -> Iterator[Row]:
@@ -197,7 +197,7 @@ def build_data(
     val_records: Iterable[Any] | None = None,
 ) -> DataBundle:
     """Everything a run needs from its data, tokenized once: the first process to need a given
-    (data, tokenizer, settings) writes the cache entry, every later one memory-maps it. Records
+    (data, tokenizer, settings) writes the cache entry, every later one opens it. Records
     given in Python replace the spec's files."""
     train: Source | RecordSource = (RecordSource(train_records, "train") if train_records is not None
                                     else Source(spec.train, spec.split))
@@ -272,14 +272,15 @@ def _tokenize(spec: DataSpec, tokenizer, train_source: Source | RecordSource, va
         position = {"train": 0, "validation": 0}  # an example's index within its split (for messages)
         for index, example in enumerate(_examples(train_source, spec, None)):
             split = "validation" if index in held_out else "train"
-            encoded = encoder.encode(example, split, position[split])
+            known = encoder.knows_label(example, split, position[split])
             position[split] += 1
+            encoded = encoder.encode(example) if known else None
             if split == "validation" and encoded is not None:
                 val_writer.add(encoded, example)
-            elif split == "train" and not encoder.unknown_label:
+            elif split == "train" and known:
                 train_writer.add(example, encoded)
         for index, example in enumerate(_examples(val_source, spec, report) if val_source is not None else []):
-            encoded = encoder.encode(example, "validation", index)
+            encoded = encoder.encode(example) if encoder.knows_label(example, "validation", index) else None
             if encoded is not None:
                 val_writer.add(encoded, example)
     val_writer.close()
@@ -289,23 +290,25 @@ def _tokenize(spec: DataSpec, tokenizer, train_source: Source | RecordSource, va
 
 
 class _Encoder:
-    """Encodes one example, or drops it (with the reason counted): an unknown label, or nothing to train."""
+    """Checks an example's label and encodes it; what it drops is counted (an unknown label, nothing to train)."""
 
     def __init__(self, spec: DataSpec, tokenizer, label_names: list[str] | None, report: DataReport) -> None:
         self.spec, self.report = spec, report
         self.renderer = Renderer(tokenizer, spec.max_length, spec.train_on_prompt)
         self.label_ids = {name: index for index, name in enumerate(label_names)} if label_names else None
-        self.unknown_label = False  # set when the last example was dropped for its label
 
-    def encode(self, example: Example, where: str, index: int) -> Encoded | None:
-        self.unknown_label = False
-        if self.label_ids is not None and example.label not in self.label_ids:
-            reason = f"unknown label {example.label!r} (known: {', '.join(sorted(self.label_ids))})"
-            self.report.add_bad(f"{where} example {index}", reason)
-            if self.spec.on_bad_row == "fail":
-                raise DataError(f"bad row {where} example {index}: {reason}")
-            self.unknown_label = True
-            return None
+    def knows_label(self, example: Example, where: str, index: int) -> bool:
+        """False (reported as a bad row, or fatal) for a classification example with an unknown label."""
+        if self.label_ids is None or example.label in self.label_ids:
+            return True
+        reason = f"unknown label {example.label!r} (known: {', '.join(sorted(self.label_ids))})"
+        self.report.add_bad(f"{where} example {index}", reason)
+        if self.spec.on_bad_row == "fail":
+            raise DataError(f"bad row {where} example {index}: {reason}")
+        return False
+
+    def encode(self, example: Example) -> Encoded | None:
+        """The example's sequence, or None when truncation left nothing to train."""
         encoded = self.renderer.encode(example, self.label_ids)
         self.report.truncated += encoded.truncated
         pair_empty = encoded.rejected is not None and not any(encoded.rejected.trained[1:])
@@ -371,7 +374,7 @@ class _TrainWriter:
 
 
 def open_tokenized(folder: Path, from_cache: bool) -> DataBundle:
-    """A complete cache entry as a DataBundle whose sequences are read from the memory map on access."""
+    """A complete cache entry as a DataBundle whose sequences are read from the files on access."""
     meta = read_meta(folder)
     assert meta is not None, f"{folder}: incomplete tokenized data"
     report = DataReport(**{**meta["report"], "bad_rows": [tuple(bad) for bad in meta["report"]["bad_rows"]]})

@@ -43,6 +43,7 @@ class Source:
     def __init__(self, location: str, split: str = "train") -> None:
         self.location = location
         self.split = split
+        self._shards: list[Shard] | None = None  # found once (a URI's: listed and fetched once)
 
     def rows(self) -> Iterator[Row]:
         if not self.is_files():
@@ -68,6 +69,11 @@ class Source:
 
     def shards(self) -> list[Shard]:
         """The data files, in name order; a URI's are fetched to the cache."""
+        if self._shards is None:
+            self._shards = self._find_shards()
+        return self._shards
+
+    def _find_shards(self) -> list[Shard]:
         if is_uri(self.location):
             return _remote_shards(self.location)
         path = Path(self.location)

@@ -1,4 +1,4 @@
-"""Tokenized data kept as Arrow files that every process memory-maps instead of tokenizing again.
+"""Tokenized data kept as Arrow files that every process opens instead of tokenizing again.
 
     CACHE/<key>/train.arrow    one row per training sequence: input_ids, trained, label, ...
     CACHE/<key>/val.arrow      the same for validation, plus each example as JSON (for generation)
@@ -6,8 +6,8 @@
                                written last, so a folder with it is complete
 
 The key hashes what the tokens depend on (see `dataset.cache_key`). A process reads a sequence
-only when the training loop asks for it: its resident memory holds the pages it touched, not the
-data set (the offsets index is itself memory-mapped).
+only when the training loop asks for it, with positional reads of just its bytes (see `_Column`):
+its resident memory does not grow with the data set.
 """
 
 from __future__ import annotations
@@ -59,13 +59,9 @@ class SequenceWriter:
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_file(self._sink, self.schema)
         self._pending: list[tuple[Encoded, Example | None]] = []
-        self.count = 0
-        self.tokens = 0
 
     def add(self, encoded: Encoded, example: Example | None = None) -> None:
         self._pending.append((encoded, example))
-        self.count += 1
-        self.tokens += len(encoded.input_ids)
         if len(self._pending) >= BATCH_ROWS:
             self._flush()
 
@@ -217,7 +213,9 @@ class EncodedSequences(Sequence[Encoded]):
 
     def labels(self) -> list[int]:
         """Every sequence's class id (classification)."""
-        return [label for index in range(self._length) if (label := self[index].label) is not None]
+        column = self._columns["label"] if self._length else None
+        return [label for index in range(self._length)
+                if column is not None and (label := column.scalar(*self._locate(index))) is not None]
 
     def total_tokens(self) -> int:
         return self._token_count
