@@ -25,7 +25,7 @@ from ftcluster.interrupts import STOP
 from ftcluster.layout import CHECKPOINTS, SUMMARY
 from ftcluster.locations import is_remote
 from ftcluster.models.load import ALIASES
-from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
+from ftcluster.quiet import RAY_PROCESS_SETUP_HOOK, quiet_libraries, quiet_ray_train_worker
 from ftcluster.run_storage import pull_checkpoint, remote_summary
 from ftcluster.spec import JobSpec
 from ftcluster.storage import forwarded_settings
@@ -106,6 +106,9 @@ def _ray_worker(config: dict[str, Any]) -> None:
     train(spec, ctx, resume=config["resume"], verbose=config.get("verbose", True))
 
 
+RAY_JOB_ENV = {"worker_process_setup_hook": RAY_PROCESS_SETUP_HOOK}
+
+
 def init_ray(address: str | None) -> None:
     """Connect to a cluster, or start Ray locally on 127.0.0.1."""
     import ray
@@ -113,7 +116,7 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=RAY_JOB_ENV)
         return
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # The dashboard (loopback only) serves the state API that Ray Train uses to clean up after runs.
@@ -122,7 +125,7 @@ def init_ray(address: str | None) -> None:
     # address="local": a Ray of this run's own. Without it Ray attaches to the machine's latest
     # `ray start` cluster (/tmp/ray/ray_current_cluster), someone else's and maybe not on loopback.
     ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=True, dashboard_host=LOOPBACK,
-             log_to_driver=True)
+             log_to_driver=True, runtime_env=RAY_JOB_ENV)
 
 
 def user_error_in(exc: BaseException) -> FtError | None:

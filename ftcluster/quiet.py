@@ -29,3 +29,17 @@ def quiet_ray_train_worker() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names this logger by file path
     for module in (storage, tune_storage):
         logging.getLogger(module.__name__).setLevel(logging.WARNING)
+
+
+# Ray internals that log a full traceback for a condition their own message calls safe to ignore.
+# The autoscaling coordinator's request times out when the CPUs are busy (e.g. while a worker loads a
+# model): it retries every 20 s and training goes on, but the traceback reads like a crash.
+TRANSIENT_RAY_WARNINGS = ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",)
+RAY_PROCESS_SETUP_HOOK = f"{__name__}.quiet_ray_process"
+
+
+def quiet_ray_process() -> None:
+    """Ray's worker_process_setup_hook for ftcluster's Ray jobs: runs in each of their processes,
+    the Train controller's included, before any task or actor code."""
+    for name in TRANSIENT_RAY_WARNINGS:
+        logging.getLogger(name).setLevel(logging.ERROR)

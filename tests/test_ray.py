@@ -27,6 +27,22 @@ def test_local_ray_listens_on_loopback_only(local_ray):
     assert dashboard == "" or dashboard.startswith("127.0.0.1:")
 
 
+def test_rays_transient_warnings_are_quiet_in_every_process_of_the_job(local_ray):
+    """Ray Train's controller runs as an actor with runtime_env env_vars of its own; the job's setup
+    hook still runs there, so a busy CPU's coordinator timeout does not print a traceback."""
+    import logging
+
+    from ftcluster.quiet import TRANSIENT_RAY_WARNINGS
+
+    @local_ray.remote(num_cpus=0)
+    class LikeTheTrainController:
+        def levels(self) -> list[int]:
+            return [logging.getLogger(name).getEffectiveLevel() for name in TRANSIENT_RAY_WARNINGS]
+
+    probe = LikeTheTrainController.options(runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}).remote()
+    assert local_ray.get(probe.levels.remote()) == [logging.ERROR] * len(TRANSIENT_RAY_WARNINGS)
+
+
 def test_no_socket_of_a_local_run_listens_beyond_loopback(local_ray, make_job):
     """Every listening socket of this process tree during a 2-worker run (Ray's services, the
     workers' torch store and gloo) is bound to loopback; torch's default store binds *:PORT."""
