@@ -25,7 +25,8 @@ from ftcluster.harness import run_harness
 def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, batch_size: int, device,
              autocast: Callable, generation: bool = True, objective=None, general: list[Encoded] | None = None,
              shard: EvalShard = WHOLE) -> dict:
-    """Every metric the job asks for, on the validation set (`objective`: DPO scores its pairs itself).
+    """Every metric the job asks for, on the validation set (`objective`: one with an `evaluate`
+    method, such as DPO's, scores its held-out data itself).
 
     generation=False (evaluations during training) skips the slow parts: generation, choice scoring,
     the harness and the forgetting check (`general`, scored before and after only). Each worker of a
@@ -47,7 +48,7 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
             metrics.update(evaluate_classification(model, val, scoring_batch, pad_id, device, autocast,
                                                    bundle.label_names, eval_spec.max_batches, shard))
             return metrics
-        if objective is not None and objective.name == "dpo":
+        if hasattr(objective, "evaluate"):  # DPO and reward models score their held-out pairs themselves
             metrics = objective.evaluate(model, val, scoring_batch, pad_id, device, autocast, eval_spec.max_batches,
                                          shard)
         else:

@@ -133,24 +133,31 @@ def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prom
     pairs = [renderer.prompt_text(e, shots) for e in examples[:num_prompts]]
     if not pairs:
         return {"exact_match": 0.0, "samples": []}
-    mine = [(index, tokenizer(pairs[index][0], add_special_tokens=False)["input_ids"])
-            for index in shard.part(range(len(pairs)))]
-    generator = Generator(model, tokenizer, max_new_tokens, device, synced=shard.in_lockstep)
-    generator.share_prefix([ids for _, ids in mine])
-    # Prompts of similar length together: left padding is compute spent on nothing.
-    batches = longest_first(mine, batch_size, lambda indexed: len(indexed[1]))
-    generated: list[tuple[int, str]] = []
-    for chunk, real in shard.batches(batches, spare=lambda: mine[:1] or [(0, tokenizer(pairs[0][0], add_special_tokens=False)["input_ids"])]):
-        texts = generator([ids for _, ids in chunk])
-        if real:
-            generated += [(index, text) for (index, _), text in zip(chunk, texts)]
-    by_index = dict(shard.gather(generated))
-    outputs = [by_index[index] for index in range(len(pairs))]
+    prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in pairs]
+    outputs = generate_texts(model, tokenizer, prompts, max_new_tokens, device, batch_size, shard)
     matches = [normalize_answer(o) == normalize_answer(ref) for o, (_, ref) in zip(outputs, pairs)]
     samples = [
         {"prompt": p, "reference": r, "output": o, "match": m} for (p, r), o, m in zip(pairs, outputs, matches)
     ]
     return {"exact_match": sum(matches) / len(matches), "samples": samples}
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, batch_size: int = 16,
+                   shard: EvalShard = WHOLE) -> list[str]:
+    """Greedy continuations of every prompt (token ids), in order: each worker answers its share."""
+    mine = [(index, prompts[index]) for index in shard.part(range(len(prompts)))]
+    generator = Generator(model, tokenizer, max_new_tokens, device, synced=shard.in_lockstep)
+    generator.share_prefix([ids for _, ids in mine])
+    # Prompts of similar length together: left padding is compute spent on nothing.
+    batches = longest_first(mine, batch_size, lambda indexed: len(indexed[1]))
+    generated: list[tuple[int, str]] = []
+    for chunk, real in shard.batches(batches, spare=lambda: mine[:1] or [(0, prompts[0])]):
+        texts = generator([ids for _, ids in chunk])
+        if real:
+            generated += [(index, text) for (index, _), text in zip(chunk, texts)]
+    by_index = dict(shard.gather(generated))
+    return [by_index[index] for index in range(len(prompts))]
 
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common beginning is not worth a cache copy per batch

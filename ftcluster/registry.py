@@ -33,12 +33,13 @@ class Objective:
     packing: bool = True
     methods: tuple[str, ...] | None = None  # None: every method
     needs_reference: bool = False  # compares against the starting model (adapters off, or a frozen copy)
+    head_labels: tuple[str, ...] | None = None  # the outputs of a classification head it trains (None: the data's labels)
 
 
 @dataclass(frozen=True)
 class DataFormat:
     name: str
-    task: str  # the model.task it feeds
+    tasks: tuple[str, ...]  # the model.task values it feeds
     fields: str  # the row fields, for messages and docs
     generation: bool  # prompts with reference answers: generation eval and few-shot baselines apply
 
@@ -54,16 +55,22 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 FORMATS: dict[str, DataFormat] = {f.name: f for f in (
-    DataFormat("instruction", "causal_lm", "instruction, optional input, output", generation=True),
-    DataFormat("chat", "causal_lm", "messages: [{role, content}, ...]", generation=True),
-    DataFormat("text", "causal_lm", "text", generation=False),
-    DataFormat("classification", "classification", "text, label", generation=False),
-    DataFormat("preference", "causal_lm", "prompt, chosen, rejected", generation=False),
+    DataFormat("instruction", ("causal_lm",), "instruction, optional input, output", generation=True),
+    DataFormat("chat", ("causal_lm",), "messages: [{role, content}, ...]", generation=True),
+    DataFormat("text", ("causal_lm",), "text", generation=False),
+    DataFormat("classification", ("classification",), "text, label", generation=False),
+    # A reward model (classification head with one output) trains on the same pairs as DPO.
+    DataFormat("preference", ("causal_lm", "classification"), "prompt, chosen, rejected", generation=False),
+    DataFormat("prompts", ("causal_lm",), "prompt, optional reference", generation=False),
 )}
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("sft", formats=("instruction", "chat", "text", "classification")),
     Objective("dpo", formats=("preference",), tasks=("causal_lm",), packing=False,
+              methods=("full", "freeze", "lora", "dora", "qlora"), needs_reference=True),
+    Objective("reward", formats=("preference",), tasks=("classification",), packing=False,
+              methods=("full", "freeze", "lora", "dora", "qlora"), head_labels=("reward",)),
+    Objective("grpo", formats=("prompts",), tasks=("causal_lm",), packing=False,
               methods=("full", "freeze", "lora", "dora", "qlora"), needs_reference=True),
 )}
 

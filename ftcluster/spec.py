@@ -98,6 +98,55 @@ class DpoSpec(Section):
     )
 
 
+class RewardSpec(Section):
+    margin: float = Field(
+        0.0, ge=0, description="Bradley-Terry loss with a margin: -log sigmoid(r_chosen - r_rejected - margin); the "
+        "chosen reply must win by at least this much before the loss lets go. Example: 0.5",
+    )
+
+
+class RewardFunctionSpec(Section):
+    function: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="A Python function as module:function (imported, never evaluated from text), called as "
+        "f(prompt, completion, reference) -> float for every completion. The module is found on the Python path or "
+        "in the folder ftcluster runs in. Built in: ftcluster.rewards:exact_answer, ftcluster.rewards:number_answer, "
+        "ftcluster.rewards:answer_tags. Example: my_rewards:is_valid_json",
+    )
+    weight: float = Field(1.0, description="Its share of a completion's reward (rewards are summed with these weights).")
+
+
+class RewardModelSpec(Section):
+    run: str = Field(description="A finished reward-model run (method.objective reward) whose final weights score "
+                     "each prompt and completion. Example: runs/reward-smollm2")
+    weight: float = Field(1.0, description="Its share of a completion's reward.")
+
+
+class GrpoSpec(Section):
+    """Group Relative Policy Optimisation (Shao et al., 2024): per prompt, sample a group of completions, score
+    them, and push up those that beat their group's mean, with a KL penalty to the starting model."""
+
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt; advantages are relative to the group.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this mass.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion; one cut short is scored as it is.")
+    beta: float = Field(0.04, ge=0, description="KL penalty coefficient towards the reference (the starting model: "
+                        "adapters off, or a frozen copy). 0: no reference pass at all.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clipping of the policy ratio to [1 - eps, 1 + eps].")
+    steps_per_rollout: int = Field(1, ge=1, description="Optimizer steps on each batch of rollouts (the ratio to the "
+                                   "sampling policy matters from the second on). Example: 2")
+    rewards: list[RewardFunctionSpec] = Field(default_factory=list, description="Reward functions, summed with weights.")
+    reward_model: RewardModelSpec | None = Field(None, description="A trained reward model, added to the rewards.")
+    eval_prompts: int = Field(32, ge=1, description="Held-out prompts answered (greedily) for val_reward, the mean "
+                              "reward that evaluation, early stopping and sweeps read.")
+
+    @model_validator(mode="after")
+    def _needs_a_reward(self) -> GrpoSpec:
+        if not self.rewards and self.reward_model is None:
+            raise ValueError("grpo needs rewards (module:function entries), a reward_model, or both")
+        return self
+
+
 class MethodSpec(Section):
     name: Literal["full", "freeze", "lora", "dora", "prefix", "qlora"] = Field(
         "lora",
@@ -111,12 +160,17 @@ class MethodSpec(Section):
     unfreeze: UnfreezeSpec | None = Field(
         None, description="Gradual unfreezing schedule (full and freeze methods only)."
     )
-    objective: Literal["sft", "dpo"] = Field(
+    objective: Literal["sft", "dpo", "reward", "grpo"] = Field(
         "sft",
         description="sft: next-token loss on responses; dpo: direct preference optimisation on preference data, "
-        "against the frozen base model (for adapters: the same weights with adapters off, no second copy).",
+        "against the frozen base model (for adapters: the same weights with adapters off, no second copy); "
+        "reward: a reward model (model.task classification, one output) scoring the chosen reply above the "
+        "rejected one (Bradley-Terry loss), for RLHF; grpo: online RL on prompts data, sampling completions and "
+        "scoring them with method.grpo's rewards.",
     )
     dpo: DpoSpec = Field(default_factory=DpoSpec, description="DPO settings (objective: dpo).")
+    reward: RewardSpec = Field(default_factory=RewardSpec, description="Reward-model settings (objective: reward).")
+    grpo: GrpoSpec | None = Field(None, description="Online RL settings (objective: grpo); rewards are required.")
     layerwise_lr_decay: float | None = Field(
         None,
         gt=0,
@@ -144,6 +198,7 @@ class ColumnSpec(Section):
     prompt: str = Field("prompt", description="preference format: the prompt.")
     chosen: str = Field("chosen", description="preference format: the preferred response.")
     rejected: str = Field("rejected", description="preference format: the dispreferred response.")
+    reference: str = Field("reference", description="prompts format: the optional reference answer rewards compare to.")
 
 
 class DataSpec(Section):
@@ -162,7 +217,7 @@ class DataSpec(Section):
         "$FTCLUSTER_CACHE/data/tokenized, else ~/.cache/ftcluster/data/tokenized. A folder on a mount the nodes share "
         "tokenizes once per cluster; delete entries to reclaim space."
     )
-    format: Literal["instruction", "chat", "text", "classification", "preference"] = Field(
+    format: Literal["instruction", "chat", "text", "classification", "preference", "prompts"] = Field(
         "instruction", description="Row format of the files."
     )
     columns: ColumnSpec = Field(default_factory=ColumnSpec, description="Column names, if not the defaults.")
@@ -284,7 +339,8 @@ class ForgettingSpec(Section):
 class EvalSpec(Section):
     every: int | None = Field(None, ge=1, description="Evaluate on validation data every N steps (and at the end).")
     max_batches: int | None = Field(None, ge=1, description="Cap validation batches per evaluation.")
-    metric: str = Field("val_loss", description="Metric for early stopping and model selection.")
+    metric: str = Field("val_loss", description="Metric for early stopping and model selection (for method.objective "
+                        "grpo the default is val_reward, mode max).")
     mode: Literal["min", "max"] = Field("min", description="Whether `metric` should go down or up.")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improvement."
@@ -484,7 +540,7 @@ class JobSpec(Section):
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:
         """Rules that span sections, from the registry's entries; every problem at once (one per line)."""
-        problems = [*self._combination_problems(), *self._setting_problems()]
+        problems = [*self._combination_problems(), *self._setting_problems(), *self._grpo_problems()]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -495,14 +551,15 @@ class JobSpec(Section):
 
         method, objective, fmt = METHODS[self.method.name], OBJECTIVES[self.method.objective], FORMATS[self.data.format]
         task, problems = self.model.task, []
-        if fmt.task != task:
-            problems.append(f"data.format {fmt.name} needs model.task: {fmt.task}" if fmt.task != "causal_lm" else
-                            f"model.task {task} needs data.format: "
-                            + " | ".join(name for name, f in FORMATS.items() if f.task == task))
+        if task not in fmt.tasks:
+            problems.append(f"data.format {fmt.name} needs model.task: {' | '.join(fmt.tasks)}" if "causal_lm" not in fmt.tasks
+                            else f"model.task {task} needs data.format: "
+                            + " | ".join(name for name, f in FORMATS.items() if task in f.tasks))
         if task not in method.tasks:
             problems.append(f"method {method.name} supports {', '.join(method.tasks)} only; use lora for {task}")
         if fmt.name not in objective.formats:
-            pair = objective if objective.name != "sft" else next(o for o in OBJECTIVES.values() if fmt.name in o.formats)
+            pair = objective if objective.name != "sft" else next(
+                (o for o in OBJECTIVES.values() if fmt.name in o.formats and task in o.tasks), objective)
             rows = FORMATS[pair.formats[0]]
             problems.append(f"method.objective {pair.name} and data.format {' | '.join(pair.formats)} go together "
                             f"({rows.name} rows: {rows.fields})")
@@ -534,6 +591,21 @@ class JobSpec(Section):
             problems.append("eval.harness runs language-model benchmarks: it needs model.task causal_lm")
         if self.eval.choices and len({c.strip() for c in self.eval.choices}) < len(self.eval.choices):
             problems.append("eval.choices: each choice must differ from the others")
+        return problems
+
+    def _grpo_problems(self) -> list[str]:
+        """Online RL's settings; its default metric is the held-out reward (it has no validation loss)."""
+        grpo, problems = self.method.objective == "grpo", []
+        if grpo and self.method.grpo is None:
+            problems.append("method.objective grpo needs method.grpo with its rewards, e.g. "
+                            "{rewards: [{function: ftcluster.rewards:exact_answer}]}")
+        if not grpo and self.method.grpo is not None:
+            problems.append("method.grpo applies to method.objective grpo only")
+        if grpo and self.distributed.backend == "deepspeed" and self.distributed.zero_stage == 3:
+            problems.append("grpo samples completions in the training workers, which ZeRO-3's partitioned weights "
+                            "make a collective per token; use zero_stage 2 or backend ddp")
+        if grpo and "metric" not in self.eval.model_fields_set:
+            self.eval.metric, self.eval.mode = "val_reward", "max"
         return problems
 
     def _setting_problems(self) -> list[str]:

@@ -14,7 +14,7 @@ PACKAGE = REPO / "ftcluster"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("ftcluster", "ftcluster.errors", "ftcluster.layout", "ftcluster.atomic", "ftcluster.accelerators", "ftcluster.registry",
               "ftcluster.storage", "ftcluster.locations",
-              "ftcluster.interrupts", "ftcluster.quiet")),
+              "ftcluster.interrupts", "ftcluster.quiet", "ftcluster.rewards")),
     ("spec", ("ftcluster.spec", "ftcluster.ds_config")),
     ("data, models, tracking", ("ftcluster.data", "ftcluster.models", "ftcluster.track", "ftcluster.tables",
                                 "ftcluster.forgetting")),

@@ -11,7 +11,8 @@ import torch
 from conftest import REPO, write_jsonl
 
 from ftcluster.data import build_data
-from ftcluster.engine.objectives import DPOObjective, adapters_off_reference, dpo_losses, sequence_logps
+from ftcluster.engine.logprobs import adapters_off_reference, sequence_logps
+from ftcluster.engine.objectives import DPOObjective, dpo_losses
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 from ftcluster.models.methods import apply_method
 from ftcluster.spec import DataSpec, MethodSpec, load_spec

@@ -42,6 +42,7 @@ class DataReport:
     bad_rows: list[tuple[str, str]] = field(default_factory=list)  # the first MAX_KEPT_BAD_ROWS
     truncated: int = 0
     dropped_no_target: int = 0
+    dropped_long_prompts: int = 0  # prompts format: longer than max_length
     bad_count: int = 0
 
     def add_bad(self, where: str, reason: str) -> None:
@@ -57,6 +58,8 @@ class DataReport:
             out.append(f"  ... and {self.bad_count - MAX_LISTED_BAD_ROWS} more bad rows")
         if self.dropped_no_target:
             out.append(f"  {self.dropped_no_target} examples dropped: truncation removed every trained token")
+        if self.dropped_long_prompts:
+            out.append(f"  {self.dropped_long_prompts} prompts dropped: longer than data.max_length")
         return out
 
 
@@ -311,6 +314,11 @@ class _Encoder:
         """The example's sequence, or None when truncation left nothing to train."""
         encoded = self.renderer.encode(example, self.label_ids)
         self.report.truncated += encoded.truncated
+        if example.prompt_only and encoded.truncated:  # it lost the turn header the model answers after
+            self.report.dropped_long_prompts += 1
+            return None
+        if example.prompt_only:
+            return encoded
         pair_empty = encoded.rejected is not None and not any(encoded.rejected.trained[1:])
         if encoded.label is None and (not any(encoded.trained[1:]) or pair_empty):
             self.report.dropped_no_target += 1
@@ -330,7 +338,7 @@ class _TrainWriter:
     def __init__(self, path: Path, spec: DataSpec, classification: bool) -> None:
         self.path, self.seed = path, spec.seed
         self.balance = spec.balance_classes and classification
-        self.writer = SequenceWriter(path)
+        self.writer = SequenceWriter(path, with_examples=spec.format == "prompts")  # rewards read the prompts
         self.packer = Packer(spec.max_length) if spec.packing and not classification else None
         self.shots: list[Example] = []
         self.answer_counts: dict[str, int] | None = {}
@@ -347,7 +355,7 @@ class _TrainWriter:
         if encoded is None:
             return
         if self.packer is None:
-            self.writer.add(encoded)
+            self.writer.add(encoded, example if self.writer.with_examples else None)
         elif (full := self.packer.add(encoded)) is not None:
             self.writer.add(full)
 

@@ -31,14 +31,21 @@ class Example:
     text: str | None = None
     label: str | None = None
     rejected: str | None = None  # preference format: the dispreferred reply to the same prompt
+    prompt_only: bool = False  # prompts format: the model answers it (online RL); the last turn is a reference
 
     @property
     def reference(self) -> str | None:
-        """The reply a prompt-and-answer example expects (its last assistant turn); None for other kinds."""
+        """The reply a prompt-and-answer example expects (its last assistant turn); None for other kinds
+        and for a prompt without a reference answer."""
         if self.rejected is not None:
             return None
         replies = [m["content"] for m in self.messages if m["role"] == "assistant"]
-        return replies[-1] if replies else None
+        return replies[-1] if replies and replies[-1] else None
+
+    @property
+    def prompt(self) -> str:
+        """The last user turn: what a prompts row asked."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
 
 
 def _text_field(record: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -110,12 +117,24 @@ def parse_preference(record: dict[str, Any], columns: ColumnSpec, system_prompt:
     return Example(messages=messages, rejected=rejected)
 
 
+def parse_prompts(record: dict[str, Any], columns: ColumnSpec, system_prompt: str | None) -> Example:
+    prompt = _text_field(record, columns.prompt)
+    reference = record.get(columns.reference)
+    if reference is not None and (isinstance(reference, bool) or not isinstance(reference, (str, int, float))):
+        raise BadRow(f"field {columns.reference!r} must be text or a number, got {type(reference).__name__}")
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages += [{"role": "user", "content": prompt},
+                 {"role": "assistant", "content": "" if reference is None else str(reference)}]
+    return Example(messages=messages, prompt_only=True)
+
+
 PARSERS = {
     "instruction": parse_instruction,
     "chat": parse_chat,
     "text": parse_text,
     "classification": parse_classification,
     "preference": parse_preference,
+    "prompts": parse_prompts,
 }
 
 

@@ -111,6 +111,9 @@ class Renderer:
             if tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
             return self._cut(Encoded(ids, [True] * len(ids)))
+        if example.prompt_only:  # the generation prompt alone: the model writes the rest
+            ids = tokenizer(self.prompt_text(example)[0], add_special_tokens=False)["input_ids"]
+            return self._cut(Encoded(ids, [False] * len(ids)))
         if example.rejected is not None:
             chosen = self._encode_conversation(example.messages)
             other = [*example.messages[:-1], {"role": "assistant", "content": example.rejected}]

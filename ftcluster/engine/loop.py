@@ -367,7 +367,7 @@ def wrap_up(setup: Setup, state: RunState) -> dict[str, Any]:
         setup.say(f"WARNING {forgetting_message(forgetting)}")
     full_state = setup.stepper.full_state_dict()  # collective under ZeRO-3
     if ctx.is_main:
-        final = save_final_model(setup.module, setup.tokenizer, out_dir, setup.is_peft, setup.bundle.label_names,
+        final = save_final_model(setup.module, setup.tokenizer, out_dir, setup.is_peft, setup.label_names,
                                  full_state)
         summary["final"] = str(final)
         write_text_atomic(out_dir / EVAL_AFTER, json.dumps(after, indent=1))

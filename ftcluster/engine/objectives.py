@@ -1,41 +1,30 @@
-"""What a batch is and what its loss is: next-token SFT, or DPO on preference pairs.
+"""What a batch is and what its loss is: next-token SFT, DPO on preference pairs, or a reward model.
 
 The loop asks an objective to collate items into a batch, to count the batch's units (target
-tokens for SFT, pairs for DPO: the loss is normalised by the step's total across workers) and for
-the batch's summed loss.
+tokens for SFT, pairs for DPO and reward models: the loss is normalised by the step's total across
+workers) and for the batch's summed loss. Objectives with an `evaluate` method score their own
+held-out data.
 
 DPO (Rafailov et al., 2023) compares the policy's log-probabilities of the chosen and rejected
 replies with a frozen reference's: loss = -log sigmoid(beta * ((pc - rc) - (pr - rr))), with
 conservative label smoothing eps mixing in the flipped term. For adapter methods the reference is
 the same model with its adapters off, so no second copy of the weights is held.
+
+A reward model (Ouyang et al., 2022) is a classification head with one output read at the last
+token; on each pair, loss = -log sigmoid(r(chosen) - r(rejected) - margin) (Bradley-Terry).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from ftcluster.data.batches import IGNORE, collate, count_targets, model_inputs
+from ftcluster.data.batches import collate, count_targets, model_inputs
 from ftcluster.data.render import Encoded
 from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
+from ftcluster.engine.logprobs import ReferenceFn, adapters_off_reference, frozen_copy_reference, sequence_logps
 from ftcluster.eval_shard import WHOLE, EvalShard
-from ftcluster.evaluate import base_model_view, eval_batches, eval_mode, loss_sum
-
-ReferenceFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-
-
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per row: the summed log-probability of its trained (response) tokens."""
-    inputs = model_inputs(batch)
-    labels = batch["labels"]
-    logits = model(**inputs).logits[:, -labels.shape[1]:]
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                   reduction="none").view(targets.shape)
-    return token_logps.sum(dim=1)
+from ftcluster.evaluate import eval_batches, loss_sum
 
 
 def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -43,6 +32,17 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refer
     """Per pair DPO loss (sigmoid form, with conservative label smoothing)."""
     logits = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
     return -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+
+
+def collate_pairs(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen replies in the first half of the batch, their rejected partners in the second."""
+    rejected = [item.rejected for item in items if item.rejected is not None]
+    assert len(rejected) == len(items), "this objective's batches hold preference pairs only"
+    return collate(items + rejected, pad_id)
+
+
+def count_pairs(batch: dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].shape[0] // 2
 
 
 class SFTObjective:
@@ -66,30 +66,6 @@ class SFTObjective:
         return loss_sum(model, batch)
 
 
-def adapters_off_reference(model: torch.nn.Module) -> ReferenceFn:
-    """The base model as reference: the same module with its adapters disabled (no extra memory)."""
-
-    @torch.no_grad()
-    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with eval_mode(model), base_model_view(model):
-            return sequence_logps(model, batch)
-
-    return reference
-
-
-def frozen_copy_reference(model: torch.nn.Module) -> ReferenceFn:
-    """For full / freeze fine-tunes: a frozen copy of the starting weights (twice the weight memory)."""
-    frozen = copy.deepcopy(model).eval()
-    for parameter in frozen.parameters():
-        parameter.requires_grad_(False)
-
-    @torch.no_grad()
-    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sequence_logps(frozen, batch)
-
-    return reference
-
-
 class DPOObjective:
     name = "dpo"
 
@@ -98,14 +74,8 @@ class DPOObjective:
         self.label_smoothing = label_smoothing
         self.reference = reference
 
-    def collate(self, items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-        """Chosen replies in the first half of the batch, their rejected partners in the second."""
-        rejected = [item.rejected for item in items if item.rejected is not None]
-        assert len(rejected) == len(items), "DPO batches hold preference pairs only"
-        return collate(items + rejected, pad_id)
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+    collate = staticmethod(collate_pairs)
+    count = staticmethod(count_pairs)
 
     def terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         reference = self.reference(batch)
@@ -158,6 +128,63 @@ class DPOObjective:
         }
 
 
+def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Per pair: -log P(chosen beats rejected) under the Bradley-Terry model, with a margin to clear."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row: the reward head's score (its one output, read by the model at the last real token)."""
+    return model(**model_inputs(batch)).logits.squeeze(-1).float()
+
+
+class RewardObjective:
+    """Train a scalar reward head to score each pair's chosen reply above its rejected one."""
+
+    name = "reward"
+    collate = staticmethod(collate_pairs)
+    count = staticmethod(count_pairs)
+
+    def __init__(self, margin: float):
+        self.margin = margin
+
+    def terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rewards = sequence_rewards(model, batch)
+        half = rewards.shape[0] // 2
+        chosen, rejected = rewards[:half], rewards[half:]
+        return {"losses": bradley_terry_losses(chosen, rejected, self.margin), "chosen": chosen, "rejected": rejected}
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.terms(model, batch)["losses"].sum()
+
+    @torch.no_grad()
+    def evaluate(self, model, items: list[Encoded], batch_size: int, pad_id: int, device, autocast,
+                 limit: int | None = None, shard: EvalShard = WHOLE) -> dict[str, float]:
+        """On held-out pairs: the loss, how often the chosen reply scores higher (pair_accuracy), the
+        mean margin r(chosen) - r(rejected), and the mean rewards (a base model's head is untrained)."""
+        names = ("loss", "right", "margin", "chosen", "rejected", "pairs")
+        sums = dict.fromkeys(names, 0.0)
+        for batch, real in eval_batches(items, batch_size, pad_id, device, limit, self.collate, shard):
+            with autocast():
+                terms = self.terms(model, batch)
+            if not real:
+                continue
+            margin = terms["chosen"] - terms["rejected"]
+            sums["loss"] += float(terms["losses"].sum())
+            sums["right"] += float((margin > 0).sum())
+            sums["margin"] += float(margin.sum())
+            sums["chosen"] += float(terms["chosen"].sum())
+            sums["rejected"] += float(terms["rejected"].sum())
+            sums["pairs"] += margin.shape[0]
+        sums = dict(zip(names, shard.total([sums[name] for name in names])))
+        pairs = sums["pairs"]
+        if pairs == 0:
+            return {}
+        return {"val_loss": sums["loss"] / pairs, "pair_accuracy": sums["right"] / pairs,
+                "reward_margin": sums["margin"] / pairs, "chosen_reward": sums["chosen"] / pairs,
+                "rejected_reward": sums["rejected"] / pairs}
+
+
 def use_chunked_loss(spec) -> bool:
     """auto: chunked wherever it can run. With gradients taken in the forward pass it is no slower
     than the standard loss on CPU either (bench/RESULTS.md), and never builds the full logits."""
@@ -175,5 +202,7 @@ def make_objective(spec, model: torch.nn.Module, is_peft: bool, base_model: torc
     if spec.method.objective == "sft":
         head = output_head(model) if use_chunked_loss(spec) else None
         return SFTObjective(head, spec.training.loss_chunk_tokens)
+    if spec.method.objective == "reward":
+        return RewardObjective(spec.method.reward.margin)
     reference = adapters_off_reference(model) if is_peft else frozen_copy_reference(base_model or model)
     return DPOObjective(spec.method.dpo.beta, spec.method.dpo.label_smoothing, reference)

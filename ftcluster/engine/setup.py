@@ -43,7 +43,7 @@ from ftcluster.models.methods import (
     param_breakdown,
     quantization_config,
 )
-from ftcluster.registry import METHODS
+from ftcluster.registry import METHODS, OBJECTIVES
 from ftcluster.spec import JobSpec
 from ftcluster.tables import param_table
 
@@ -119,6 +119,7 @@ class Setup:
     general: list | None  # forgetting-check texts
     rss_before_model_mb: float
     load_peak_mb: float
+    label_names: list[str] | None  # the classification head's outputs (saved with the weights)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -166,7 +167,8 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     ds_config = deepspeed_config(spec, precision) if spec.distributed.backend == "deepspeed" else None
     if ds_config is not None:
         autocast = contextlib.nullcontext  # DeepSpeed casts the model itself (bf16/fp16 sections)
-    model = _load_model(spec, ctx, device, resolved, tokenizer, bundle.label_names, ds_config)
+    label_names = head_labels(spec, bundle.label_names)
+    model = _load_model(spec, ctx, device, resolved, tokenizer, label_names, ds_config)
     is_peft = METHODS[spec.method.name].adapters
     objective = make_objective(spec, model, is_peft)  # fixes a DPO reference now
     schedule, optimizer, scheduler = _optimizer(spec, model, device, order, total_steps)
@@ -187,7 +189,13 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     general = general_items(spec.eval.forgetting, renderer) if spec.eval.forgetting else None
     return Setup(spec, ctx, out_dir, say, verbose, device, precision, autocast, tokenizer, bundle, renderer, order,
                  total_steps, stepper.module, forward_model, stepper, optimizer, scheduler, schedule, objective,
-                 is_peft, counts, general, rss_before_model_mb, load_peak_mb)
+                 is_peft, counts, general, rss_before_model_mb, load_peak_mb, label_names)
+
+
+def head_labels(spec: JobSpec, data_labels: list[str] | None) -> list[str] | None:
+    """The outputs of the classification head: the data's classes, or the objective's own (a reward)."""
+    own = OBJECTIVES[spec.method.objective].head_labels
+    return list(own) if own is not None else data_labels
 
 
 def _load_model(spec: JobSpec, ctx: WorkerContext, device: torch.device, resolved, tokenizer, label_names,
