@@ -20,6 +20,7 @@ from typing import Any
 from ftcluster.capacity import worker_resources
 from ftcluster.engine.context import WorkerContext, restore_checkpoint
 from ftcluster.engine.loop import train
+from ftcluster.engine.rewards import share_reward_code
 from ftcluster.errors import FtError, io_error_line, storage_errno
 from ftcluster.interrupts import STOP
 from ftcluster.layout import CHECKPOINTS, SUMMARY
@@ -43,6 +44,8 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
         spec.data.validation = absolute_data_path(spec.data.validation)
     if not spec.output_uri:
         spec.output.dir = str(spec.output_dir.resolve())
+    if spec.method.grpo is not None and spec.method.grpo.reward_model is not None:
+        spec.method.grpo.reward_model.run = absolute_data_path(spec.method.grpo.reward_model.run)
     model_path = Path(spec.model.path).expanduser()
     if spec.model.path not in ALIASES and model_path.exists():
         spec.model.path = str(model_path.resolve())
@@ -386,6 +389,7 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
     init_ray(address)
     STOP.install()  # after Ray's own handlers: Ctrl+C and SIGTERM end the run in one line
     spec = absolute_paths(spec)
+    share_reward_code(spec.method.grpo)
     check_cluster_capacity(spec)
     check_output_reaches_every_node(spec)
     trainer = make_trainer(spec, resume)

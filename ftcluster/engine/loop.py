@@ -249,8 +249,9 @@ def train_step(setup: Setup, state: RunState) -> None:
     ctx, objective, device, stepper = setup.ctx, setup.objective, setup.device, setup.stepper
     number, timeout = state.step + 1, setup.spec.distributed.timeout_s
     pad_id = setup.tokenizer.pad_token_id
-    micro = [objective.collate([setup.bundle.train[i] for i in ids], pad_id)
-             for ids in setup.order.micro_batches(state.step, ctx.rank)]
+    indices = setup.order.micro_batches(objective.data_step(state.step), ctx.rank)
+    items = [[setup.bundle.train[i] for i in ids] for ids in indices]
+    micro = objective.step_batches(items, indices, state.step, pad_id)  # online RL samples its rollouts here
     # Count on the host before the copy: counting device tensors would wait for the GPU every step.
     targets = torch.tensor(float(sum(objective.count(batch) for batch in micro)), device=device)
     state.window.tokens += sum(tokens_in(batch) for batch in micro)
@@ -303,6 +304,8 @@ def log_window(setup: Setup, state: RunState) -> None:
         "skipped_nonfinite_steps": state.guard.skipped,
         **run_cost(window.train_seconds, state.devices, state.kind, setup.spec.cost),
     }
+    if hasattr(setup.objective, "window_stats"):  # online RL: rewards, KL, clipping, sampling time
+        record |= setup.objective.window_stats(ctx.world_size, all_reduce)
     state.log.write(record)
     state.tracker.log(record)
     state.progress.update(step, record)

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from ftcluster.data.batches import collate, count_targets, model_inputs
 from ftcluster.data.render import Encoded
 from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
-from ftcluster.engine.logprobs import ReferenceFn, adapters_off_reference, frozen_copy_reference, sequence_logps
+from ftcluster.engine.grpo import GRPOObjective, PolicyContext
+from ftcluster.engine.logprobs import (
+    ReferenceFn,
+    adapters_off_reference,
+    frozen_copy_reference,
+    sequence_logps,
+    token_logps,
+)
+from ftcluster.engine.rewards import RewardScorer
 from ftcluster.eval_shard import WHOLE, EvalShard
 from ftcluster.evaluate import eval_batches, loss_sum
 
@@ -45,7 +53,21 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].shape[0] // 2
 
 
-class SFTObjective:
+class FixedDataObjective:
+    """An objective that trains on the data as it is: each step reads its own examples, collated."""
+
+    def collate(self, items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def data_step(self, step: int) -> int:
+        return step
+
+    def step_batches(self, items: list[list[Encoded]], indices: list[list[int]], step: int,
+                     pad_id: int) -> list[dict[str, torch.Tensor]]:
+        return [self.collate(group, pad_id) for group in items]
+
+
+class SFTObjective(FixedDataObjective):
     """Next-token loss; with `head`, computed chunk by chunk (see chunked_loss)."""
 
     name = "sft"
@@ -66,7 +88,7 @@ class SFTObjective:
         return loss_sum(model, batch)
 
 
-class DPOObjective:
+class DPOObjective(FixedDataObjective):
     name = "dpo"
 
     def __init__(self, beta: float, label_smoothing: float, reference: ReferenceFn):
@@ -138,7 +160,7 @@ def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     return model(**model_inputs(batch)).logits.squeeze(-1).float()
 
 
-class RewardObjective:
+class RewardObjective(FixedDataObjective):
     """Train a scalar reward head to score each pair's chosen reply above its rejected one."""
 
     name = "reward"
@@ -196,13 +218,22 @@ def use_chunked_loss(spec) -> bool:
     return training.loss_impl in ("chunked", "auto")
 
 
-def make_objective(spec, model: torch.nn.Module, is_peft: bool, base_model: torch.nn.Module | None = None):
-    """The job's objective; a DPO reference is fixed here, before any training step (or, after
-    training, from `base_model`: the starting weights of a full / freeze fine-tune)."""
-    if spec.method.objective == "sft":
+def make_objective(spec, model: torch.nn.Module, is_peft: bool, base_model: torch.nn.Module | None = None,
+                   context: PolicyContext | None = None):
+    """The job's objective; a DPO or GRPO reference is fixed here, before any training step (or, after
+    training, from `base_model`: the starting weights of a full / freeze fine-tune). GRPO samples and
+    scores with `context`."""
+    objective = spec.method.objective
+    if objective == "sft":
         head = output_head(model) if use_chunked_loss(spec) else None
         return SFTObjective(head, spec.training.loss_chunk_tokens)
-    if spec.method.objective == "reward":
+    if objective == "reward":
         return RewardObjective(spec.method.reward.margin)
-    reference = adapters_off_reference(model) if is_peft else frozen_copy_reference(base_model or model)
-    return DPOObjective(spec.method.dpo.beta, spec.method.dpo.label_smoothing, reference)
+    scores = token_logps if objective == "grpo" else sequence_logps
+    reference = adapters_off_reference(model, scores) if is_peft else frozen_copy_reference(base_model or model, scores)
+    if objective == "dpo":
+        return DPOObjective(spec.method.dpo.beta, spec.method.dpo.label_smoothing, reference)
+    assert context is not None, "grpo samples completions: it needs the run's PolicyContext"
+    settings = spec.method.grpo
+    scorer = RewardScorer(settings, context.device, context.autocast)
+    return GRPOObjective(settings, model, context, scorer, reference if settings.beta > 0 else None)

@@ -43,6 +43,8 @@ class Progress:
         if not self.enabled:
             return
         info = f"loss {metrics.get('train_loss', float('nan')):.4f} | {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        if "reward" in metrics:  # online RL: what the samples scored, and how far from the reference
+            info += f" | reward {metrics['reward']:.3f} | kl {metrics['kl']:.4f}"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         else:

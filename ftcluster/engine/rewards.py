@@ -13,6 +13,7 @@ import numbers
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +24,18 @@ RewardFn = Callable[[str, str, str | None], Any]
 REWARD_MODEL = "reward_model"  # the reward model's name among the sources
 
 
+# The folders the launching machine found the reward modules in (os.pathsep-separated): forwarded to
+# every worker and sweep trial like any FTCLUSTER_* setting, and searched there.
+CODE_PATH = "FTCLUSTER_CODE_PATH"
+
+
 def load_reward_function(name: str) -> RewardFn:
-    """The function `module:function` names, imported from the Python path or the current folder."""
+    """The function `module:function` names, imported from the Python path, the current folder or the
+    folders the launcher shared (FTCLUSTER_CODE_PATH)."""
     module_name, _, attribute = name.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+    for folder in [os.getcwd(), *filter(None, os.environ.get(CODE_PATH, "").split(os.pathsep))]:
+        if folder not in sys.path:
+            sys.path.append(folder)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # the user's module may fail to import in any way
@@ -38,17 +46,41 @@ def load_reward_function(name: str) -> RewardFn:
     return function
 
 
+def share_reward_code(settings) -> None:
+    """On the launching machine: import every reward function now (a missing one fails before any worker
+    starts) and share the folders their modules came from, so workers in other processes find them."""
+    if settings is None:
+        return
+    folders = [folder for folder in os.environ.get(CODE_PATH, "").split(os.pathsep) if folder]
+    for reward in settings.rewards:
+        load_reward_function(reward.function)
+        module_name = reward.function.partition(":")[0]
+        source = Path(sys.modules[module_name].__file__ or "").resolve()
+        levels = module_name.count(".") + (source.name == "__init__.py")
+        folders.append(str(source.parents[levels]))
+    if folders:
+        os.environ[CODE_PATH] = os.pathsep.join(dict.fromkeys(folders))
+
+
 def checked_reward(value: Any, source: str, prompt_index: int) -> float:
     """The reward as a float, or a one-line error naming its source and prompt."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise FtError(f"reward {source} returned {type(value).__name__} {str(value)[:40]!r}, not a number, "
-                      f"for training prompt {prompt_index}")
+                      f"for prompt {prompt_index}")
     number = float(value)
     if not math.isfinite(number):
-        raise FtError(f"reward {source} returned {number} for training prompt {prompt_index}; rewards must be finite")
+        raise FtError(f"reward {source} returned {number} for prompt {prompt_index}; rewards must be finite")
     return number
+
+
+def called(function: RewardFn, name: str, prompt_index: int, prompt: str, completion: str, reference: str | None) -> Any:
+    """The function's value for one completion; what it raises becomes a one-line error naming it."""
+    try:
+        return function(prompt, completion, reference)
+    except Exception as exc:  # the user's code may raise anything
+        raise FtError(f"reward {name} raised {type(exc).__name__}: {first_line(exc)} (prompt {prompt_index})") from None
 
 
 class RewardModelScorer:
@@ -85,7 +117,7 @@ class RewardScorer:
 
     def __init__(self, settings, device, autocast):
         self.functions = [(spec.function, load_reward_function(spec.function)) for spec in settings.rewards]
-        self.names = [name for name, _ in self.functions]
+        self.names = [name.partition(":")[2] for name, _ in self.functions]  # metric names: reward/exact_answer
         weights = [spec.weight for spec in settings.rewards]
         self.model = None
         if settings.reward_model is not None:
@@ -97,7 +129,7 @@ class RewardScorer:
     def score(self, prompts: list[str], completions: list[str], references: list[str | None],
               prompt_indices: list[int]) -> torch.Tensor:
         """(completions, sources) raw scores; prompts, references and indices are per completion."""
-        rows = [[checked_reward(function(prompt, completion, reference), name, index)
+        rows = [[checked_reward(called(function, name, index, prompt, completion, reference), name, index)
                  for name, function in self.functions]
                 for prompt, completion, reference, index in zip(prompts, completions, references, prompt_indices)]
         scores = torch.tensor(rows, dtype=torch.float32).reshape(len(completions), len(self.functions))

@@ -25,6 +25,7 @@ from ftcluster.data.render import Renderer
 from ftcluster.ds_config import deepspeed_config
 from ftcluster.engine.backends import DeepSpeedStepper, TorchStepper, zero3_init_context
 from ftcluster.engine.context import WorkerContext
+from ftcluster.engine.grpo import PolicyContext
 from ftcluster.engine.objectives import make_objective
 from ftcluster.engine.optim import build_optimizer, lr_lambda, param_groups
 from ftcluster.engine.packing import check_packing_isolation
@@ -170,7 +171,8 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     label_names = head_labels(spec, bundle.label_names)
     model = _load_model(spec, ctx, device, resolved, tokenizer, label_names, ds_config)
     is_peft = METHODS[spec.method.name].adapters
-    objective = make_objective(spec, model, is_peft)  # fixes a DPO reference now
+    context = policy_context(spec, tokenizer, bundle, device, autocast) if spec.method.objective == "grpo" else None
+    objective = make_objective(spec, model, is_peft, context=context)  # fixes a DPO/GRPO reference now
     schedule, optimizer, scheduler = _optimizer(spec, model, device, order, total_steps)
     counts = count_params(model)
     load_peak_mb = peak_memory_mb(device)  # what building the model cost this worker
@@ -190,6 +192,11 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     return Setup(spec, ctx, out_dir, say, verbose, device, precision, autocast, tokenizer, bundle, renderer, order,
                  total_steps, stepper.module, forward_model, stepper, optimizer, scheduler, schedule, objective,
                  is_peft, counts, general, rss_before_model_mb, load_peak_mb, label_names)
+
+
+def policy_context(spec: JobSpec, tokenizer, bundle, device: torch.device, autocast) -> PolicyContext:
+    """What online RL samples and scores with: the run's tokenizer, its prompts and their references."""
+    return PolicyContext(tokenizer, bundle.train.example, bundle.val_examples, device, autocast, spec.training.seed)
 
 
 def head_labels(spec: JobSpec, data_labels: list[str] | None) -> list[str] | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcluster.atomic import write_text_atomic
+from ftcluster.engine.rewards import share_reward_code
 from ftcluster.errors import FtError
 from ftcluster.spec import JobSpec, build_spec, read_yaml
 from ftcluster.storage import RemoteFolder, forwarded_settings
@@ -129,6 +130,7 @@ def prepare_sweep(spec: JobSpec, space_path: Path, options: SweepOptions, locati
     from ftcluster.launch import absolute_paths
 
     spec = absolute_paths(spec)
+    share_reward_code(spec.method.grpo)  # before the sweep records the settings its trials get
     base = spec.model_dump(mode="json")
     space_raw = read_yaml(space_path)
     space = parse_space(space_raw, str(space_path), base)
@@ -167,6 +169,7 @@ def load_sweep(location: str | Path) -> Sweep:
         raise FtError(f"{folder}: not a sweep folder (no {SWEEP_FILE}); pass the folder `ftcluster tune` wrote")
     record = json.loads((folder / SWEEP_FILE).read_text())
     spec = build_spec(record["job"], f"{location}/{SWEEP_FILE}")
+    share_reward_code(spec.method.grpo)
     space = parse_space(record["space"], record["space_source"], record["job"])
     setup = SweepSetup(name=f"{record['name']}-sweep", location=location, base=record["job"], space=space,
                        settings=forwarded_settings(keep_here="FTCLUSTER_CACHE"))

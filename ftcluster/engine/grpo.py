@@ -1,0 +1,238 @@
+"""Online RL with GRPO (Shao et al., 2024): the policy answers each prompt several times, the answers
+are scored, and those that beat their group's mean are made more likely.
+
+Per prompt, `group_size` completions are sampled; each gets a reward (the weighted sum of the job's
+reward functions and reward model) and the advantage A = (r - mean(group)) / (std(group) + eps).
+Every completion token t then costs
+
+    -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A) + beta * KL_t,
+
+where ratio_t = p(t) / p_sampling(t) and KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (the
+unbiased k3 estimator) against the starting model. The loss is summed over completion tokens and
+normalised by their total across the step's workers, as the SFT loss is.
+
+A prompt's group is sampled from a generator seeded by (training seed, rollout, prompt index), so
+the same prompt gets the same completions whichever worker samples it: two workers train exactly
+as one worker with twice the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ftcluster.data.batches import collate
+from ftcluster.data.formats import Example
+from ftcluster.data.render import Encoded
+from ftcluster.engine.logprobs import ReferenceFn, token_logps, trained_positions
+from ftcluster.engine.rewards import RewardScorer
+from ftcluster.eval_shard import WHOLE, EvalShard
+from ftcluster.evaluate import eval_mode, generate_texts
+
+ADVANTAGE_EPS = 1e-4  # keeps a group whose rewards barely differ from blowing its advantages up
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(prompts, group) rewards -> advantages relative to each group (all 0 where a group agrees)."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True, unbiased=False)
+    return (rewards - mean) / (std + ADVANTAGE_EPS)
+
+
+def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
+                      ref_logps: torch.Tensor | None = None, beta: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per token (rows, positions): the clipped policy-gradient loss plus beta * KL; `advantages` per row.
+    Also the KL term and where the clip took the gradient away (for logging)."""
+    ratio = torch.exp(logps - old_logps)
+    advantage = advantages.unsqueeze(1)
+    unclipped, clipped = ratio * advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage
+    losses = -torch.min(unclipped, clipped)
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        losses = losses + beta * kl
+    return {"losses": losses, "kl": kl, "clipped": (clipped < unclipped).float()}
+
+
+def prompt_seed(seed: int, rollout: int, prompt_index: int) -> int:
+    """The seed of one prompt's group in one rollout: independent of which worker samples it."""
+    return (seed * 1_000_003 + rollout) * 10_000_019 + prompt_index
+
+
+@dataclass
+class PolicyContext:
+    """What sampling and scoring need besides the model: the training run's tokenizer, data and device."""
+
+    tokenizer: Any
+    examples: Callable[[int], Example]  # a training prompt's example (its text and reference), by index
+    val_examples: Sequence[Example]  # the held-out prompts' examples, in the order of the evaluated items
+    device: torch.device
+    autocast: Callable[[], Any]
+    seed: int
+
+
+class GroupSampler:
+    """Samples a group of completions for one prompt (token ids, each ending at EOS or cut at the limit)."""
+
+    def __init__(self, tokenizer, settings, device):
+        self.tokenizer, self.settings, self.device = tokenizer, settings, device
+        self.eos = tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def __call__(self, model, prompt: list[int], seed: int) -> list[list[int]]:
+        settings = self.settings
+        ids = torch.tensor([prompt] * settings.group_size, device=self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), eval_mode(model):  # the training RNG stream is left alone
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                                 max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+        return [self._until_eos(row) for row in out[:, len(prompt):].tolist()]
+
+    def _until_eos(self, tokens: list[int]) -> list[int]:
+        return tokens[: tokens.index(self.eos) + 1] if self.eos in tokens else tokens
+
+
+class RolloutStats:
+    """Sums over a logging window (completions, tokens, rewards per source, KL, clipping, sampling time),
+    added up across workers when the window closes."""
+
+    def __init__(self, sources: list[str]):
+        self.sources = sources
+        self.keys = ["completions", "groups", "group_std", "reward", "reward_sq", "length", "cut_short", "tokens",
+                     "kl", "clipped", "sampling_seconds", *(f"reward/{name}" for name in sources)]
+        self.sums = dict.fromkeys(self.keys, 0.0)
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.sums[key] += value
+
+    def close(self, world_size: int, all_reduce: Callable[[torch.Tensor], None]) -> dict[str, float]:
+        """The window's means (over every worker), and a fresh window."""
+        totals = torch.tensor([self.sums[key] for key in self.keys], dtype=torch.float64)
+        if world_size > 1:
+            all_reduce(totals)
+        sums = dict(zip(self.keys, totals.tolist()))
+        self.sums = dict.fromkeys(self.keys, 0.0)
+        completions, tokens = max(sums["completions"], 1.0), max(sums["tokens"], 1.0)
+        mean = sums["reward"] / completions
+        record = {"reward": mean, "reward_std": sums["group_std"] / max(sums["groups"], 1.0),
+                  "reward_spread": max(sums["reward_sq"] / completions - mean**2, 0.0) ** 0.5,
+                  "completion_length": sums["length"] / completions, "cut_short": sums["cut_short"] / completions,
+                  "kl": sums["kl"] / tokens, "clip_fraction": sums["clipped"] / tokens,
+                  "sampling_seconds": sums["sampling_seconds"] / world_size}
+        record |= {f"reward/{name}": sums[f"reward/{name}"] / completions for name in self.sources}
+        return record
+
+
+class GRPOObjective:
+    """The loop's objective for online RL: a step's prompts become rollouts (sampled, scored, with their
+    advantages and reference log-probabilities), trained on for `steps_per_rollout` optimizer steps."""
+
+    name = "grpo"
+
+    def __init__(self, settings, model: torch.nn.Module, context: PolicyContext, scorer: RewardScorer,
+                 reference: ReferenceFn | None):
+        self.settings, self.model, self.context, self.scorer = settings, model, context, scorer
+        self.reference = reference if settings.beta > 0 else None
+        self.sampler = GroupSampler(context.tokenizer, settings, context.device)
+        self.stats = RolloutStats(scorer.names)
+        self._rollouts: tuple[int, list[dict[str, torch.Tensor]]] | None = None
+
+    def data_step(self, step: int) -> int:
+        """Which step's prompts an optimizer step trains on: one rollout serves `steps_per_rollout` steps."""
+        return step // self.settings.steps_per_rollout
+
+    def step_batches(self, items: list[list[Encoded]], indices: list[list[int]], step: int,
+                     pad_id: int) -> list[dict[str, torch.Tensor]]:
+        """The micro batches of an optimizer step: new rollouts at the first step of each rollout."""
+        rollout = self.data_step(step)
+        if self._rollouts is None or self._rollouts[0] != rollout:
+            self._rollouts = (rollout, [self._rollout(prompts, ids, rollout, pad_id)
+                                        for prompts, ids in zip(items, indices)])
+        return self._rollouts[1]
+
+    def _rollout(self, prompts: list[Encoded], indices: list[int], rollout: int, pad_id: int) -> dict[str, torch.Tensor]:
+        """Sample, score and prepare one micro batch of prompts (rows: prompt x group)."""
+        started = time.perf_counter()
+        groups = [self.sampler(self.model, prompt.input_ids, prompt_seed(self.context.seed, rollout, index))
+                  for prompt, index in zip(prompts, indices)]
+        sampling_seconds = time.perf_counter() - started
+        rewards = self._score(groups, indices)
+        advantages = group_advantages(self.scorer.total(rewards).view(len(groups), -1))
+        rows = [Encoded(prompt.input_ids + completion, [False] * len(prompt.input_ids) + [True] * len(completion))
+                for prompt, group in zip(prompts, groups) for completion in group]
+        batch = collate(rows, pad_id)
+        batch["advantages"] = advantages.flatten()
+        with torch.no_grad():
+            on_device = {k: v.to(self.context.device) for k, v in batch.items()}
+            if self.reference is not None:
+                batch["ref_logps"] = self.reference(on_device).cpu()
+            if self.settings.steps_per_rollout > 1:  # the sampling policy's, before this rollout's updates
+                batch["old_logps"] = token_logps(self.model, on_device).cpu()
+        self._record(rewards, advantages.shape, groups, sampling_seconds)
+        return batch
+
+    def _score(self, groups: list[list[list[int]]], indices: list[int]) -> torch.Tensor:
+        """(completions, sources) raw rewards of every completion, in prompt then group order."""
+        decode = self.context.tokenizer.decode
+        examples = [self.context.examples(index) for index in indices]
+        per_completion = [(example, index, decode(completion, skip_special_tokens=True))
+                          for example, index, group in zip(examples, indices, groups) for completion in group]
+        return self.scorer.score([e.prompt for e, _, _ in per_completion], [text for _, _, text in per_completion],
+                                 [e.reference for e, _, _ in per_completion], [i for _, i, _ in per_completion])
+
+    def _record(self, rewards: torch.Tensor, shape: torch.Size, groups: list[list[list[int]]], seconds: float) -> None:
+        total = self.scorer.total(rewards)
+        lengths = [len(completion) for group in groups for completion in group]
+        eos = self.sampler.eos
+        self.stats.add(completions=len(lengths), groups=shape[0], group_std=float(total.view(shape).std(dim=1, unbiased=False).sum()),
+                       reward=float(total.sum()), reward_sq=float((total**2).sum()), length=sum(lengths),
+                       cut_short=sum(1 for group in groups for c in group if not c or c[-1] != eos),
+                       sampling_seconds=seconds,
+                       **{f"reward/{name}": float(rewards[:, k].sum()) for k, name in enumerate(self.scorer.names)})
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Completion tokens: the loss is a mean over every completion token of the step."""
+        return int(trained_positions(batch).sum())
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps = token_logps(model, batch)
+        mask = trained_positions(batch).float()
+        old = batch.get("old_logps", logps.detach())  # one step per rollout: the sampling policy is this one
+        terms = grpo_token_losses(logps, old, batch["advantages"], self.settings.clip_eps, batch.get("ref_logps"),
+                                  self.settings.beta)
+        self.stats.add(tokens=float(mask.sum()), kl=float((terms["kl"].detach() * mask).sum()),
+                       clipped=float((terms["clipped"] * mask).sum()))
+        return (terms["losses"] * mask).sum()
+
+    def window_stats(self, world_size: int, all_reduce: Callable[[torch.Tensor], None]) -> dict[str, float]:
+        return self.stats.close(world_size, all_reduce)
+
+    @torch.no_grad()
+    def evaluate(self, model, items: list[Encoded], batch_size: int, pad_id: int, device, autocast,
+                 limit: int | None = None, shard: EvalShard = WHOLE) -> dict[str, Any]:
+        """The held-out prompts answered greedily and scored: val_reward (the mean total reward), each
+        source's mean, the answers' length in characters, and the answers themselves as samples."""
+        count = min(self.settings.eval_prompts, len(items), len(self.context.val_examples))
+        if count == 0:
+            return {}
+        examples = [self.context.val_examples[index] for index in range(count)]
+        with eval_mode(model), autocast():
+            answers = generate_texts(model, self.context.tokenizer, [item.input_ids for item in items[:count]],
+                                     self.settings.max_new_tokens, device, batch_size, shard)
+        scores = self.scorer.score([e.prompt for e in examples], answers, [e.reference for e in examples],
+                                   list(range(count)))
+        total = self.scorer.total(scores)
+        metrics: dict[str, Any] = {"val_reward": float(total.mean())}
+        metrics |= {f"val_reward/{name}": float(scores[:, k].mean()) for k, name in enumerate(self.scorer.names)}
+        metrics["val_completion_chars"] = sum(len(answer) for answer in answers) / count
+        metrics["samples"] = [{"prompt": e.prompt, "reference": e.reference or "", "output": answer,
+                               "reward": float(reward)} for e, answer, reward in zip(examples, answers, total)]
+        return metrics
