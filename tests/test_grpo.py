@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO, read_metrics, write_jsonl
 
-from ftcluster.engine.grpo import group_advantages, grpo_token_losses, prompt_seed
+from ftcluster.engine.grpo import SeededSampling, group_advantages, grpo_token_losses, nucleus, prompt_seed
 from ftcluster.rewards import answer_tags, exact_answer, number_answer
 from ftcluster.spec import load_spec
 
@@ -82,6 +82,24 @@ def test_equal_rewards_in_a_group_give_zero_policy_gradient(tiny_model):
 
 def test_a_prompts_group_seed_does_not_depend_on_the_worker():
     assert prompt_seed(0, 3, 17) == prompt_seed(0, 3, 17) != prompt_seed(0, 3, 18) != prompt_seed(0, 4, 17)
+
+
+def test_nucleus_keeps_the_smallest_set_holding_top_p():
+    kept = nucleus(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]]), 0.8)
+    assert kept.tolist() == [pytest.approx([0.625, 0.375, 0.0, 0.0]), pytest.approx([1.0, 0.0, 0.0, 0.0])]
+
+
+def test_a_rows_sample_depends_on_its_seed_not_on_the_rows_beside_it():
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+
+    def draws(seeds: list[int], rows: torch.Tensor) -> list[int]:
+        sampling = SeededSampling([torch.Generator().manual_seed(seed) for seed in seeds], temperature=1.0, top_p=0.9)
+        picked = sampling(torch.zeros(len(seeds), 1, dtype=torch.long), rows)
+        assert (picked == 0).sum(dim=1).tolist() == [1] * len(seeds)  # all the mass on one token per row
+        return picked.argmax(dim=1).tolist()
+
+    together = draws([7, 8, 9], scores)
+    assert draws([8], scores[1:2]) == together[1:2] and draws([9, 7], scores[[2, 0]]) == [together[2], together[0]]
 
 
 def test_built_in_rewards_check_verifiable_answers():

@@ -24,7 +24,8 @@ from ftcluster.sweep.space import evaluate_expression, load_space, parse_space
 from ftcluster.sweep.trial import finished_report
 
 # Which job each shipped space is meant for.
-SHIPPED = {"lora.yaml": "quickstart.yaml", "unfreeze.yaml": "classify-minilm.yaml", "full.yaml": "classify-minilm.yaml"}
+SHIPPED = {"lora.yaml": "quickstart.yaml", "unfreeze.yaml": "classify-minilm.yaml", "full.yaml": "classify-minilm.yaml",
+           "grpo.yaml": "grpo-smollm2.yaml"}
 SPACE = {
     "training.lr": {"loguniform": [1.0e-5, 3.0e-2]},
     "method.lora.rank": {"choice": [2, 4, 8]},

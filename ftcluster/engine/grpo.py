@@ -28,7 +28,7 @@ import torch
 from ftcluster.data.batches import collate
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Encoded
-from ftcluster.engine.logprobs import ReferenceFn, token_logps, trained_positions
+from ftcluster.engine.logprobs import ReferenceFn, completion_logps, trained_positions
 from ftcluster.engine.rewards import RewardScorer
 from ftcluster.eval_shard import WHOLE, EvalShard
 from ftcluster.evaluate import eval_mode, generate_texts
@@ -60,7 +60,7 @@ def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
 
 def prompt_seed(seed: int, rollout: int, prompt_index: int) -> int:
     """The seed of one prompt's group in one rollout: independent of which worker samples it."""
-    return (seed * 1_000_003 + rollout) * 10_000_019 + prompt_index
+    return ((seed * 1_000_003 + rollout) * 10_000_019 + prompt_index) % 2**62
 
 
 @dataclass
@@ -75,25 +75,58 @@ class PolicyContext:
     seed: int
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Each row's smallest set of tokens holding `top_p` of the mass, renormalised (the rest 0)."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    outside = ordered.cumsum(dim=-1) - ordered >= top_p  # the mass before a token already reaches top_p
+    kept = ordered.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, kept / kept.sum(dim=-1, keepdim=True))
+
+
+class SeededSampling:
+    """A transformers logits processor that samples each row's next token with that row's own generator
+    (temperature, then nucleus) and leaves all the mass on it, so greedy decoding takes it: a row's
+    completion depends on its seed alone, not on the rows batched with it or the global RNG."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = (scores.float() / self.temperature).softmax(dim=-1)
+        if self.top_p < 1.0:
+            probs = nucleus(probs, self.top_p)
+        rows = probs.cpu()
+        chosen = torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(rows, self.generators)])
+        picked = torch.full_like(scores, float("-inf"))
+        picked[torch.arange(len(chosen)), chosen.to(scores.device)] = 0.0
+        return picked
+
+
 class GroupSampler:
-    """Samples a group of completions for one prompt (token ids, each ending at EOS or cut at the limit)."""
+    """Samples a group of completions for each prompt of a micro batch, in one batched generate call
+    (token ids, each ending at EOS or cut at the limit); member m of a prompt's group draws from a
+    generator seeded by the prompt's seed and m."""
 
     def __init__(self, tokenizer, settings, device):
         self.tokenizer, self.settings, self.device = tokenizer, settings, device
-        self.eos = tokenizer.eos_token_id
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     @torch.no_grad()
-    def __call__(self, model, prompt: list[int], seed: int) -> list[list[int]]:
-        settings = self.settings
-        ids = torch.tensor([prompt] * settings.group_size, device=self.device)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), eval_mode(model):  # the training RNG stream is left alone
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-                                 max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos,
-                                 pad_token_id=self.tokenizer.pad_token_id)
-        return [self._until_eos(row) for row in out[:, len(prompt):].tolist()]
+    def __call__(self, model, prompts: list[list[int]], seeds: list[int]) -> list[list[list[int]]]:
+        settings, group = self.settings, self.settings.group_size
+        rows = [prompt for prompt in prompts for _ in range(group)]
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([[self.pad] * (width - len(row)) + row for row in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.device)
+        generators = [torch.Generator().manual_seed((seed * group + member) % 2**63) for seed in seeds
+                      for member in range(group)]
+        sampling = SeededSampling(generators, settings.temperature, settings.top_p)
+        with eval_mode(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, logits_processor=[sampling], max_new_tokens=settings.max_new_tokens,
+                                 eos_token_id=self.eos, pad_token_id=self.pad)
+        completions = [self._until_eos(row) for row in out[:, width:].tolist()]
+        return [completions[start:start + group] for start in range(0, len(completions), group)]
 
     def _until_eos(self, tokens: list[int]) -> list[int]:
         return tokens[: tokens.index(self.eos) + 1] if self.eos in tokens else tokens
@@ -161,8 +194,8 @@ class GRPOObjective:
     def _rollout(self, prompts: list[Encoded], indices: list[int], rollout: int, pad_id: int) -> dict[str, torch.Tensor]:
         """Sample, score and prepare one micro batch of prompts (rows: prompt x group)."""
         started = time.perf_counter()
-        groups = [self.sampler(self.model, prompt.input_ids, prompt_seed(self.context.seed, rollout, index))
-                  for prompt, index in zip(prompts, indices)]
+        groups = self.sampler(self.model, [prompt.input_ids for prompt in prompts],
+                              [prompt_seed(self.context.seed, rollout, index) for index in indices])
         sampling_seconds = time.perf_counter() - started
         rewards = self._score(groups, indices)
         advantages = group_advantages(self.scorer.total(rewards).view(len(groups), -1))
@@ -175,7 +208,7 @@ class GRPOObjective:
             if self.reference is not None:
                 batch["ref_logps"] = self.reference(on_device).cpu()
             if self.settings.steps_per_rollout > 1:  # the sampling policy's, before this rollout's updates
-                batch["old_logps"] = token_logps(self.model, on_device).cpu()
+                batch["old_logps"] = completion_logps(self.model, on_device).cpu()
         self._record(rewards, advantages.shape, groups, sampling_seconds)
         return batch
 
@@ -203,7 +236,7 @@ class GRPOObjective:
         return int(trained_positions(batch).sum())
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logps = token_logps(model, batch)
+        logps = completion_logps(model, batch)
         mask = trained_positions(batch).float()
         old = batch.get("old_logps", logps.detach())  # one step per rollout: the sampling policy is this one
         terms = grpo_token_losses(logps, old, batch["advantages"], self.settings.clip_eps, batch.get("ref_logps"),

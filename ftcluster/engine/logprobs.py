@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ftcluster.data.batches import IGNORE, model_inputs
+from ftcluster.engine.chunked_loss import hidden_states_as_logits, output_head
 from ftcluster.evaluate import base_model_view, eval_mode
 
 Scores = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -26,6 +27,24 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     return -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                             reduction="none").view(targets.shape)
+
+
+def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`token_logps`, with the output head applied at the trained positions only: online RL's prompts
+    are most of each row, and the full (rows, positions, vocabulary) logits would cost their memory
+    and time for nothing. Falls back to the full logits for a model without a plain head."""
+    head = output_head(model)
+    if head is None:
+        return token_logps(model, batch)
+    inputs = model_inputs({k: v for k, v in batch.items() if k not in NOT_INPUTS})
+    labels = batch["labels"]
+    with hidden_states_as_logits(head):
+        hidden = model(**inputs).logits[:, -labels.shape[1]:]
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    trained = targets != IGNORE
+    logits = F.linear(hidden[trained], head.weight, head.bias).float()
+    picked = logits.log_softmax(-1).gather(1, targets[trained].unsqueeze(1)).squeeze(1)
+    return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(trained, picked)
 
 
 def trained_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
