@@ -13,6 +13,7 @@ from ftcluster.atomic import write_text_atomic
 from ftcluster.errors import FtError
 from ftcluster.layout import METRICS, SUMMARY
 from ftcluster.run_storage import open_run
+from ftcluster.tables import searched_keys
 
 REPORT = "report.html"
 
@@ -167,7 +168,7 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     sweep = Path(sweep_dir)
     board = read_leaderboard(sweep)
     metric, rows = board["metric"], board["rows"]
-    keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    keys = searched_keys(r["params"] for r in rows)
     # Dotted keys may break after each dot: the table stays within a laptop's window (it scrolls beyond).
     head = "".join(f"<th>{'.<wbr>'.join(html.escape(part) for part in c.split('.'))}</th>" for c in (
         "#", "trial", *keys, metric, "steps", "outcome", "tokens", "GPU-h", "CPU core-h", "USD", "Pareto"))

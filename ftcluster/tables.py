@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -212,9 +213,15 @@ def suggestions_table(plans: list, top: int) -> Table:
     return table
 
 
+def searched_keys(params: Iterable[Mapping[str, Any]]) -> list[str]:
+    """A sweep's searched keys, from its trials' values, in the order they first appear (a sweep
+    table's columns: terminal, CSV, HTML and W&B alike)."""
+    return list(dict.fromkeys(key for values in params for key in values))
+
+
 def leaderboard_table(rows: list, metric: str, title: str, limit: int = 20) -> Table:
     """Sweep trials, best first: values, metric, steps, outcome, tokens and cost."""
-    keys = list(dict.fromkeys(k for r in rows for k in r.params))
+    keys = searched_keys(r.params for r in rows)
     short = {k: k.rsplit(".", 1)[-1] for k in keys}
     if len(set(short.values())) < len(keys):  # two keys end alike: show them whole
         short = {k: k for k in keys}

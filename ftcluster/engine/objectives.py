@@ -16,6 +16,8 @@ token; on each pair, loss = -log sigmoid(r(chosen) - r(rejected) - margin) (Brad
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -121,33 +123,35 @@ class DPOObjective(FixedDataObjective):
                  limit: int | None = None, shard: EvalShard = WHOLE) -> dict[str, float]:
         """On held-out pairs: DPO loss, how often the model itself prefers the chosen reply
         (pref_accuracy: log p(chosen) > log p(rejected)), reward accuracy and margin."""
-        names = ("loss", "prefers", "reward_right", "margin", "chosen", "rejected", "pairs")
-        sums = dict.fromkeys(names, 0.0)
-        for batch, real in eval_batches(items, batch_size, pad_id, device, limit, self.collate, shard):
-            with autocast():
-                terms = self.terms(model, batch)
-            if not real:
-                continue
+
+        def sums(terms: dict[str, torch.Tensor]) -> list[torch.Tensor]:
             margin = terms["chosen_reward"] - terms["rejected_reward"]
-            sums["loss"] += float(terms["losses"].sum())
-            sums["prefers"] += float((terms["chosen"] > terms["rejected"]).sum())
-            sums["reward_right"] += float((margin > 0).sum())
-            sums["margin"] += float(margin.sum())
-            sums["chosen"] += float(terms["chosen"].sum())
-            sums["rejected"] += float(terms["rejected"].sum())
-            sums["pairs"] += margin.shape[0]
-        sums = dict(zip(names, shard.total([sums[name] for name in names])))
-        pairs = sums["pairs"]
-        if pairs == 0:
-            return {}
-        return {
-            "val_loss": sums["loss"] / pairs,
-            "pref_accuracy": sums["prefers"] / pairs,
-            "reward_accuracy": sums["reward_right"] / pairs,
-            "reward_margin": sums["margin"] / pairs,
-            "chosen_logp": sums["chosen"] / pairs,
-            "rejected_logp": sums["rejected"] / pairs,
-        }
+            return [terms["losses"].sum(), (terms["chosen"] > terms["rejected"]).sum(), (margin > 0).sum(),
+                    margin.sum(), terms["chosen"].sum(), terms["rejected"].sum()]
+
+        names = ("val_loss", "pref_accuracy", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
+        return held_out_pair_means(self, model, items, batch_size, pad_id, device, autocast, limit, shard,
+                                   names, sums)
+
+
+def held_out_pair_means(objective: DPOObjective | RewardObjective, model, items: list[Encoded], batch_size: int,
+                        pad_id: int, device, autocast, limit: int | None, shard: EvalShard, names: tuple[str, ...],
+                        batch_sums: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]) -> dict[str, float]:
+    """Per pair means over held-out pairs (every worker its share, the sums added up): `batch_sums`
+    gives a batch's sums of the terms named `names`, from the objective's terms; {} without pairs."""
+    sums = [0.0] * len(names)
+    pairs = 0.0
+    for batch, real in eval_batches(items, batch_size, pad_id, device, limit, objective.collate, shard):
+        with autocast():
+            terms = objective.terms(model, batch)
+        if not real:
+            continue
+        sums = [total + float(value) for total, value in zip(sums, batch_sums(terms), strict=True)]
+        pairs += terms["losses"].shape[0]
+    *sums, pairs = shard.total([*sums, pairs])
+    if pairs == 0:
+        return {}
+    return {name: total / pairs for name, total in zip(names, sums, strict=True)}
 
 
 def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -184,27 +188,15 @@ class RewardObjective(FixedDataObjective):
                  limit: int | None = None, shard: EvalShard = WHOLE) -> dict[str, float]:
         """On held-out pairs: the loss, how often the chosen reply scores higher (pair_accuracy), the
         mean margin r(chosen) - r(rejected), and the mean rewards (a base model's head is untrained)."""
-        names = ("loss", "right", "margin", "chosen", "rejected", "pairs")
-        sums = dict.fromkeys(names, 0.0)
-        for batch, real in eval_batches(items, batch_size, pad_id, device, limit, self.collate, shard):
-            with autocast():
-                terms = self.terms(model, batch)
-            if not real:
-                continue
+
+        def sums(terms: dict[str, torch.Tensor]) -> list[torch.Tensor]:
             margin = terms["chosen"] - terms["rejected"]
-            sums["loss"] += float(terms["losses"].sum())
-            sums["right"] += float((margin > 0).sum())
-            sums["margin"] += float(margin.sum())
-            sums["chosen"] += float(terms["chosen"].sum())
-            sums["rejected"] += float(terms["rejected"].sum())
-            sums["pairs"] += margin.shape[0]
-        sums = dict(zip(names, shard.total([sums[name] for name in names])))
-        pairs = sums["pairs"]
-        if pairs == 0:
-            return {}
-        return {"val_loss": sums["loss"] / pairs, "pair_accuracy": sums["right"] / pairs,
-                "reward_margin": sums["margin"] / pairs, "chosen_reward": sums["chosen"] / pairs,
-                "rejected_reward": sums["rejected"] / pairs}
+            return [terms["losses"].sum(), (margin > 0).sum(), margin.sum(), terms["chosen"].sum(),
+                    terms["rejected"].sum()]
+
+        names = ("val_loss", "pair_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+        return held_out_pair_means(self, model, items, batch_size, pad_id, device, autocast, limit, shard,
+                                   names, sums)
 
 
 def use_chunked_loss(spec) -> bool:

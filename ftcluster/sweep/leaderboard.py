@@ -19,6 +19,7 @@ from ftcluster.atomic import write_text_atomic
 from ftcluster.errors import FtError
 from ftcluster.layout import METRICS, RUN_SPEC, SUMMARY
 from ftcluster.sweep.trial import TRIAL_INFO, TRIALS
+from ftcluster.tables import searched_keys
 
 LEADERBOARD_JSON = "leaderboard.json"
 LEADERBOARD_CSV = "leaderboard.csv"
@@ -136,7 +137,7 @@ def write_leaderboard(sweep_dir: Path, rows: list[TrialRow], metric: str, mode: 
         **extra,
     }
     write_text_atomic(sweep_dir / LEADERBOARD_JSON, json.dumps(document, indent=1, default=str))
-    keys = list(dict.fromkeys(k for r in rows for k in r.params))
+    keys = searched_keys(r.params for r in rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     columns = ["rank", "trial", *keys, metric, f"best_{metric}", "steps", "status", "tokens", "gpu_hours",

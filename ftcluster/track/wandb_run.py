@@ -114,11 +114,13 @@ def log_sweep_table(settings, sweep_dir: Path, sweep_name: str, metric: str, row
 
     import wandb
 
+    from ftcluster.tables import searched_keys
+
     run = wandb.init(project=settings.project, entity=settings.entity, group=sweep_name, tags=[*settings.tags, "sweep"],
                      mode=wandb_mode(settings), name=f"{sweep_name}-summary", job_type="sweep-summary", dir=str(sweep_dir),
                      settings=wandb.Settings(console="off", quiet=True))
     # One column per searched value (a W&B table sorts and plots by them); a whole-block choice as JSON.
-    params = list(dict.fromkeys(key for r in rows for key in r.params))
+    params = searched_keys(r.params for r in rows)
     columns: list[str | int] = ["trial", *params, metric, "steps", "status", "tokens", "gpu_hours", "cpu_core_hours",
                                 "cost_usd"]
 

@@ -53,6 +53,13 @@ def pairs(templates, facts: dict[str, list[tuple[str, str]]]) -> list[dict]:
     return rows
 
 
+def write_split(name: str, rows: list[dict], unit: str) -> None:
+    """Write `rows` as JSON lines to jobs/data/`name` and say how many `unit` it holds."""
+    path = Path(__file__).parent / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(f"{path}: {len(rows)} {unit}")
+
+
 def main() -> None:
     rng = random.Random(7)
     train_facts, val_facts = {}, {}
@@ -63,10 +70,8 @@ def main() -> None:
         train_facts[kind], val_facts[kind] = items[:cut], items[cut:]
     train, val = pairs(TRAIN_TEMPLATES, train_facts), pairs(VAL_TEMPLATES, val_facts)
     rng.shuffle(train)
-    folder = Path(__file__).parent
-    for name, rows in (("preferences-train.jsonl", train), ("preferences-val.jsonl", val)):
-        (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
-        print(f"{folder / name}: {len(rows)} pairs")
+    write_split("preferences-train.jsonl", train, "pairs")
+    write_split("preferences-val.jsonl", val, "pairs")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ answer alone. Held-out prompts ask about facts never seen in training.
     python jobs/data/make_prompts.py   # rewrites jobs/data/prompts-{train,val}.jsonl
 """
 
-import json
 import random
-from pathlib import Path
 
-from make_preferences import CAPITALS, COLORS, OPPOSITES
+from make_preferences import CAPITALS, COLORS, OPPOSITES, write_split
 
 INSTRUCTION = " Reply with the answer only."
 TEMPLATES = {
@@ -33,10 +31,8 @@ def main() -> None:
     every = rows()
     random.Random(0).shuffle(every)
     held_out, train = every[:24], every[24:]
-    folder = Path(__file__).parent
-    for name, part in (("prompts-train.jsonl", train), ("prompts-val.jsonl", held_out)):
-        (folder / name).write_text("".join(json.dumps(row) + "\n" for row in part))
-        print(f"{folder / name}: {len(part)} prompts")
+    write_split("prompts-train.jsonl", train, "prompts")
+    write_split("prompts-val.jsonl", held_out, "prompts")
 
 
 if __name__ == "__main__":
