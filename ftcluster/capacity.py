@@ -74,6 +74,18 @@ def worker_resources(spec: JobSpec) -> dict[str, float]:
     return {**resources, **scaling.resources_per_worker}
 
 
+def rollout_actor_resources(spec: JobSpec) -> dict[str, float]:
+    """What one GRPO rollout actor reserves (method.grpo.rollout): its CPUs, and GPUs if it has any."""
+    rollout = spec.method.grpo.rollout if spec.method.grpo is not None else None
+    if rollout is None or not rollout.workers:
+        return {}
+    scaling = spec.scaling
+    gpus = rollout.gpus_per_worker if rollout.gpus_per_worker is not None else (
+        scaling.gpus_per_worker if scaling.use_gpu else 0.0)
+    resources = {"CPU": rollout.cpus_per_worker or scaling.cpus_per_worker}
+    return resources | ({"GPU": gpus} if gpus else {})
+
+
 def driver_cpus_here() -> float:
     """The CPUs this driver holds in the cluster: what `ftcluster submit` reserved for its entrypoint."""
     return float(os.environ.get(DRIVER_CPUS_ENV, 0))
@@ -114,9 +126,13 @@ def capacity_problems(spec: JobSpec, view: ClusterView, driver_cpus: float = 0.0
     bundle = worker_resources(spec)
     needs = {kind: scaling.num_workers * amount for kind, amount in bundle.items()}
     needs["CPU"] += driver_cpus
+    actors = spec.method.grpo.rollout.workers if spec.method.grpo is not None else 0
+    for kind, amount in rollout_actor_resources(spec).items():
+        needs[kind] = needs.get(kind, 0.0) + actors * amount
     problems = [
         f"scaling: the job needs {amount:g} {kind} ({scaling.num_workers} workers"
         + (f" + {driver_cpus:g} for the job's driver" if kind == "CPU" and driver_cpus else "")
+        + (f" + {actors} rollout actors" if actors else "")
         + f"), the Ray cluster has {have.get(kind, 0):g}"
         for kind, amount in needs.items() if amount > have.get(kind, 0) + 1e-9
     ]

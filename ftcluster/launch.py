@@ -59,6 +59,9 @@ def absolute_data_path(location: str) -> str:
 
 def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
     """One worker, this process, no Ray: what `--no-ray`, benchmarks and GPU scripts use."""
+    if spec.method.grpo is not None and spec.method.grpo.rollout.workers:
+        raise FtError("method.grpo.rollout.workers: rollout actors are Ray actors; run without --no-ray, or set "
+                      "method.grpo.rollout.workers=0 to sample in the training process")
     ctx = WorkerContext()
     ctx.restored = pull_checkpoint(spec, ctx, resume, launch=None)  # a run in storage: its checkpoint, fetched
     return train(spec, ctx, resume=resume)
@@ -106,7 +109,19 @@ def _ray_worker(config: dict[str, Any]) -> None:
     ctx.launch = config["launch"]
     if spec.output_uri:
         ctx.restored = pull_checkpoint(spec, ctx, config["resume"], ctx.launch)
-    train(spec, ctx, resume=config["resume"], verbose=config.get("verbose", True))
+    verbose = config.get("verbose", True)
+    owned: list = []
+    if spec.method.grpo is not None and spec.method.grpo.rollout.workers:
+        from ftcluster.rollout import start_rollout_actors
+
+        ctx.sampler, owned = start_rollout_actors(spec, ctx, say=print if verbose else lambda *_: None)
+    try:
+        train(spec, ctx, resume=config["resume"], verbose=verbose)
+    finally:
+        if owned:
+            from ftcluster.rollout import end_rollout_actors
+
+            end_rollout_actors(owned)
 
 
 RAY_JOB_ENV = {"worker_process_setup_hook": RAY_PROCESS_SETUP_HOOK}

@@ -122,6 +122,23 @@ class RewardModelSpec(Section):
     weight: float = Field(1.0, description="Its share of a completion's reward.")
 
 
+class RolloutSpec(Section):
+    """Where GRPO samples: in the training workers (workers 0), or in separate Ray actors that hold a copy
+    of the policy and receive its trained weights (the layout large models need: generation on its own
+    GPUs while the learners train)."""
+
+    workers: int = Field(0, ge=0, description="Ray actors that sample the completions (0: the training workers "
+                         "sample). Needs Ray (not --no-ray). Example: 2")
+    sync_every: int = Field(1, ge=1, description="Rollouts between pushes of the policy's weights to the actors "
+                            "(trainable weights only: adapters for PEFT). Above 1 the actors sample with weights up to "
+                            "sync_every - 1 rollouts old, and the clipped ratio to their own log-probabilities "
+                            "corrects for it. Example: 4")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per rollout actor (also its torch threads); "
+                                          "None: scaling.cpus_per_worker.")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per rollout actor; None: "
+                                          "scaling.gpus_per_worker when scaling.use_gpu, else 0.")
+
+
 class GrpoSpec(Section):
     """Group Relative Policy Optimisation (Shao et al., 2024): per prompt, sample a group of completions, score
     them, and push up those that beat their group's mean, with a KL penalty to the starting model."""
@@ -139,6 +156,8 @@ class GrpoSpec(Section):
     reward_model: RewardModelSpec | None = Field(None, description="A trained reward model, added to the rewards.")
     eval_prompts: int = Field(32, ge=1, description="Held-out prompts answered (greedily) for val_reward, the mean "
                               "reward that evaluation, early stopping and sweeps read.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Sampling in separate Ray actors "
+                                 "(rollout.workers) instead of the training workers.")
 
     @model_validator(mode="after")
     def _needs_a_reward(self) -> GrpoSpec:

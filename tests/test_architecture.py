@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                 "ftcluster.forgetting")),
     ("engine", ("ftcluster.engine", "ftcluster.eval_shard", "ftcluster.evaluate", "ftcluster.choices", "ftcluster.eval_suite", "ftcluster.harness", "ftcluster.plan", "ftcluster.capacity", "ftcluster.runs", "ftcluster.run_storage",
                 "ftcluster.export", "ftcluster.compare")),
-    ("launch", ("ftcluster.launch", "ftcluster.ray_loopback")),
+    ("launch", ("ftcluster.launch", "ftcluster.ray_loopback", "ftcluster.rollout")),
     ("sweeps, clusters, reports", ("ftcluster.sweep", "ftcluster.cluster", "ftcluster.report", "ftcluster.fetch")),
     ("command line", ("ftcluster.cli", "ftcluster.__main__")),
 ]

@@ -55,3 +55,13 @@ def test_an_autoscaling_config_is_checked_at_its_largest():
     del config["available_node_types"]["a100x8"]["resources"]
     with pytest.raises(FtError, match=r"aws-gpu.yaml: available_node_types.a100x8: set resources"):
         ClusterView.at_most(config, "aws-gpu.yaml")
+
+
+def test_grpo_rollout_actors_count_against_the_cluster():
+    """Two learners and two rollout actors with a GPU each need 4 GPUs; CPU-only actors fit beside them."""
+    overrides = ["scaling.num_workers=2", "scaling.use_gpu=true", "scaling.gpu_type=L4", "method.grpo.rollout.workers=2"]
+    cluster = ClusterView([{"CPU": 16.0, "GPU": 3.0}])
+    problems = capacity_problems(load_spec(REPO / "jobs" / "grpo-smollm2.yaml", overrides), cluster)
+    assert problems and "needs 4 GPU (2 workers + 2 rollout actors), the Ray cluster has 3" in problems[0]
+    cpu_actors = load_spec(REPO / "jobs" / "grpo-smollm2.yaml", [*overrides, "method.grpo.rollout.gpus_per_worker=0"])
+    assert not capacity_problems(cpu_actors, cluster)

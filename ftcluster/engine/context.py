@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ftcluster.errors import FtError
 from ftcluster.layout import TRAINER_STATE, checkpoint_name, checkpoint_step
@@ -46,6 +46,8 @@ class WorkerContext:
     # Whether a node of the worker group has a preemption notice (Ray's drain of a spot node, with a
     # deadline): every worker asks at every step boundary, and gets the same answer.
     preemption_notice: Callable[[], bool] = field(default=lambda: False)
+    # Online RL's sampler when the launcher runs it elsewhere (Ray rollout actors); None: this worker samples.
+    sampler: Any = None
 
     @property
     def is_main(self) -> bool:

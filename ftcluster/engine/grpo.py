@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -63,6 +63,31 @@ def prompt_seed(seed: int, rollout: int, prompt_index: int) -> int:
     return ((seed * 1_000_003 + rollout) * 10_000_019 + prompt_index) % 2**62
 
 
+PromptBatch = tuple[list[list[int]], list[int]]  # a micro batch's prompts (token ids) and their groups' seeds
+
+
+@dataclass
+class Sampled:
+    """One micro batch's groups (per prompt, `group_size` completions as token ids) and, when the
+    sampling policy is not the learner's model as it is now (rollout actors with older weights), that
+    policy's log-probabilities of the rollout rows (as `completion_logps` lays them out)."""
+
+    groups: list[list[list[int]]]
+    behaviour_logps: torch.Tensor | None = None
+
+
+class Sampler(Protocol):
+    """Samples every micro batch of a rollout: in this worker (`LocalSampler`) or in Ray rollout actors."""
+
+    def __call__(self, model: torch.nn.Module, batches: list[PromptBatch], rollout: int) -> list[Sampled]: ...
+
+
+def rollout_rows(prompts: list[list[int]], groups: list[list[list[int]]]) -> list[Encoded]:
+    """The rows a rollout trains on: each prompt followed by each of its completions, the completion trained."""
+    return [Encoded(prompt + completion, [False] * len(prompt) + [True] * len(completion))
+            for prompt, group in zip(prompts, groups) for completion in group]
+
+
 @dataclass
 class PolicyContext:
     """What sampling and scoring need besides the model: the training run's tokenizer, data and device."""
@@ -73,6 +98,7 @@ class PolicyContext:
     device: torch.device
     autocast: Callable[[], Any]
     seed: int
+    sampler: Sampler | None = None  # where groups are sampled (rollout actors); None: this worker, with its model
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -132,6 +158,16 @@ class GroupSampler:
         return tokens[: tokens.index(self.eos) + 1] if self.eos in tokens else tokens
 
 
+class LocalSampler:
+    """Sampling in the training worker, with the model being trained (it is the sampling policy)."""
+
+    def __init__(self, sample_groups: GroupSampler):
+        self.sample_groups = sample_groups
+
+    def __call__(self, model: torch.nn.Module, batches: list[PromptBatch], rollout: int) -> list[Sampled]:
+        return [Sampled(self.sample_groups(model, prompts, seeds)) for prompts, seeds in batches]
+
+
 class RolloutStats:
     """Sums over a logging window (completions, tokens, rewards per source, KL, clipping, sampling time),
     added up across workers when the window closes."""
@@ -174,7 +210,8 @@ class GRPOObjective:
                  reference: ReferenceFn | None):
         self.settings, self.model, self.context, self.scorer = settings, model, context, scorer
         self.reference = reference if settings.beta > 0 else None
-        self.sampler = GroupSampler(context.tokenizer, settings, context.device)
+        self.group_sampler = GroupSampler(context.tokenizer, settings, context.device)
+        self.sampler: Sampler = context.sampler or LocalSampler(self.group_sampler)
         self.stats = RolloutStats(scorer.names)
         self._rollouts: tuple[int, list[dict[str, torch.Tensor]]] | None = None
 
@@ -187,29 +224,36 @@ class GRPOObjective:
         """The micro batches of an optimizer step: new rollouts at the first step of each rollout."""
         rollout = self.data_step(step)
         if self._rollouts is None or self._rollouts[0] != rollout:
-            self._rollouts = (rollout, [self._rollout(prompts, ids, rollout, pad_id)
-                                        for prompts, ids in zip(items, indices)])
+            self._rollouts = (rollout, self._rollout(items, indices, rollout, pad_id))
         return self._rollouts[1]
 
-    def _rollout(self, prompts: list[Encoded], indices: list[int], rollout: int, pad_id: int) -> dict[str, torch.Tensor]:
-        """Sample, score and prepare one micro batch of prompts (rows: prompt x group)."""
+    def _rollout(self, items: list[list[Encoded]], indices: list[list[int]], rollout: int,
+                 pad_id: int) -> list[dict[str, torch.Tensor]]:
+        """Sample every micro batch's groups (rows: prompt x group), then score and prepare each."""
         started = time.perf_counter()
-        groups = self.sampler(self.model, [prompt.input_ids for prompt in prompts],
-                              [prompt_seed(self.context.seed, rollout, index) for index in indices])
-        sampling_seconds = time.perf_counter() - started
+        requests = [([prompt.input_ids for prompt in prompts], [prompt_seed(self.context.seed, rollout, index)
+                                                                 for index in ids]) for prompts, ids in zip(items, indices)]
+        sampled = self.sampler(self.model, requests, rollout)
+        self.stats.add(sampling_seconds=time.perf_counter() - started)
+        return [self._prepared(prompts, ids, result, pad_id) for (prompts, _), ids, result in zip(requests, indices, sampled)]
+
+    def _prepared(self, prompts: list[list[int]], indices: list[int], sampled: Sampled,
+                  pad_id: int) -> dict[str, torch.Tensor]:
+        """One micro batch's rollout rows with their advantages, reference and sampling log-probabilities."""
+        groups = sampled.groups
         rewards = self._score(groups, indices)
         advantages = group_advantages(self.scorer.total(rewards).view(len(groups), -1))
-        rows = [Encoded(prompt.input_ids + completion, [False] * len(prompt.input_ids) + [True] * len(completion))
-                for prompt, group in zip(prompts, groups) for completion in group]
-        batch = collate(rows, pad_id)
+        batch = collate(rollout_rows(prompts, groups), pad_id)
         batch["advantages"] = advantages.flatten()
         with torch.no_grad():
             on_device = {k: v.to(self.context.device) for k, v in batch.items()}
             if self.reference is not None:
                 batch["ref_logps"] = self.reference(on_device).cpu()
-            if self.settings.steps_per_rollout > 1:  # the sampling policy's, before this rollout's updates
+            if sampled.behaviour_logps is not None:  # sampled by a policy older than this model
+                batch["old_logps"] = sampled.behaviour_logps
+            elif self.settings.steps_per_rollout > 1:  # the sampling policy's, before this rollout's updates
                 batch["old_logps"] = completion_logps(self.model, on_device).cpu()
-        self._record(rewards, advantages.shape, groups, sampling_seconds)
+        self._record(rewards, advantages.shape, groups)
         return batch
 
     def _score(self, groups: list[list[list[int]]], indices: list[int]) -> torch.Tensor:
@@ -221,14 +265,13 @@ class GRPOObjective:
         return self.scorer.score([e.prompt for e, _, _ in per_completion], [text for _, _, text in per_completion],
                                  [e.reference for e, _, _ in per_completion], [i for _, i, _ in per_completion])
 
-    def _record(self, rewards: torch.Tensor, shape: torch.Size, groups: list[list[list[int]]], seconds: float) -> None:
+    def _record(self, rewards: torch.Tensor, shape: torch.Size, groups: list[list[list[int]]]) -> None:
         total = self.scorer.total(rewards)
         lengths = [len(completion) for group in groups for completion in group]
-        eos = self.sampler.eos
+        eos = self.group_sampler.eos
         self.stats.add(completions=len(lengths), groups=shape[0], group_std=float(total.view(shape).std(dim=1, unbiased=False).sum()),
                        reward=float(total.sum()), reward_sq=float((total**2).sum()), length=sum(lengths),
                        cut_short=sum(1 for group in groups for c in group if not c or c[-1] != eos),
-                       sampling_seconds=seconds,
                        **{f"reward/{name}": float(rewards[:, k].sum()) for k, name in enumerate(self.scorer.names)})
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:

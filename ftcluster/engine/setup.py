@@ -169,9 +169,9 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     if ds_config is not None:
         autocast = contextlib.nullcontext  # DeepSpeed casts the model itself (bf16/fp16 sections)
     label_names = head_labels(spec, bundle.label_names)
-    model = _load_model(spec, ctx, device, resolved, tokenizer, label_names, ds_config)
+    model = load_model(spec, ctx, device, resolved, tokenizer, label_names, ds_config)
     is_peft = METHODS[spec.method.name].adapters
-    context = policy_context(spec, tokenizer, bundle, device, autocast) if spec.method.objective == "grpo" else None
+    context = policy_context(spec, ctx, tokenizer, bundle, device, autocast) if spec.method.objective == "grpo" else None
     objective = make_objective(spec, model, is_peft, context=context)  # fixes a DPO/GRPO reference now
     schedule, optimizer, scheduler = _optimizer(spec, model, device, order, total_steps)
     counts = count_params(model)
@@ -194,9 +194,12 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
                  is_peft, counts, general, rss_before_model_mb, load_peak_mb, label_names)
 
 
-def policy_context(spec: JobSpec, tokenizer, bundle, device: torch.device, autocast) -> PolicyContext:
-    """What online RL samples and scores with: the run's tokenizer, its prompts and their references."""
-    return PolicyContext(tokenizer, bundle.train.example, bundle.val_examples, device, autocast, spec.training.seed)
+def policy_context(spec: JobSpec, ctx: WorkerContext, tokenizer, bundle, device: torch.device,
+                   autocast) -> PolicyContext:
+    """What online RL samples and scores with: the run's tokenizer, its prompts and their references, and
+    the launcher's sampler (rollout actors) if it has one."""
+    return PolicyContext(tokenizer, bundle.train.example, bundle.val_examples, device, autocast, spec.training.seed,
+                         ctx.sampler)
 
 
 def head_labels(spec: JobSpec, data_labels: list[str] | None) -> list[str] | None:
@@ -205,7 +208,7 @@ def head_labels(spec: JobSpec, data_labels: list[str] | None) -> list[str] | Non
     return list(own) if own is not None else data_labels
 
 
-def _load_model(spec: JobSpec, ctx: WorkerContext, device: torch.device, resolved, tokenizer, label_names,
+def load_model(spec: JobSpec, ctx: WorkerContext, device: torch.device, resolved, tokenizer, label_names,
                 ds_config: dict | None) -> torch.nn.Module:
     """The base model with the method applied (adapters, freezing, quantization), on its device."""
     cfg = spec.training
