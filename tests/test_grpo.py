@@ -177,39 +177,6 @@ def test_two_workers_sample_and_train_as_one_with_twice_the_batch(make_job, cli,
         assert [r[key] for r in logged["grpo-two"]] == pytest.approx([r[key] for r in logged["grpo-one"]], rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.integration
-def test_a_rollout_actor_samples_as_the_training_worker_would(make_job, cli, tmp_path, prompts):
-    """One learner and one Ray rollout actor that gets the policy's weights before every rollout
-    (sync_every 1): the same rollouts, losses and rewards as sampling in the training process."""
-    rewards = [{"function": "test_grpo:ascii_share"}]
-    here = grpo_job(make_job, "grpo-here", prompts, rewards, training={"max_steps": 3})
-    actor = grpo_job(make_job, "grpo-actor", prompts, rewards, training={"max_steps": 3},
-                     grpo={"rollout": {"workers": 1, "cpus_per_worker": 1}})
-    assert cli("train", here, "--no-ray").code == 0
-    result = cli("train", actor)
-    assert result.code == 0, result
-    assert "rollout: 1 actor(s) on 1 node(s)" in result.out
-    logged = {name: [r for r in read_metrics(tmp_path / "runs" / name) if "reward" in r] for name in ("grpo-here", "grpo-actor")}
-    assert len(logged["grpo-actor"]) == 3
-    for key in ("train_loss", "reward", "kl", "completion_length"):
-        assert [r[key] for r in logged["grpo-actor"]] == pytest.approx([r[key] for r in logged["grpo-here"]], rel=1e-4, abs=1e-7)
-
-
-@pytest.mark.integration
-def test_rollout_actors_with_older_weights_are_corrected_by_their_own_log_probabilities(make_job, cli, tmp_path, prompts):
-    """sync_every 2: every second rollout is sampled with weights one update old. The ratio to the
-    actor's own log-probabilities then moves away from 1 (clipping at a small clip_eps); a ratio taken
-    against the learner's current weights would be exactly 1 and clip nothing."""
-    job = grpo_job(make_job, "grpo-stale", prompts, [{"function": "test_grpo:ascii_share"}],
-                   grpo={"clip_eps": 0.05, "rollout": {"workers": 1, "sync_every": 2, "cpus_per_worker": 1}},
-                   training={"max_steps": 4, "log_every": 1})
-    result = cli("train", job)
-    assert result.code == 0, result
-    clipped = [r["clip_fraction"] for r in read_metrics(tmp_path / "runs" / "grpo-stale") if "reward" in r]
-    assert len(clipped) == 4 and clipped[0] == 0 and clipped[2] == 0  # rollouts 0 and 2: fresh weights
-    assert clipped[1] > 0 and clipped[3] > 0, clipped
-
-
 def test_rollout_versions_follow_sync_every_and_a_restart_pushes_first():
     from ftcluster.engine.context import WorkerContext
     from ftcluster.rollout import RemoteSampler
