@@ -102,6 +102,27 @@ def test_a_rows_sample_depends_on_its_seed_not_on_the_rows_beside_it():
     assert draws([8], scores[1:2]) == together[1:2] and draws([9, 7], scores[[2, 0]]) == [together[2], together[0]]
 
 
+def test_a_group_sampled_from_one_prompt_pass_equals_sampling_every_row_whole(tiny_model, monkeypatch):
+    """The group's members share their prompt's attention cache: the same completions as running every
+    row's prompt on its own, for prompts of different lengths (left padding)."""
+    from types import SimpleNamespace
+
+    from conftest import load_causal_lm
+
+    from ftcluster.engine.grpo import GroupSampler
+
+    model, tokenizer = load_causal_lm(str(tiny_model))
+    settings = SimpleNamespace(group_size=3, temperature=1.0, top_p=1.0, max_new_tokens=6)
+    sampler = GroupSampler(tokenizer, settings, torch.device("cpu"))
+    prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], [101, 202]
+    shared = sampler(model, prompts, seeds)
+    monkeypatch.setattr(GroupSampler, "_prompt_cache", lambda self, model, ids, mask: {})
+    whole = sampler(model, prompts, seeds)
+    alone = [sampler(model, [prompt], [seed])[0] for prompt, seed in zip(prompts, seeds)]
+    assert shared == whole == alone
+    assert len({tuple(c) for group in shared for c in group}) > 2  # the members really differ
+
+
 def test_built_in_rewards_check_verifiable_answers():
     assert exact_answer("q", " Paris. ", "paris") == 1.0 and exact_answer("q", "It is Paris", "Paris") == 0.0
     assert exact_answer("q", "x", None) == 0.0

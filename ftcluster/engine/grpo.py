@@ -31,7 +31,7 @@ from ftcluster.data.render import Encoded
 from ftcluster.engine.logprobs import ReferenceFn, completion_logps, trained_positions
 from ftcluster.engine.rewards import RewardScorer
 from ftcluster.eval_shard import WHOLE, EvalShard
-from ftcluster.evaluate import eval_mode, generate_texts
+from ftcluster.evaluate import cache_holds_adapters, cache_of, eval_mode, generate_texts
 
 ADVANTAGE_EPS = 1e-4  # keeps a group whose rewards barely differ from blowing its advantages up
 
@@ -131,7 +131,11 @@ class SeededSampling:
 class GroupSampler:
     """Samples a group of completions for each prompt of a micro batch, in one batched generate call
     (token ids, each ending at EOS or cut at the limit); member m of a prompt's group draws from a
-    generator seeded by the prompt's seed and m."""
+    generator seeded by the prompt's seed and m.
+
+    A group's members share their prompt: it is run once per prompt (all but its last token) and that
+    attention cache repeated to the group, so the prompt costs 1/group_size of running every row
+    (prefix tuning, whose adapters live in the cache, runs every row whole)."""
 
     def __init__(self, tokenizer, settings, device):
         self.tokenizer, self.settings, self.device = tokenizer, settings, device
@@ -140,19 +144,32 @@ class GroupSampler:
     @torch.no_grad()
     def __call__(self, model, prompts: list[list[int]], seeds: list[int]) -> list[list[list[int]]]:
         settings, group = self.settings, self.settings.group_size
-        rows = [prompt for prompt in prompts for _ in range(group)]
-        width = max(len(row) for row in rows)
-        ids = torch.tensor([[self.pad] * (width - len(row)) + row for row in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.device)
+        width = max(len(prompt) for prompt in prompts)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         generators = [torch.Generator().manual_seed((seed * group + member) % 2**63) for seed in seeds
                       for member in range(group)]
         sampling = SeededSampling(generators, settings.temperature, settings.top_p)
         with eval_mode(model):
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, temperature=None, top_p=None,
-                                 top_k=None, logits_processor=[sampling], max_new_tokens=settings.max_new_tokens,
-                                 eos_token_id=self.eos, pad_token_id=self.pad)
+            cache = self._prompt_cache(model, ids, mask)
+            out = model.generate(input_ids=ids.repeat_interleave(group, 0), attention_mask=mask.repeat_interleave(group, 0),
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=[sampling],
+                                 max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
+                                 **cache)
         completions = [self._until_eos(row) for row in out[:, width:].tolist()]
         return [completions[start:start + group] for start in range(0, len(completions), group)]
+
+    def _prompt_cache(self, model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+        """The attention cache of each (left-padded) prompt but its last token, repeated for every member of
+        its group, as generate's keyword; generate then runs only the last prompt token of each row."""
+        if ids.shape[1] < 2 or cache_holds_adapters(model):
+            return {}
+        head = mask[:, :-1]
+        positions = (head.cumsum(-1) - 1).masked_fill(head == 0, 1)  # as generate numbers left-padded rows
+        keyword, cache = cache_of(model(input_ids=ids[:, :-1], attention_mask=head, position_ids=positions,
+                                        use_cache=True))
+        cache.batch_repeat_interleave(self.settings.group_size)
+        return {keyword: cache}
 
     def _until_eos(self, tokens: list[int]) -> list[int]:
         return tokens[: tokens.index(self.eos) + 1] if self.eos in tokens else tokens
