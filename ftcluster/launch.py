@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ftcluster.capacity import worker_resources
-from ftcluster.data.prebuild import build_before_workers
 from ftcluster.engine.context import WorkerContext, restore_checkpoint
 from ftcluster.engine.loop import train
 from ftcluster.engine.rewards import share_reward_code
@@ -408,7 +407,6 @@ def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None
     share_reward_code(spec.method.grpo)
     check_cluster_capacity(spec)
     check_output_reaches_every_node(spec)
-    spec = build_before_workers(spec)  # data.preprocess: a Ray Data tokenization runs here, once
     trainer = make_trainer(spec, resume)
     summary = fit(trainer, spec)
     prune_ray_storage(spec, keep=trainer.run_config.name)

@@ -236,13 +236,6 @@ class DataSpec(Section):
         "$FTCLUSTER_CACHE/data/tokenized, else ~/.cache/ftcluster/data/tokenized. A folder on a mount the nodes share "
         "tokenizes once per cluster; delete entries to reclaim space."
     )
-    preprocess: Literal["auto", "process", "ray"] = Field(
-        "auto", description="Who tokenizes the data into the cache: process (the process that first needs it), "
-        "ray (a Ray Data job on the cluster Ray is connected to: under `ftcluster train` the launcher builds the "
-        "entry before the workers start; an error with --no-ray), or auto (ray when the launcher runs Ray and the "
-        "data files hold at least 48 MB, about 200k short instruction rows; else process). The entry is the same either "
-        "way. On several nodes, ray needs data.cache_dir on a mount they share. Example: ray"
-    )
     format: Literal["instruction", "chat", "text", "classification", "preference", "prompts"] = Field(
         "instruction", description="Row format of the files."
     )

@@ -169,16 +169,3 @@ def test_a_second_launch_reads_the_tokenized_data_from_the_cache(make_job, cli, 
     assert cli("validate", job).code == 0
     missing = cli("validate", make_job("gone", data={"train": str(tmp_path / "none-*.parquet")}))
     assert missing.code == 2 and "data.train: file not found" in missing.err
-
-
-def test_preprocess_ray_without_ray_is_a_one_line_error(tokenizer, tmp_path):
-    import ray
-
-    assert not ray.is_initialized()
-    rows = write_jsonl(tmp_path / "train.jsonl", qa_rows(0, 20))
-    with pytest.raises(DataError, match=r"^data.preprocess: ray tokenizes on the Ray cluster .* Ray is not running") as e:
-        build_data(DataSpec(train=str(rows), preprocess="ray"), tokenizer)
-    assert "\n" not in str(e.value)
-    # auto without Ray: this process tokenizes, into the entry every setting shares
-    assert not build_data(DataSpec(train=str(rows), preprocess="auto"), tokenizer).from_cache
-    assert build_data(DataSpec(train=str(rows), preprocess="process"), tokenizer).from_cache

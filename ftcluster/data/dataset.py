@@ -3,18 +3,17 @@ once per (data, tokenizer, settings): the result is cached as Arrow files (data/
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ftcluster.data.formats import BadRow, Example, parse_row
-from ftcluster.data.readers import Row, iter_rows, rows_from_records
+from ftcluster.data.readers import Row, rows_from_records
 from ftcluster.data.render import Encoded, Renderer
 from ftcluster.data.sources import Source
 from ftcluster.data.token_cache import (
@@ -28,7 +27,6 @@ from ftcluster.data.token_cache import (
     write_meta,
 )
 from ftcluster.errors import DataError
-from ftcluster.locations import HUB_PREFIX
 from ftcluster.spec import DataSpec
 from ftcluster.storage import cache_root
 
@@ -176,35 +174,23 @@ class RecordSource:
         return digest.hexdigest()
 
 
-def _checked(rows: Iterable[Row], spec: DataSpec) -> Iterator[tuple[str, Example | BadRow]]:
-    """Each row's origin and its example, or why it is bad."""
-    for row in rows:
-        try:
-            yield row.where, parse_row(row.values, spec.format, spec.columns, spec.system_prompt)
-        except BadRow as exc:
-            yield row.where, exc
-
-
-def _counted(where: str, parsed: Example | BadRow, spec: DataSpec, report: DataReport | None) -> Example | None:
-    """A checked row counted in ``report``: its example, or None for a bad row (reported, or fatal under
-    data.on_bad_row: fail). With ``report`` None (a second pass) bad rows are skipped silently."""
-    if report is not None:
-        report.rows_read += 1
-    if not isinstance(parsed, BadRow):
-        return parsed
-    if report is not None:
-        report.add_bad(where, str(parsed))
-        if spec.on_bad_row == "fail":
-            raise DataError(f"bad row {where}: {parsed} (data.on_bad_row: fail; use skip to drop such rows)") from None
-    return None
-
-
 def _examples(source: Source | RecordSource, spec: DataSpec, report: DataReport | None) -> Iterator[Example]:
     """The source's usable examples; bad rows are counted in ``report`` (skipped or fatal), or, when
     ``report`` is None (a second pass), skipped silently."""
-    for where, parsed in _checked(source.rows(), spec):
-        if (example := _counted(where, parsed, spec, report)) is not None:
-            yield example
+    for row in source.rows():
+        try:
+            example = parse_row(row.values, spec.format, spec.columns, spec.system_prompt)
+        except BadRow as exc:
+            if report is None:
+                continue
+            report.rows_read += 1
+            report.add_bad(row.where, str(exc))
+            if spec.on_bad_row == "fail":
+                raise DataError(f"bad row {row.where}: {exc} (data.on_bad_row: fail; use skip to drop such rows)") from None
+            continue
+        if report is not None:
+            report.rows_read += 1
+        yield example
 
 
 def build_data(
@@ -215,20 +201,7 @@ def build_data(
 ) -> DataBundle:
     """Everything a run needs from its data, tokenized once: the first process to need a given
     (data, tokenizer, settings) writes the cache entry, every later one opens it. Records
-    given in Python replace the spec's files. data.preprocess picks who tokenizes: this process,
-    or a Ray Data job (`ray_tokenize`); both write the same entry."""
-    train, val = data_sources(spec, train_records, val_records)
-    key = cache_key(spec, tokenizer, train, val)
-    root = tokenized_root(spec)
-    with building(root, key) as fresh:
-        if fresh is not None:
-            _tokenize(spec, tokenizer, train, val, fresh, with_ray=use_ray_data(spec, [train, val]))
-    return open_tokenized(root / key, from_cache=fresh is None)
-
-
-def data_sources(spec: DataSpec, train_records: Iterable[Any] | None = None, val_records: Iterable[Any] | None = None,
-                 ) -> tuple[Source | RecordSource, Source | RecordSource | None]:
-    """The training rows and the separate validation rows (None: split off the training rows)."""
+    given in Python replace the spec's files."""
     train: Source | RecordSource = (RecordSource(train_records, "train") if train_records is not None
                                     else Source(spec.train, spec.split))
     val: Source | RecordSource | None = None
@@ -236,7 +209,12 @@ def data_sources(spec: DataSpec, train_records: Iterable[Any] | None = None, val
         val = RecordSource(val_records, "validation")
     elif spec.validation:
         val = Source(spec.validation, spec.validation_split)
-    return train, val
+    key = cache_key(spec, tokenizer, train, val)
+    root = tokenized_root(spec)
+    with building(root, key) as fresh:
+        if fresh is not None:
+            _tokenize(spec, tokenizer, train, val, fresh)
+    return open_tokenized(root / key, from_cache=fresh is None)
 
 
 def tokenized_root(spec: DataSpec) -> Path:
@@ -245,16 +223,14 @@ def tokenized_root(spec: DataSpec) -> Path:
 
 
 # The code that turns rows into tokens: a change to it is a change of the tokens.
-RENDERING_CODE = ("formats.py", "render.py", "dataset.py", "readers.py", "token_cache.py", "ray_tokenize.py")
-# Settings that change who builds the entry, not what it holds.
-NOT_IN_KEY = {"cache_dir", "preprocess"}
+RENDERING_CODE = ("formats.py", "render.py", "dataset.py", "readers.py", "token_cache.py")
 
 
 def cache_key(spec: DataSpec, tokenizer, train: Source | RecordSource, val: Source | RecordSource | None) -> str:
     """A hash of everything the tokens depend on: the rows' content, the tokenizer, every data
     setting, and the rendering code; and of the sources' names, which the data report quotes."""
     digest = hashlib.blake2b(digest_size=12)
-    settings = spec.model_dump(mode="json", exclude=NOT_IN_KEY)
+    settings = spec.model_dump(mode="json", exclude={"cache_dir"})
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(train.fingerprint().encode())
     digest.update((val.fingerprint() if val is not None else "split").encode())
@@ -277,11 +253,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _tokenize(spec: DataSpec, tokenizer, train_source: Source | RecordSource, val_source: Source | RecordSource | None,
-              folder: Path, with_ray: bool = False) -> None:
+              folder: Path) -> None:
     """Two passes over the rows, holding no more than one example at a time (plus, for
     classification, each example's label): count the usable examples (the validation split and
-    the label set need the whole set), then encode each and append it to the cache files. The
-    second pass encodes here, or on Ray Data (``with_ray``), whose results come back in row order."""
+    the label set need the whole set), then encode each and append it to the cache files."""
     report = DataReport()
     count, labels = 0, []
     for example in _examples(train_source, spec, report):
@@ -295,88 +270,30 @@ def _tokenize(spec: DataSpec, tokenizer, train_source: Source | RecordSource, va
     if spec.format == "classification":
         label_names = _label_names((label for i, label in enumerate(labels) if i not in held_out), spec.labels)
     encoder = _Encoder(spec, tokenizer, label_names, report)
-    sources = [train_source] if val_source is None else [train_source, val_source]
-    if with_ray:
-        from ftcluster.data.ray_tokenize import ray_encodings
-
-        stream = ray_encodings([(which, part) for which, source in enumerate(sources) for part in row_parts(source)],
-                               encoder.encodings)
-    else:
-        stream = ((which, item) for which, source in enumerate(sources) for item in encoder.encodings(source.rows()))
-    train_writer = _write_encodings(stream, spec, encoder, held_out, folder, label_names is not None)
+    val_writer = SequenceWriter(folder / VAL_FILE, with_examples=True)
+    with _TrainWriter(folder / TRAIN_FILE, spec, label_names is not None) as train_writer:
+        position = {"train": 0, "validation": 0}  # an example's index within its split (for messages)
+        for index, example in enumerate(_examples(train_source, spec, None)):
+            split = "validation" if index in held_out else "train"
+            known = encoder.knows_label(example, split, position[split])
+            position[split] += 1
+            encoded = encoder.encode(example) if known else None
+            if split == "validation" and encoded is not None:
+                val_writer.add(encoded, example)
+            elif split == "train" and known:
+                train_writer.add(example, encoded)
+        for index, example in enumerate(_examples(val_source, spec, report) if val_source is not None else []):
+            encoded = encoder.encode(example) if encoder.knows_label(example, "validation", index) else None
+            if encoded is not None:
+                val_writer.add(encoded, example)
+    val_writer.close()
     write_meta(folder, {"label_names": label_names, "report": asdict(report),
                         "shots": [shot.__dict__ for shot in train_writer.shots],
                         "answer_counts": train_writer.answer_counts, "examples": count})
 
 
-# One checked row of a source, encoded: its origin, its example (or why it is bad), and what encoding
-# gave (None for a bad row or an unknown label).
-Encodings = Iterator[tuple[int, tuple[str, "Example | BadRow", "Encoding | None"]]]
-
-
-def _write_encodings(stream: Encodings, spec: DataSpec, encoder: _Encoder, held_out: set[int], folder: Path,
-                     classification: bool) -> _TrainWriter:
-    """The second pass: each source's rows (0: training, 1: separate validation) in row order, into the
-    cache files; a training row's index among the usable ones says its split."""
-    val_writer = SequenceWriter(folder / VAL_FILE, with_examples=True)
-    with _TrainWriter(folder / TRAIN_FILE, spec, classification) as train_writer:
-        position = {"train": 0, "validation": 0}  # an example's index within its split (for messages)
-        index = 0  # a training example's index among the usable ones
-        for which, (where, parsed, encoding) in stream:
-            # The training rows were counted in the first pass; separate validation rows only now.
-            example = _counted(where, parsed, spec, encoder.report if which else None)
-            if example is None:
-                continue
-            split = "validation" if which or index in held_out else "train"
-            index += not which
-            known = encoder.knows_label(example, split, position[split])
-            position[split] += 1
-            encoded = encoder.count(encoding) if known and encoding is not None else None
-            if split == "validation" and encoded is not None:
-                val_writer.add(encoded, example)
-            elif split == "train" and known:
-                train_writer.add(example, encoded)
-    val_writer.close()
-    return train_writer
-
-
-def row_parts(source: Source | RecordSource) -> list[Callable[[], Iterable[Row]]]:
-    """The source's rows as parts read apart, in order: one per data file, else the whole source."""
-    if isinstance(source, Source) and source.is_files():
-        return [functools.partial(iter_rows, shard.path, shard.name) for shard in source.shards()]
-    return [source.rows]
-
-
-def use_ray_data(spec: DataSpec, sources: Sequence[Source | RecordSource | None]) -> bool:
-    """Whether this process tokenizes with Ray Data (data.preprocess; see `ray_tokenize.wanted`)."""
-    if spec.preprocess == "process":
-        return False
-    from ftcluster.data.ray_tokenize import wanted
-
-    return wanted(spec.preprocess, sum(source_bytes(source) for source in sources if source is not None))
-
-
-def source_bytes(source: Source | RecordSource) -> int:
-    """The size of a source's files (0 for rows given in Python and hub datasets: not counted)."""
-    if not isinstance(source, Source) or source.location.startswith(HUB_PREFIX):
-        return 0
-    if source.is_files():
-        return sum(shard.path.stat().st_size for shard in source.shards())
-    return sum(path.stat().st_size for path in Path(source.location).rglob("*") if path.is_file())
-
-
-@dataclass
-class Encoding:
-    """What encoding one example gave: its sequence (None: dropped), and what the data report counts."""
-
-    encoded: Encoded | None
-    truncated: bool
-    dropped: Literal["long_prompt", "no_target"] | None = None
-
-
 class _Encoder:
-    """Checks an example's label and encodes it; what it drops is counted (an unknown label, nothing to train).
-    `encodings` is pure (a Ray Data actor runs it); `knows_label` and `count` update the report, in row order."""
+    """Checks an example's label and encodes it; what it drops is counted (an unknown label, nothing to train)."""
 
     def __init__(self, spec: DataSpec, tokenizer, label_names: list[str] | None, report: DataReport) -> None:
         self.spec, self.report = spec, report
@@ -393,32 +310,20 @@ class _Encoder:
             raise DataError(f"bad row {where} example {index}: {reason}")
         return False
 
-    def encodings(self, rows: Iterable[Row]) -> Iterator[tuple[str, Example | BadRow, Encoding | None]]:
-        """Each row checked and, if usable with a known label, encoded; nothing is counted yet."""
-        for where, parsed in _checked(rows, self.spec):
-            encoding = None
-            if isinstance(parsed, Example) and (self.label_ids is None or parsed.label in self.label_ids):
-                encoding = self.encode(parsed)
-            yield where, parsed, encoding
-
-    def encode(self, example: Example) -> Encoding:
-        """The example's sequence, or None when truncation left nothing to train (or, for a prompt, its header)."""
+    def encode(self, example: Example) -> Encoded | None:
+        """The example's sequence, or None when truncation left nothing to train."""
         encoded = self.renderer.encode(example, self.label_ids)
+        self.report.truncated += encoded.truncated
         if example.prompt_only and encoded.truncated:  # it lost the turn header the model answers after
-            return Encoding(None, encoded.truncated, "long_prompt")
+            self.report.dropped_long_prompts += 1
+            return None
         if example.prompt_only:
-            return Encoding(encoded, encoded.truncated)
+            return encoded
         pair_empty = encoded.rejected is not None and not any(encoded.rejected.trained[1:])
         if encoded.label is None and (not any(encoded.trained[1:]) or pair_empty):
-            return Encoding(None, encoded.truncated, "no_target")
-        return Encoding(encoded, encoded.truncated)
-
-    def count(self, encoding: Encoding) -> Encoded | None:
-        """An encoding counted in the report: its sequence, or None when it was dropped."""
-        self.report.truncated += encoding.truncated
-        self.report.dropped_long_prompts += encoding.dropped == "long_prompt"
-        self.report.dropped_no_target += encoding.dropped == "no_target"
-        return encoding.encoded
+            self.report.dropped_no_target += 1
+            return None
+        return encoded
 
 
 # Distinct reference replies counted for choice detection; beyond this many the answers form no closed set.
