@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from ftcluster.choices import answer_choices, evaluate_choices
 from ftcluster.data.dataset import DataBundle
 from ftcluster.data.render import Encoded, Renderer
@@ -90,13 +92,27 @@ def harness_sections(eval_spec) -> list:
     return sections
 
 
+GENERATION_BATCH = 16  # prompts per generate() call on an accelerator, without eval.batch_size
+CPU_GENERATION_BATCH = 64  # on CPU, where a decoding step of a few rows costs nearly as much as one of many
+
+
+def generation_batch_size(eval_spec, device) -> int:
+    """Prompts generated together: eval.batch_size, else 64 on CPU (the quickstart's 48 held-out prompts in
+    one batch: a third of the decoding steps, each reading the weights once for every row; same answers)
+    and 16 on an accelerator (where a larger batch's attention cache may not fit)."""
+    if eval_spec.batch_size:
+        return eval_spec.batch_size
+    return CPU_GENERATION_BATCH if torch.device(device).type == "cpu" else GENERATION_BATCH
+
+
 def generate_and_match(model, tokenizer, renderer: Renderer, examples, eval_spec, device, autocast,
                        shard: EvalShard = WHOLE, shots=None) -> dict:
     """eval.generation: greedy answers to held-out prompts, exact match against the references."""
     settings = eval_spec.generation
     with eval_mode(model), autocast():
         return evaluate_generation(model, tokenizer, renderer, examples, settings.num_prompts,
-                                   settings.max_new_tokens, device, eval_spec.batch_size or 16, shots, shard)
+                                   settings.max_new_tokens, device, generation_batch_size(eval_spec, device),
+                                   shots, shard)
 
 
 def few_shot_baseline(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, device, autocast,

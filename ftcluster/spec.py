@@ -374,8 +374,9 @@ class EvalSpec(Section):
     before_after: bool = Field(True, description="Evaluate the base model too and print both side by side.")
     batch_size: int | None = Field(
         None, ge=1, description="Examples per evaluation batch (loss, choice scoring, generation). No gradients are "
-        "kept, so it can often be larger than training.batch_size. Default: training.batch_size for scoring, 16 for "
-        "generation.",
+        "kept, so it can often be larger than training.batch_size. Default: training.batch_size for scoring; for "
+        "generation 64 prompts on CPU (decoding steps are few rows' work: fewer, fuller steps cost less) and 16 on a "
+        "GPU.",
     )
     max_examples: int | None = Field(
         None, ge=1, description="Evaluate on at most the first N validation examples (every evaluation: loss, "

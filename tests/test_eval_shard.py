@@ -140,3 +140,32 @@ def test_max_examples_and_batch_size_bound_every_evaluation(tiny_model):
     assert len(metrics["samples"]) == 3 and metrics["choice"]["examples"] == 3  # the first 3 examples only
     assert max(batches) <= 2 * len(settings.choices)  # (choice scoring runs batch x choices rows)
     assert batches[:3] == [1, 2, 1]  # the loss: the shared prefix once, then 3 examples in batches of 2
+
+
+def test_generation_batch_default_is_larger_on_cpu_and_changes_no_answer(tiny_model, monkeypatch):
+    import ftcluster.eval_suite as suite
+    from ftcluster.spec import EvalSpec
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    defaults = EvalSpec(generation={"num_prompts": 7, "max_new_tokens": 6})
+    assert suite.generation_batch_size(defaults, cpu) == suite.CPU_GENERATION_BATCH
+    assert suite.generation_batch_size(defaults, gpu) == suite.GENERATION_BATCH == 16
+    assert suite.generation_batch_size(defaults.model_copy(update={"batch_size": 3}), cpu) == 3  # the setting wins
+
+    model, tokenizer = load_causal_lm(str(tiny_model))
+    renderer = Renderer(tokenizer, 128, False)
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    nothing = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+
+    def answers(settings) -> list[str]:
+        rows.clear()
+        return [s["output"] for s in suite.generate_and_match(model, tokenizer, renderer, examples(), settings, cpu,
+                                                              nothing)["samples"]]
+
+    whole = answers(defaults)
+    assert max(rows) == len(examples())  # every prompt in one batch on CPU
+    for batch in (1, 2, 3):  # the same greedy answers, however the prompts are batched
+        assert answers(defaults.model_copy(update={"batch_size": batch})) == whole
+        assert max(rows) == batch
