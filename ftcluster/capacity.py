@@ -76,9 +76,9 @@ def worker_resources(spec: JobSpec) -> dict[str, float]:
 
 def rollout_actor_resources(spec: JobSpec) -> dict[str, float]:
     """What one GRPO rollout actor reserves (method.grpo.rollout): its CPUs, and GPUs if it has any."""
-    rollout = spec.method.grpo.rollout if spec.method.grpo is not None else None
-    if rollout is None or not rollout.workers:
+    if not spec.rollout_actors or spec.method.grpo is None:
         return {}
+    rollout = spec.method.grpo.rollout
     scaling = spec.scaling
     gpus = rollout.gpus_per_worker if rollout.gpus_per_worker is not None else (
         scaling.gpus_per_worker if scaling.use_gpu else 0.0)
@@ -126,7 +126,7 @@ def capacity_problems(spec: JobSpec, view: ClusterView, driver_cpus: float = 0.0
     bundle = worker_resources(spec)
     needs = {kind: scaling.num_workers * amount for kind, amount in bundle.items()}
     needs["CPU"] += driver_cpus
-    actors = spec.method.grpo.rollout.workers if spec.method.grpo is not None else 0
+    actors = spec.rollout_actors
     for kind, amount in rollout_actor_resources(spec).items():
         needs[kind] = needs.get(kind, 0.0) + actors * amount
     problems = [

@@ -59,7 +59,7 @@ def absolute_data_path(location: str) -> str:
 
 def run_in_process(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
     """One worker, this process, no Ray: what `--no-ray`, benchmarks and GPU scripts use."""
-    if spec.method.grpo is not None and spec.method.grpo.rollout.workers:
+    if spec.rollout_actors:
         raise FtError("method.grpo.rollout.workers: rollout actors are Ray actors; run without --no-ray, or set "
                       "method.grpo.rollout.workers=0 to sample in the training process")
     ctx = WorkerContext()
@@ -111,7 +111,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         ctx.restored = pull_checkpoint(spec, ctx, config["resume"], ctx.launch)
     verbose = config.get("verbose", True)
     owned: list = []
-    if spec.method.grpo is not None and spec.method.grpo.rollout.workers:
+    if spec.rollout_actors:
         from ftcluster.rollout import start_rollout_actors
 
         ctx.sampler, owned = start_rollout_actors(spec, ctx, say=print if verbose else lambda *_: None)

@@ -63,8 +63,8 @@ class RolloutWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def load_weights(self, version: int, state: dict[str, Any]) -> int:
-        """Take the policy's trainable weights of rollout `version`; returns how many tensors changed."""
+    def load_weights(self, version: int, state: dict[str, Any]) -> None:
+        """Take the policy's trainable weights of rollout `version`."""
         with self.busy:
             unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
             if unexpected:
@@ -73,7 +73,6 @@ class RolloutWorker:
         with self.version_changed:
             self.version = version
             self.version_changed.notify_all()
-        return len(state)
 
     def sample(self, version: int, prompts: list[list[int]], seeds: list[int],
                with_logps: bool) -> tuple[list[list[list[int]]], Any]:

@@ -557,6 +557,11 @@ class JobSpec(Section):
     cost: CostSpec = Field(default_factory=CostSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
+    @property
+    def rollout_actors(self) -> int:
+        """GRPO's rollout actors (method.grpo.rollout.workers); 0 when the training workers sample."""
+        return self.method.grpo.rollout.workers if self.method.grpo is not None else 0
+
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:
         """Rules that span sections, from the registry's entries; every problem at once (one per line)."""
