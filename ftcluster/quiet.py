@@ -16,7 +16,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
-    for name in ("bitsandbytes", "DeepSpeed", "deepspeed"):
+    # kernels: bitsandbytes' CPU backend looks for a hub kernel and warns that offline it skips a check.
+    for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

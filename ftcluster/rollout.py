@@ -77,12 +77,10 @@ class RolloutWorker:
     def sample(self, version: int, prompts: list[list[int]], seeds: list[int],
                with_logps: bool) -> tuple[list[list[list[int]]], Any]:
         """One micro batch's groups, sampled with the weights of rollout `version` (waited for), and the
-        sampling policy's log-probabilities of the rows when asked."""
+        sampling policy's log-probabilities of the completions when asked."""
         import torch
 
-        from ftcluster.data.batches import collate
-        from ftcluster.engine.grpo import rollout_rows
-        from ftcluster.engine.logprobs import completion_logps
+        from ftcluster.engine.rollout_batch import completion_token_logps, rollout_batch
 
         with self.version_changed:
             if not self.version_changed.wait_for(lambda: self.version >= version, timeout=WEIGHTS_WAIT_S):
@@ -94,8 +92,8 @@ class RolloutWorker:
             groups = self.sample_groups(self.model, prompts, seeds)
             if not with_logps:
                 return groups, None
-            batch = collate(rollout_rows(prompts, groups), self.tokenizer.pad_token_id)
-            logps = completion_logps(self.model, {key: value.to(self.device) for key, value in batch.items()})
+            batch = rollout_batch(prompts, groups, self.tokenizer.pad_token_id)
+            logps = completion_token_logps(self.model, {key: value.to(self.device) for key, value in batch.items()})
         return groups, logps.cpu()
 
 

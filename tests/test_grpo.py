@@ -62,22 +62,90 @@ def test_grpo_token_losses_match_a_hand_computation():
 def test_equal_rewards_in_a_group_give_zero_policy_gradient(tiny_model):
     from conftest import load_causal_lm
 
-    from ftcluster.data.batches import collate
-    from ftcluster.data.render import Encoded
-    from ftcluster.engine.logprobs import token_logps, trained_positions
+    from ftcluster.engine.rollout_batch import completion_token_logps, completion_tokens, rollout_batch
 
     model, tokenizer = load_causal_lm(str(tiny_model))
-    rows = [Encoded([5, 6, 7, 8 + k], [False, False, True, True]) for k in range(4)]
-    batch = collate(rows, tokenizer.pad_token_id)
-    logps = token_logps(model.train(), batch)
+    batch = rollout_batch([[5, 6]], [[[7, 8 + k] for k in range(4)]], tokenizer.pad_token_id)
+    logps = completion_token_logps(model.train(), batch)
     advantages = group_advantages(torch.full((1, 4), 0.7)).flatten()
     terms = grpo_token_losses(logps, logps.detach(), advantages, clip_eps=0.2)
-    (terms["losses"] * trained_positions(batch)).sum().backward()
+    (terms["losses"] * completion_tokens(batch)).sum().backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
-    terms = grpo_token_losses(token_logps(model, batch), logps.detach(),
+    terms = grpo_token_losses(completion_token_logps(model, batch), logps.detach(),
                               group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]])).flatten(), clip_eps=0.2)
-    (terms["losses"] * trained_positions(batch)).sum().backward()
+    (terms["losses"] * completion_tokens(batch)).sum().backward()
     assert any(p.grad is not None and p.grad.any() for p in model.parameters())
+
+
+def _ragged_rollout(pad_id: int) -> dict[str, torch.Tensor]:
+    """Two prompts of different lengths, groups of 3 with completions of different lengths."""
+    from ftcluster.engine.rollout_batch import rollout_batch
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    groups = [[[20, 21, 22], [23], [24, 25, 26, 27, 28]], [[29, 30], [31, 32, 33, 34], [35]]]
+    return rollout_batch(prompts, groups, pad_id)
+
+
+def test_completion_logps_equal_a_by_hand_computation_of_each_unpadded_row(tiny_model):
+    from conftest import load_causal_lm
+
+    from ftcluster.engine.rollout_batch import completion_token_logps
+
+    model, tokenizer = load_causal_lm(str(tiny_model))
+    batch = _ragged_rollout(tokenizer.pad_token_id)
+    ours = completion_token_logps(model.eval(), batch)
+    for row in range(6):
+        prompt = batch["prompt_ids"][row // 3][batch["prompt_mask"][row // 3].bool()]
+        completion = batch["completion_ids"][row][batch["completion_mask"][row].bool()]
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0].float()
+        by_hand = logits[len(prompt) - 1:-1].log_softmax(-1).gather(1, completion.unsqueeze(1)).squeeze(1)
+        assert ours[row, :len(completion)].tolist() == pytest.approx(by_hand.tolist(), abs=1e-5)
+        assert not ours[row, len(completion):].any()  # padding holds 0
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_shared_prompt_pass_gives_the_log_probabilities_and_gradients_of_running_every_row(tiny_model, method):
+    """Each prompt runs once and its cache (with gradients) is repeated to its group: the same values
+    and the same gradients as running every row's prompt and completion whole."""
+    from conftest import load_causal_lm
+
+    from ftcluster.engine.rollout_batch import completion_token_logps
+
+    model, tokenizer = load_causal_lm(str(tiny_model))
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    batch = _ragged_rollout(tokenizer.pad_token_id)
+    weights = torch.linspace(-1.0, 1.0, 6).unsqueeze(1)  # a loss that weighs every row differently
+
+    def values_and_gradients(share: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logps = completion_token_logps(model.train(), batch, share_prompts=share)
+        (logps * weights).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    shared, shared_grads = values_and_gradients(True)
+    whole, whole_grads = values_and_gradients(False)
+    assert torch.allclose(shared, whole, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared_grads, whole_grads))
+    assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+def test_prompts_are_shared_unless_the_cache_holds_adapters_or_training_recomputes_it(tiny_model):
+    from conftest import load_causal_lm
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from ftcluster.engine.rollout_batch import can_share_prompts
+
+    model, _ = load_causal_lm(str(tiny_model))
+    assert can_share_prompts(model.train())
+    model.gradient_checkpointing_enable()
+    assert not can_share_prompts(model.train()) and can_share_prompts(model.eval())
+    model.gradient_checkpointing_disable()
+    prefix = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert not can_share_prompts(prefix)
 
 
 def test_a_prompts_group_seed_does_not_depend_on_the_worker():

@@ -25,11 +25,11 @@ from typing import Any, Protocol
 
 import torch
 
-from ftcluster.data.batches import collate
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Encoded
-from ftcluster.engine.logprobs import ReferenceFn, completion_logps, trained_positions
+from ftcluster.engine.logprobs import ReferenceFn
 from ftcluster.engine.rewards import RewardScorer
+from ftcluster.engine.rollout_batch import completion_token_logps, completion_tokens, rollout_batch
 from ftcluster.eval_shard import WHOLE, EvalShard
 from ftcluster.evaluate import cache_holds_adapters, cache_of, eval_mode, generate_texts
 
@@ -70,7 +70,7 @@ PromptBatch = tuple[list[list[int]], list[int]]  # a micro batch's prompts (toke
 class Sampled:
     """One micro batch's groups (per prompt, `group_size` completions as token ids) and, when the
     sampling policy is not the learner's model as it is now (rollout actors with older weights), that
-    policy's log-probabilities of the rollout rows (as `completion_logps` lays them out)."""
+    policy's log-probabilities of the completions (as `completion_token_logps` lays them out)."""
 
     groups: list[list[list[int]]]
     behaviour_logps: torch.Tensor | None = None
@@ -80,12 +80,6 @@ class Sampler(Protocol):
     """Samples every micro batch of a rollout: in this worker (`LocalSampler`) or in Ray rollout actors."""
 
     def __call__(self, model: torch.nn.Module, batches: list[PromptBatch], rollout: int) -> list[Sampled]: ...
-
-
-def rollout_rows(prompts: list[list[int]], groups: list[list[list[int]]]) -> list[Encoded]:
-    """The rows a rollout trains on: each prompt followed by each of its completions, the completion trained."""
-    return [Encoded(prompt + completion, [False] * len(prompt) + [True] * len(completion))
-            for prompt, group in zip(prompts, groups) for completion in group]
 
 
 @dataclass
@@ -256,11 +250,12 @@ class GRPOObjective:
 
     def _prepared(self, prompts: list[list[int]], indices: list[int], sampled: Sampled,
                   pad_id: int) -> dict[str, torch.Tensor]:
-        """One micro batch's rollout rows with their advantages, reference and sampling log-probabilities."""
+        """One micro batch's rollout (prompts and completions) with the completions' advantages, reference
+        and sampling log-probabilities."""
         groups = sampled.groups
         rewards = self._score(groups, indices)
         advantages = group_advantages(self.scorer.total(rewards).view(len(groups), -1))
-        batch = collate(rollout_rows(prompts, groups), pad_id)
+        batch = rollout_batch(prompts, groups, pad_id)
         batch["advantages"] = advantages.flatten()
         with torch.no_grad():
             on_device = {k: v.to(self.context.device) for k, v in batch.items()}
@@ -269,7 +264,7 @@ class GRPOObjective:
             if sampled.behaviour_logps is not None:  # sampled by a policy older than this model
                 batch["old_logps"] = sampled.behaviour_logps
             elif self.settings.steps_per_rollout > 1:  # the sampling policy's, before this rollout's updates
-                batch["old_logps"] = completion_logps(self.model, on_device).cpu()
+                batch["old_logps"] = completion_token_logps(self.model, on_device).cpu()
         self._record(rewards, advantages.shape, groups)
         return batch
 
@@ -293,11 +288,11 @@ class GRPOObjective:
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Completion tokens: the loss is a mean over every completion token of the step."""
-        return int(trained_positions(batch).sum())
+        return int(completion_tokens(batch).sum())
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logps = completion_logps(model, batch)
-        mask = trained_positions(batch).float()
+        logps = completion_token_logps(model, batch)
+        mask = completion_tokens(batch).float()
         old = batch.get("old_logps", logps.detach())  # one step per rollout: the sampling policy is this one
         terms = grpo_token_losses(logps, old, batch["advantages"], self.settings.clip_eps, batch.get("ref_logps"),
                                   self.settings.beta)

@@ -28,11 +28,11 @@ from ftcluster.engine.grpo import GRPOObjective, PolicyContext
 from ftcluster.engine.logprobs import (
     ReferenceFn,
     adapters_off_reference,
-    completion_logps,
     frozen_copy_reference,
     sequence_logps,
 )
 from ftcluster.engine.rewards import RewardScorer
+from ftcluster.engine.rollout_batch import completion_token_logps
 from ftcluster.eval_shard import WHOLE, EvalShard
 from ftcluster.evaluate import eval_batches, loss_sum
 
@@ -221,7 +221,7 @@ def make_objective(spec, model: torch.nn.Module, is_peft: bool, base_model: torc
         return SFTObjective(head, spec.training.loss_chunk_tokens)
     if objective == "reward":
         return RewardObjective(spec.method.reward.margin)
-    scores = completion_logps if objective == "grpo" else sequence_logps
+    scores = completion_token_logps if objective == "grpo" else sequence_logps
     reference = adapters_off_reference(model, scores) if is_peft else frozen_copy_reference(base_model or model, scores)
     if objective == "dpo":
         return DPOObjective(spec.method.dpo.beta, spec.method.dpo.label_smoothing, reference)

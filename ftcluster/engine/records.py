@@ -30,10 +30,12 @@ class MetricsLog:
 
 
 def tokens_in(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens of a host-side batch; packed batches have no padding to speak of."""
+    """Real (non-padding) tokens of a host-side batch; packed batches have no padding to speak of. A
+    rollout's prompts count once, not once per completion (see engine.rollout_batch)."""
     if "position_ids" in batch:
         return batch["input_ids"].numel()
-    return int(batch["attention_mask"].sum())
+    masks = [key for key in ("attention_mask", "prompt_mask", "completion_mask") if key in batch]
+    return sum(int(batch[key].sum()) for key in masks)
 
 
 class LogWindow:
