@@ -199,6 +199,20 @@ def test_built_in_rewards_check_verifiable_answers():
     assert answer_tags("q", "<answer>41</answer>", "42") == 0.5 and answer_tags("q", "42", "42") == 0.0
 
 
+def test_the_demo_reward_pays_the_answer_alone_and_not_the_answer_glued_to_other_words():
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from jobs.rewards import concise_answer
+
+    assert concise_answer("q", " Dublin. ", "Dublin") == 1.0
+    assert concise_answer("q", "The capital of Ireland is Dublin.", "Dublin") == pytest.approx(1 / 6)
+    assert concise_answer("q", ".orange.red.yellow.red", "orange") == 0.25  # policies once learned these two
+    assert concise_answer("q", "poorrustoprophytism", "poor") == 0.0
+    assert concise_answer("q", "It is New York, of course", "new york") == pytest.approx(1 / 6)
+    assert concise_answer("q", "Paris", "Dublin") == 0.0
+
+
 # --- real runs -----------------------------------------------------------------------------------------
 
 @pytest.fixture

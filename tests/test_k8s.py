@@ -166,6 +166,7 @@ def test_values_kuberay_restricts_are_refused(cli, tmp_path):
     assert "Invalid value for '--workers'" in refused("--image", IMAGE, "--workers", "0")
 
 
+@needs_crds
 def test_outputs_must_outlive_the_pods(cli, tmp_path):
     """Without a shared volume or run storage, a RayJob's outputs die with its cluster: refused unless asked."""
     lost = cli("render", "k8s", str(REPO / "jobs" / "quickstart.yaml"), "--image", IMAGE)
