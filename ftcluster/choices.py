@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ftcluster.data.dataset import DataBundle
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Renderer
+from ftcluster.engine.rollout_batch import completion_token_logps, rollout_batch
 from ftcluster.eval_shard import WHOLE, EvalShard, longest_first
-from ftcluster.evaluate import cache_holds_adapters, cache_of, classification_metrics, eval_mode, normalize_answer
+from ftcluster.evaluate import classification_metrics, eval_mode, normalize_answer
 
 
 def answer_choices(bundle: DataBundle, eval_spec) -> list[str] | None:
@@ -61,56 +61,12 @@ class ChoiceScores:
 @torch.no_grad()
 def score_options(model, prompts: list[list[int]], options: list[list[int]], device, pad_id: int,
                   share_prompt_cache: bool | None = None) -> ChoiceScores:
-    """Log-probabilities of every option after every prompt (token ids; options may differ in length)."""
-    if share_prompt_cache is None:
-        share_prompt_cache = not cache_holds_adapters(model)
-    lengths = torch.tensor([len(option) for option in options])
-    if share_prompt_cache:
-        logprob = _score_with_shared_cache(model, prompts, options, device, pad_id)
-    else:
-        logprob = _score_whole_sequences(model, prompts, options, device, pad_id)
-    return ChoiceScores(logprob.float().cpu(), lengths)
-
-
-def _score_with_shared_cache(model, prompts, options, device, pad_id) -> torch.Tensor:
-    n_options, width = len(options), max(len(p) for p in prompts)
-    # Prompts left-padded (the next token follows each one's end), positions counted from its first real token.
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    first = F.log_softmax(out.logits[:, -1].float(), -1)  # (prompts, vocab): each option's first token
-    keyword, cache = cache_of(out)
-    cache.batch_repeat_interleave(n_options)
-    longest = max(len(o) for o in options)
-    option_ids = torch.tensor([o + [pad_id] * (longest - len(o)) for o in options], device=device)
-    option_mask = torch.tensor([[1] * len(o) + [0] * (longest - len(o)) for o in options], device=device)
-    tail_ids, tail_mask = option_ids.repeat(len(prompts), 1), option_mask.repeat(len(prompts), 1)
-    full_mask = torch.cat([mask.repeat_interleave(n_options, 0), tail_mask], dim=1)
-    tail_positions = mask.sum(-1).repeat_interleave(n_options)[:, None] + torch.arange(longest, device=device)
-    out = model(input_ids=tail_ids, attention_mask=full_mask, position_ids=tail_positions, use_cache=True,
-                **{keyword: cache})
-    later = F.log_softmax(out.logits[:, :-1].float(), -1)  # token j+1 of each option, from position j
-    token_logprob = torch.cat([
-        first.repeat_interleave(n_options, 0).gather(1, tail_ids[:, :1]),
-        later.gather(2, tail_ids[:, 1:, None]).squeeze(-1),
-    ], dim=1)
-    return (token_logprob * tail_mask).sum(-1).view(len(prompts), n_options)
-
-
-def _score_whole_sequences(model, prompts, options, device, pad_id) -> torch.Tensor:
-    sequences = [(p, o) for p in prompts for o in options]
-    longest = max(len(p) + len(o) for p, o in sequences)
-    ids = torch.tensor([p + o + [pad_id] * (longest - len(p) - len(o)) for p, o in sequences], device=device)
-    mask = torch.tensor([[1] * (len(p) + len(o)) + [0] * (longest - len(p) - len(o)) for p, o in sequences],
-                        device=device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, -longest:].float()
-    logprob = F.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(-1)
-    # Token t of a sequence is predicted at t-1; an option's tokens start after its prompt.
-    scored = torch.zeros_like(logprob)
-    for row, (p, o) in enumerate(sequences):
-        scored[row, len(p) - 1 : len(p) + len(o) - 1] = 1
-    return (logprob * scored).sum(-1).view(len(prompts), len(options))
+    """Log-probabilities of every option after every prompt (token ids; options may differ in length):
+    each prompt runs once and its options share its attention cache, as GRPO's groups do."""
+    batch = rollout_batch(prompts, [options] * len(prompts), pad_id)
+    on_device = {key: value.to(device) for key, value in batch.items()}
+    logprob = completion_token_logps(model, on_device, share_prompt_cache).sum(-1).view(len(prompts), len(options))
+    return ChoiceScores(logprob.float().cpu(), torch.tensor([len(option) for option in options]))
 
 
 def scored_text(continuations: list[str], choices: list[str], encode: Callable[[str], list[int]]) -> list[str]:

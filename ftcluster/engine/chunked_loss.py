@@ -24,7 +24,8 @@ def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     inner = getattr(model, "module", model)  # DDP and DeepSpeed keep the real model as .module
     get_head = getattr(inner, "get_output_embeddings", None)  # PEFT forwards this to the base model
     head = get_head() if get_head else None
-    return head if type(head) is torch.nn.Linear else None
+    # Under ZeRO-3 the weight is an empty placeholder outside the module's own forward.
+    return head if type(head) is torch.nn.Linear and head.weight.numel() > 0 else None
 
 
 @contextlib.contextmanager

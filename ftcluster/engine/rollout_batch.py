@@ -5,7 +5,7 @@ completion, most of every row is its prompt, recomputed for each member of the g
 keeps the prompts (P rows) and the completions (P*G rows) apart, both right-padded, and
 `completion_token_logps` runs each prompt once, repeats its attention cache (gradients flow through
 the copies back to the one prompt pass) to its group, and runs only the completions on top: for a
-44-token prompt, 8-token completions and groups of 8, under a fifth of the tokens.
+44-token prompt, 8-token completions and groups of 8, about a quarter of the tokens.
 
 Where a shared cache cannot work, every row runs whole (prompt, then completion, then padding), with
 the same log-probabilities: prefix tuning keeps its adapters in the cache, and gradient checkpointing
