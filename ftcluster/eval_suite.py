@@ -15,12 +15,19 @@ from ftcluster.data.render import Encoded, Renderer
 from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
 from ftcluster.eval_shard import WHOLE, EvalShard
 from ftcluster.evaluate import (
+    answer_prompts,
     eval_mode,
     evaluate_classification,
     evaluate_generation,
     evaluate_loss,
+    held_out_prompts,
     loss_sum,
+    loss_totals,
+    match_answers,
+    mean_loss,
+    replies_after,
 )
+from ftcluster.generation import can_share_prompt_pass
 from ftcluster.harness import run_harness
 
 
@@ -50,15 +57,21 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
             metrics.update(evaluate_classification(model, val, scoring_batch, pad_id, device, autocast,
                                                    bundle.label_names, eval_spec.max_batches, shard))
             return metrics
+        answers = generation and eval_spec.generation is not None and bool(examples)
         if hasattr(objective, "evaluate"):  # DPO and reward models score their held-out pairs themselves
             metrics = objective.evaluate(model, val, scoring_batch, pad_id, device, autocast, eval_spec.max_batches,
                                          shard)
+            if answers:
+                metrics.update(generate_and_match(model, tokenizer, renderer, examples, eval_spec, device, autocast,
+                                                  shard))
+        elif answers:
+            limit = eval_spec.max_batches * scoring_batch if eval_spec.max_batches is not None else None
+            metrics = loss_and_answers(model, tokenizer, renderer, val[:limit], examples, eval_spec, device, autocast,
+                                       scoring_batch, shard, loss_fn)
         else:
             metrics = loss_of(val)
         if not generation:
             return metrics
-        if eval_spec.generation and examples:
-            metrics.update(generate_and_match(model, tokenizer, renderer, examples, eval_spec, device, autocast, shard))
         choices = answer_choices(bundle, eval_spec) if objective is None or objective.name == "sft" else None
         if choices:
             metrics.update(evaluate_choices(model, tokenizer, renderer, examples, choices, eval_spec, device,
@@ -113,6 +126,27 @@ def generate_and_match(model, tokenizer, renderer: Renderer, examples, eval_spec
         return evaluate_generation(model, tokenizer, renderer, examples, settings.num_prompts,
                                    settings.max_new_tokens, device, generation_batch_size(eval_spec, device),
                                    shots, shard)
+
+
+def loss_and_answers(model, tokenizer, renderer: Renderer, val: list[Encoded], examples, eval_spec, device,
+                     autocast: Callable, scoring_batch: int, shard: EvalShard, loss_fn: Callable) -> dict:
+    """The validation loss and eval.generation's exact match. Where each held-out prompt begins its
+    validation example (single-turn data), the prompts run once for both: the reference replies are
+    scored on a copy of the prompts' attention cache, then the answers are generated from it."""
+    settings = eval_spec.generation
+    pairs, prompts = held_out_prompts(tokenizer, renderer, examples[: settings.num_prompts])
+    replies = replies_after(prompts, val) if can_share_prompt_pass(model, shard) else None
+    if replies is None:
+        metrics = evaluate_loss(model, val, scoring_batch, tokenizer.pad_token_id, device, autocast, shard=shard,
+                                loss_fn=loss_fn)
+        return {**metrics, **generate_and_match(model, tokenizer, renderer, examples, eval_spec, device, autocast,
+                                                shard)}
+    with autocast():
+        outputs, scored = answer_prompts(model, tokenizer, prompts, settings.max_new_tokens, device,
+                                         generation_batch_size(eval_spec, device), shard, replies, loss_fn)
+    rest = loss_totals(model, val[len(prompts) :], scoring_batch, tokenizer.pad_token_id, device, autocast, shard,
+                       loss_fn)
+    return {**mean_loss(*shard.total([scored[0] + rest[0], scored[1] + rest[1]])), **match_answers(pairs, outputs)}
 
 
 def few_shot_baseline(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, device, autocast,

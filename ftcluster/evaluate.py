@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,7 @@ import torch.nn.functional as F
 from ftcluster.data.batches import IGNORE, collate, count_targets, model_inputs
 from ftcluster.data.render import Encoded, Renderer
 from ftcluster.eval_shard import WHOLE, EvalShard, longest_first
+from ftcluster.generation import Generator, PrefixCache, shared_prefix
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -47,13 +46,27 @@ def eval_batches(items: list[Encoded], batch_size: int, pad_id: int, device, lim
         yield {k: v.to(device) for k, v in batch.items()}, real
 
 
-@torch.no_grad()
 def evaluate_loss(model, items: list[Encoded], batch_size: int, pad_id: int, device, autocast, limit=None,
                   shard: EvalShard = WHOLE, loss_fn: Callable = loss_sum) -> dict[str, float]:
-    """Mean loss per target over `items` (every worker its share; the sums are added up). The tokens
-    every item begins with, when none of them is scored (a system prompt, an instruction), run once."""
+    """Mean loss per target over `items` (every worker its share; the sums are added up)."""
     if limit is not None:
         items = items[: limit * batch_size]
+    return mean_loss(*shard.total(loss_totals(model, items, batch_size, pad_id, device, autocast, shard, loss_fn)))
+
+
+def mean_loss(total: float, count: float) -> dict[str, float]:
+    """val_loss and val_perplexity from a loss sum and its number of terms (nothing when there are none)."""
+    if count == 0:
+        return {}
+    loss = total / count
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def loss_totals(model, items: list[Encoded], batch_size: int, pad_id: int, device, autocast,
+                shard: EvalShard = WHOLE, loss_fn: Callable = loss_sum) -> list[float]:
+    """[sum of loss terms, their count] over this worker's share of `items`. The tokens every item begins
+    with, when none of them is scored (a system prompt, an instruction), run once."""
     prefix = _unscored_prefix(model, items, device, shard)
     if prefix is not None:
         items = [Encoded(item.input_ids[prefix.length :], item.trained[prefix.length :]) for item in items]
@@ -63,11 +76,7 @@ def evaluate_loss(model, items: list[Encoded], batch_size: int, pad_id: int, dev
             loss = float(loss_fn(model, prefix.continued(batch) if prefix is not None else batch))
         if real:
             total, count = total + loss, count + count_targets(batch)
-    total, count = shard.total([total, count])
-    if count == 0:
-        return {}
-    loss = total / count
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    return [total, count]
 
 
 def _unscored_prefix(model, items: list[Encoded], device, shard: EvalShard) -> PrefixCache | None:
@@ -130,11 +139,21 @@ def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prom
                         batch_size: int = 16, shots: list | None = None, shard: EvalShard = WHOLE) -> dict:
     """Greedy generation on held-out prompts; exact match against the reference responses.
     With `shots`, every prompt starts with those worked examples (a few-shot prompt)."""
-    pairs = [renderer.prompt_text(e, shots) for e in examples[:num_prompts]]
+    pairs, prompts = held_out_prompts(tokenizer, renderer, examples[:num_prompts], shots)
+    return match_answers(pairs, generate_texts(model, tokenizer, prompts, max_new_tokens, device, batch_size, shard))
+
+
+def held_out_prompts(tokenizer, renderer: Renderer, examples, shots: list | None = None
+                     ) -> tuple[list[tuple[str, str]], list[list[int]]]:
+    """Each example's (generation prompt, reference answer), and the prompt's token ids."""
+    pairs = [renderer.prompt_text(e, shots) for e in examples]
+    return pairs, [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in pairs]
+
+
+def match_answers(pairs: list[tuple[str, str]], outputs: list[str]) -> dict:
+    """Exact match of the outputs against the references, and every (prompt, reference, output) sample."""
     if not pairs:
         return {"exact_match": 0.0, "samples": []}
-    prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in pairs]
-    outputs = generate_texts(model, tokenizer, prompts, max_new_tokens, device, batch_size, shard)
     matches = [normalize_answer(o) == normalize_answer(ref) for o, (_, ref) in zip(outputs, pairs)]
     samples = [
         {"prompt": p, "reference": r, "output": o, "match": m} for (p, r), o, m in zip(pairs, outputs, matches)
@@ -142,113 +161,51 @@ def evaluate_generation(model, tokenizer, renderer: Renderer, examples, num_prom
     return {"exact_match": sum(matches) / len(matches), "samples": samples}
 
 
-@torch.no_grad()
+def replies_after(prompts: list[list[int]], items: list[Encoded]) -> list[Encoded] | None:
+    """What each item adds after its prompt (the reference reply, as training scores it), if every item
+    is its prompt followed by trained tokens; None otherwise (then the two cannot share a pass)."""
+    if len(items) < len(prompts):
+        return None
+    replies = []
+    for prompt, item in zip(prompts, items):
+        n = len(prompt)
+        if item.input_ids[:n] != prompt or any(item.trained[:n]) or not any(item.trained[n:]) or item.label is not None:
+            return None
+        replies.append(Encoded(item.input_ids[n:], item.trained[n:]))
+    return replies
+
+
 def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, batch_size: int = 16,
                    shard: EvalShard = WHOLE) -> list[str]:
     """Greedy continuations of every prompt (token ids), in order: each worker answers its share."""
+    return answer_prompts(model, tokenizer, prompts, max_new_tokens, device, batch_size, shard)[0]
+
+
+@torch.no_grad()
+def answer_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, batch_size: int = 16,
+                   shard: EvalShard = WHOLE, replies: list[Encoded] | None = None,
+                   loss_fn: Callable = loss_sum) -> tuple[list[str], list[float]]:
+    """Greedy continuations of every prompt, in order (each worker answers its share); with `replies`
+    (one per prompt), also this worker's [loss sum, count] over them, scored on the prompts' cache."""
     mine = [(index, prompts[index]) for index in shard.part(range(len(prompts)))]
     generator = Generator(model, tokenizer, max_new_tokens, device, synced=shard.in_lockstep)
     generator.share_prefix([ids for _, ids in mine])
     # Prompts of similar length together: left padding is compute spent on nothing.
     batches = longest_first(mine, batch_size, lambda indexed: len(indexed[1]))
     generated: list[tuple[int, str]] = []
+    totals = [0.0, 0.0]
     for chunk, real in shard.batches(batches, spare=lambda: mine[:1] or [(0, prompts[0])]):
-        texts = generator([ids for _, ids in chunk])
+        chunk_prompts = [ids for _, ids in chunk]
+        if replies is None:
+            texts = generator(chunk_prompts)
+        else:
+            texts, loss, count = generator.answer_and_score(chunk_prompts, [replies[i] for i, _ in chunk], loss_fn)
+            if real:
+                totals = [totals[0] + loss, totals[1] + count]
         if real:
             generated += [(index, text) for (index, _), text in zip(chunk, texts)]
     by_index = dict(shard.gather(generated))
-    return [by_index[index] for index in range(len(prompts))]
-
-
-MIN_SHARED_PREFIX = 16  # tokens; a shorter common beginning is not worth a cache copy per batch
-
-
-class PrefixCache:
-    """The attention cache of a token prefix, computed once and copied into every batch that continues it.
-
-    Held-out prompts often begin alike (system prompt, instruction, few-shot examples): that common
-    beginning runs once, and each batch computes only the rest of its sequences. The results are the
-    same; the few-shot baseline's prompts cost a third.
-    """
-
-    def __init__(self, model, tokens: list[int], device):
-        self.tokens = tokens
-        out = model(input_ids=torch.tensor([tokens], device=device), use_cache=True)
-        self.keyword, self._cache = cache_of(out)
-
-    @property
-    def length(self) -> int:
-        return len(self.tokens)
-
-    def copies(self, rows: int) -> dict[str, Any]:
-        """The cache repeated for a batch of `rows` (a copy: a forward pass appends to it), as a keyword."""
-        cache = copy.deepcopy(self._cache)
-        cache.batch_repeat_interleave(rows)
-        return {self.keyword: cache}
-
-    def continued(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A right-padded batch of continuations, as forward() inputs after the prefix."""
-        rows, width = batch["input_ids"].shape
-        device = batch["input_ids"].device
-        ones = torch.ones(rows, self.length, dtype=batch["attention_mask"].dtype, device=device)
-        return {**batch, "attention_mask": torch.cat([ones, batch["attention_mask"]], dim=1),
-                "position_ids": (self.length + torch.arange(width, device=device)).expand(rows, -1),
-                **self.copies(rows)}
-
-
-def shared_prefix(model, sequences: list[list[int]], limit: int, device, lockstep: bool) -> PrefixCache | None:
-    """The cache of the first tokens (at most `limit`) every sequence shares, if they are worth it. Not in
-    lockstep (ZeRO-3 workers must run equal forward passes) nor for prefix tuning (its virtual tokens
-    live in the cache)."""
-    if lockstep or cache_holds_adapters(model) or not sequences:
-        return None
-    length, first = 0, sequences[0]
-    while length < limit and all(sequence[length] == first[length] for sequence in sequences):
-        length += 1
-    return PrefixCache(model, first[:length], device) if length >= MIN_SHARED_PREFIX else None
-
-
-class Generator:
-    """Greedy continuations of batches of prompts (token ids), left-padded; with `share_prefix`, the
-    prompts' common beginning is run once and each batch padded between it and its own tokens."""
-
-    def __init__(self, model, tokenizer, max_new_tokens: int, device, synced: bool = False):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.max_new_tokens, self.synced = max_new_tokens, synced
-        self.prefix: PrefixCache | None = None
-
-    @torch.no_grad()
-    def share_prefix(self, prompts: list[list[int]]) -> None:
-        """Cache what every prompt begins with, leaving each at least one token of its own."""
-        limit = min((len(ids) for ids in prompts), default=1) - 1
-        self.prefix = shared_prefix(self.model, prompts, limit, self.device, self.synced)
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[list[int]]) -> list[str]:
-        pad_id = self.tokenizer.pad_token_id
-        shared = self.prefix.tokens if self.prefix is not None else []
-        tails = [ids[len(shared) :] for ids in prompts]
-        width = max(len(tail) for tail in tails)
-        ids = [shared + [pad_id] * (width - len(tail)) + tail for tail in tails]
-        mask = [[1] * len(shared) + [0] * (width - len(tail)) + [1] * len(tail) for tail in tails]
-        cache = self.prefix.copies(len(prompts)) if self.prefix is not None else {}
-        generated = self.model.generate(
-            input_ids=torch.tensor(ids, device=self.device), attention_mask=torch.tensor(mask, device=self.device),
-            max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id, synced_gpus=self.synced, **cache)
-        return self.tokenizer.batch_decode(generated[:, len(shared) + width :], skip_special_tokens=True)
-
-
-def cache_of(output) -> tuple[str, Any]:
-    """A forward pass's attention cache, and the keyword that hands it back to the model: `cache` since
-    transformers renamed `past_key_values` (the old name still works there, with a warning)."""
-    keyword = "cache" if "cache" in output else "past_key_values"
-    return keyword, output[keyword]
-
-
-def cache_holds_adapters(model) -> bool:
-    """Prefix tuning keeps its virtual tokens in the attention cache: a copied prompt cache would lose them."""
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
+    return [by_index[index] for index in range(len(prompts))], totals
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("spec", ("ftcluster.spec", "ftcluster.ds_config")),
     ("data, models, tracking", ("ftcluster.data", "ftcluster.models", "ftcluster.track", "ftcluster.tables",
                                 "ftcluster.forgetting")),
-    ("engine", ("ftcluster.engine", "ftcluster.eval_shard", "ftcluster.evaluate", "ftcluster.choices", "ftcluster.eval_suite", "ftcluster.harness", "ftcluster.plan", "ftcluster.capacity", "ftcluster.runs", "ftcluster.run_storage",
+    ("engine", ("ftcluster.engine", "ftcluster.eval_shard", "ftcluster.generation", "ftcluster.evaluate", "ftcluster.choices", "ftcluster.eval_suite", "ftcluster.harness", "ftcluster.plan", "ftcluster.capacity", "ftcluster.runs", "ftcluster.run_storage",
                 "ftcluster.export", "ftcluster.compare")),
     ("launch", ("ftcluster.launch", "ftcluster.ray_loopback", "ftcluster.rollout")),
     ("sweeps, clusters, reports", ("ftcluster.sweep", "ftcluster.cluster", "ftcluster.report", "ftcluster.fetch")),

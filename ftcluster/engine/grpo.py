@@ -31,7 +31,8 @@ from ftcluster.engine.logprobs import ReferenceFn
 from ftcluster.engine.rewards import RewardScorer
 from ftcluster.engine.rollout_batch import completion_token_logps, completion_tokens, rollout_batch
 from ftcluster.eval_shard import WHOLE, EvalShard
-from ftcluster.evaluate import cache_holds_adapters, cache_of, eval_mode, generate_texts
+from ftcluster.evaluate import eval_mode, generate_texts
+from ftcluster.generation import cache_holds_adapters, cache_of
 
 ADVANTAGE_EPS = 1e-4  # keeps a group whose rewards barely differ from blowing its advantages up
 

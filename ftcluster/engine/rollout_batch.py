@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ftcluster.engine.chunked_loss import hidden_states_as_logits, output_head
-from ftcluster.evaluate import cache_holds_adapters, cache_of
+from ftcluster.generation import cache_holds_adapters, cache_of
 
 
 def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
