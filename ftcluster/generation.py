@@ -173,7 +173,7 @@ class Generator:
                 answers[row] += tokens
             budget -= new.shape[1]
             going = [k for k, tokens in enumerate(new.tolist()) if not stops.intersection(tokens)]
-            if budget <= 0 or not going:
+            if budget <= 0 or not going or new.shape[1] < size:  # (fewer: generate's own criteria ended every row)
                 break
             keyword, kept = cache_of(out)
             if len(going) < len(rows):  # the cache has every token but the last one generated
