@@ -136,16 +136,11 @@ def loss_and_answers(model, tokenizer, renderer: Renderer, val: list[Encoded], e
     settings = eval_spec.generation
     pairs, prompts = held_out_prompts(tokenizer, renderer, examples[: settings.num_prompts])
     replies = replies_after(prompts, val) if can_share_prompt_pass(model, shard) else None
-    if replies is None:
-        metrics = evaluate_loss(model, val, scoring_batch, tokenizer.pad_token_id, device, autocast, shard=shard,
-                                loss_fn=loss_fn)
-        return {**metrics, **generate_and_match(model, tokenizer, renderer, examples, eval_spec, device, autocast,
-                                                shard)}
     with autocast():
         outputs, scored = answer_prompts(model, tokenizer, prompts, settings.max_new_tokens, device,
                                          generation_batch_size(eval_spec, device), shard, replies, loss_fn)
-    rest = loss_totals(model, val[len(prompts) :], scoring_batch, tokenizer.pad_token_id, device, autocast, shard,
-                       loss_fn)
+    unscored = val[len(prompts) :] if replies is not None else val  # apart: multi-turn, ZeRO-3, prefix tuning
+    rest = loss_totals(model, unscored, scoring_batch, tokenizer.pad_token_id, device, autocast, shard, loss_fn)
     return {**mean_loss(*shard.total([scored[0] + rest[0], scored[1] + rest[1]])), **match_answers(pairs, outputs)}
 
 

@@ -45,6 +45,17 @@ class StepOrder:
         return step / self.steps_per_epoch
 
 
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as a right-padded (rows, longest) tensor and its attention mask."""
+    width = max(1, max(len(row) for row in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[index, :len(row)] = 1
+    return ids, mask
+
+
 def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples into model inputs; labels hold IGNORE where not trained.
 
@@ -54,16 +65,13 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     cross-example blocks, variable-length sequences for flash_attention_2), on the device, rather
     than a (batch, 1, length, length) tensor built here and copied over every step.
     """
-    length = max(len(item.input_ids) for item in items)
-    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(items), length), dtype=torch.bool)
-    labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+    input_ids, attention = right_padded([item.input_ids for item in items], pad_id)
+    length = input_ids.shape[1]
+    labels = torch.full_like(input_ids, IGNORE)
     for row, item in enumerate(items):
         n = len(item.input_ids)
-        input_ids[row, :n] = torch.tensor(item.input_ids)
-        attention[row, :n] = True
         labels[row, :n] = torch.where(torch.tensor(item.trained), input_ids[row, :n], IGNORE)
-    batch = {"input_ids": input_ids, "attention_mask": attention.long()}
+    batch = {"input_ids": input_ids, "attention_mask": attention}
     if items[0].label is not None:
         batch["labels"] = torch.tensor([item.label for item in items])
     else:

@@ -19,19 +19,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ftcluster.data.batches import right_padded
 from ftcluster.engine.chunked_loss import hidden_states_as_logits, output_head
 from ftcluster.generation import cache_holds_adapters, cache_of
-
-
-def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows as a right-padded (rows, longest) tensor and its attention mask."""
-    width = max(1, max(len(row) for row in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[index, :len(row)] = 1
-    return ids, mask
 
 
 def rollout_batch(prompts: list[list[int]], groups: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
