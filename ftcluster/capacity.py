@@ -75,7 +75,8 @@ def worker_resources(spec: JobSpec) -> dict[str, float]:
 
 
 def rollout_actor_resources(spec: JobSpec) -> dict[str, float]:
-    """What one GRPO rollout actor reserves (method.grpo.rollout): its CPUs, and GPUs if it has any."""
+    """What one GRPO rollout actor reserves (method.grpo.rollout): its CPUs, GPUs if it has any, and its
+    custom resources."""
     if not spec.rollout_actors or spec.method.grpo is None:
         return {}
     rollout = spec.method.grpo.rollout
@@ -83,7 +84,7 @@ def rollout_actor_resources(spec: JobSpec) -> dict[str, float]:
     gpus = rollout.gpus_per_worker if rollout.gpus_per_worker is not None else (
         scaling.gpus_per_worker if scaling.use_gpu else 0.0)
     resources = {"CPU": rollout.cpus_per_worker or scaling.cpus_per_worker}
-    return resources | ({"GPU": gpus} if gpus else {})
+    return resources | ({"GPU": gpus} if gpus else {}) | rollout.resources_per_worker
 
 
 def driver_cpus_here() -> float:

@@ -147,7 +147,8 @@ def start_rollout_actors(spec: JobSpec, ctx: WorkerContext, say=print) -> tuple[
     if ctx.is_main:
         resources = rollout_actor_resources(spec)
         actor_class = ray.remote(RolloutWorker)
-        options = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0),
+        custom = {kind: amount for kind, amount in resources.items() if kind not in ("CPU", "GPU")}
+        options = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0), "resources": custom,
                    "max_concurrency": ctx.world_size + 1,  # learners' requests wait for their weights side by side
                    "scheduling_strategy": "SPREAD" if rollout.workers > 1 else "DEFAULT"}  # not in the workers' group
         tag = uuid.uuid4().hex[:8]

@@ -122,6 +122,17 @@ class RewardModelSpec(Section):
     weight: float = Field(1.0, description="Its share of a completion's reward.")
 
 
+def custom_resources(value: dict[str, float]) -> dict[str, float]:
+    """A resources_per_worker mapping: custom Ray resources only (CPUs and GPUs have their own keys), above 0."""
+    builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(value))
+    if builtin:
+        raise ValueError(f"{', '.join(builtin)}: set these with cpus_per_worker / gpus_per_worker, not here")
+    negative = [name for name, amount in value.items() if amount <= 0]
+    if negative:
+        raise ValueError(f"{negative[0]}: amounts must be above 0")
+    return value
+
+
 class RolloutSpec(Section):
     """Where GRPO samples: in the training workers (workers 0), or in separate Ray actors that hold a copy
     of the policy and receive its trained weights (the layout large models need: generation on its own
@@ -137,6 +148,16 @@ class RolloutSpec(Section):
                                           "None: scaling.cpus_per_worker.")
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per rollout actor; None: "
                                           "scaling.gpus_per_worker when scaling.use_gpu, else 0.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each rollout actor needs besides CPU and GPU: it runs only on nodes that "
+        "advertise them (ray start --resources), e.g. a cluster's inference nodes. Example: {rollout_node: 1}",
+    )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        return custom_resources(value)
 
 
 class GrpoSpec(Section):
@@ -443,13 +464,7 @@ class ScalingSpec(Section):
     @field_validator("resources_per_worker")
     @classmethod
     def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
-        builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(value))
-        if builtin:
-            raise ValueError(f"{', '.join(builtin)}: set these with cpus_per_worker / gpus_per_worker, not here")
-        negative = [name for name, amount in value.items() if amount <= 0]
-        if negative:
-            raise ValueError(f"{negative[0]}: amounts must be above 0")
-        return value
+        return custom_resources(value)
 
     @field_validator("gpu_type")
     @classmethod

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from ftcluster.capacity import ClusterView, capacity_problems, workers_that_fit
+from ftcluster.capacity import ClusterView, capacity_problems, rollout_actor_resources, workers_that_fit
 from ftcluster.errors import FtError
 from ftcluster.spec import load_spec
 
@@ -65,3 +65,9 @@ def test_grpo_rollout_actors_count_against_the_cluster():
     assert problems and "needs 4 GPU (2 workers + 2 rollout actors), the Ray cluster has 3" in problems[0]
     cpu_actors = load_spec(REPO / "jobs" / "grpo-smollm2.yaml", [*overrides, "method.grpo.rollout.gpus_per_worker=0"])
     assert not capacity_problems(cpu_actors, cluster)
+    # Pinned to nodes with a custom resource (method.grpo.rollout.resources_per_worker) the cluster has too few of.
+    pinned = load_spec(REPO / "jobs" / "grpo-smollm2.yaml", [*overrides, "method.grpo.rollout.gpus_per_worker=0",
+                                                            "method.grpo.rollout.resources_per_worker={rollout_node: 1}"])
+    assert rollout_actor_resources(pinned) == {"CPU": 2, "rollout_node": 1}
+    problems = capacity_problems(pinned, ClusterView([{"CPU": 16.0, "GPU": 3.0, "rollout_node": 1.0}]))
+    assert problems and "needs 2 rollout_node (2 workers + 2 rollout actors), the Ray cluster has 1" in problems[0]

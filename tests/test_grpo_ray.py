@@ -1,15 +1,21 @@
 """GRPO under Ray: sampling in rollout actors (equal to sampling in the training worker; older weights
-corrected by the actors' own log-probabilities) and a sweep ranked by the held-out reward. Apart from
-test_grpo.py so that the test processes share the Ray-heavy tests out."""
+corrected by the actors' own log-probabilities; SIGTERM and --resume) and a sweep ranked by the held-out
+reward. Apart from test_grpo.py so that the test processes share the Ray-heavy tests out."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import test_grpo
-from conftest import read_metrics
+from conftest import REPO, read_metrics
 from test_grpo import grpo_job
+from test_reliability import TRACEBACK, wait_for_steps
 
 prompts = test_grpo.prompts  # the fixture: 40 training prompts, 8 held out
 
@@ -71,3 +77,35 @@ def test_a_grpo_sweep_ranks_trials_by_the_held_out_reward(make_job, cli, tmp_pat
         assert summary["after"]["val_reward"] == pytest.approx(row["metric"])
         trial_spec = yaml.safe_load((out / "trials" / row["trial"] / "run.yaml").read_text())
         assert trial_spec["method"]["grpo"]["group_size"] == row["params"]["method.grpo.group_size"]
+
+
+@pytest.mark.integration
+def test_sigterm_with_a_rollout_actor_is_one_line_and_resume_matches_an_uninterrupted_run(make_job, cli, tmp_path,
+                                                                                          prompts):
+
+    rewards, training = [{"function": "test_grpo:ascii_share"}], {"max_steps": 30, "checkpoint_every": 2}
+    job = grpo_job(make_job, "grpo-sig", prompts, rewards, training=training,
+                   grpo={"rollout": {"workers": 1, "cpus_per_worker": 1}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}  # the reward's module
+    process = subprocess.Popen([sys.executable, "-m", "ftcluster.cli", "train", str(job)], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "runs" / "grpo-sig"
+    wait_for_steps(out, 5, process, timeout=240)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert TRACEBACK not in stdout + stderr
+    ours = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert len(ours) == 1 and "(SIGTERM)" in ours[0] and "--resume" in ours[0], stderr[-3000:]
+    assert not (out / "summary.json").exists()
+
+    resumed = cli("train", job, "--resume")
+    assert resumed.code == 0 and "rollout: 1 actor(s)" in resumed.out, resumed
+    whole = grpo_job(make_job, "grpo-sig-whole", prompts, rewards, training=training)
+    assert cli("train", whole, "--no-ray").code == 0
+    logged = {name: {r["step"]: r for r in read_metrics(tmp_path / "runs" / name) if "reward" in r}
+              for name in ("grpo-sig", "grpo-sig-whole")}
+    assert sorted(logged["grpo-sig"]) == list(range(1, 31))
+    for key in ("train_loss", "reward"):
+        assert [logged["grpo-sig"][step][key] for step in range(1, 31)] == pytest.approx(
+            [logged["grpo-sig-whole"][step][key] for step in range(1, 31)], rel=1e-4, abs=1e-7)

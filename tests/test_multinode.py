@@ -6,6 +6,8 @@ S3-compatible server on loopback. The driver's node runs no worker, so rank 0 is
   every output is in the store (ZeRO-3: both nodes' shards in each checkpoint).
 - A node removed mid-run (a worker's, then rank 0's), a replacement added: the group restarts from
   the store's last checkpoint and the losses equal the uninterrupted run's.
+- GRPO's rollout actor on another node than the learner samples as the learner would; with the actor's
+  node removed mid-run, the group restarts from the store with a new actor and the losses match.
 - A local output.dir that a node cannot see is refused before training, in one line.
 """
 
@@ -19,9 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import test_grpo
 from conftest import train_losses
 from storage_server import loopback_store
 
@@ -156,14 +160,14 @@ class BackgroundRun:
     """A run on the nodes in a thread, while the test's main thread acts on the cluster (nodes are
     started from the main thread: Ray's Node sets signal handlers)."""
 
-    def __init__(self, make_job, store, name: str, training: dict) -> None:
+    def __init__(self, train: Callable[[], dict]) -> None:
         self.outcome: dict = {}
-        self.thread = threading.Thread(target=self._train, args=(make_job, store, name, training), daemon=True)
+        self.thread = threading.Thread(target=self._train, args=(train,), daemon=True)
         self.thread.start()
 
-    def _train(self, make_job, store, name: str, training: dict) -> None:
+    def _train(self, train: Callable[[], dict]) -> None:
         try:
-            self.outcome["summary"] = run_on_nodes(make_job, store, name, method={"name": "full"}, training=training)
+            self.outcome["summary"] = train()
         except BaseException as exc:
             self.outcome["error"] = exc
 
@@ -177,7 +181,7 @@ class BackgroundRun:
 
 def remove_mid_run(nodes, store, make_job, name: str, pick) -> dict:
     """Train in the background; once the store has a checkpoint, replace the node `pick(nodes, rank0_node)` chooses."""
-    run = BackgroundRun(make_job, store, name, TRAINING)
+    run = BackgroundRun(lambda: run_on_nodes(make_job, store, name, method={"name": "full"}, training=TRAINING))
     removed = False
     while run.thread.is_alive() and not removed:
         rank0 = nodes.holding(name)
@@ -243,6 +247,77 @@ def test_a_preemption_notice_saves_a_checkpoint_in_time_and_the_run_resumes_ther
     assert summary["resumed_from_step"] >= saved  # no periodic checkpoint was due: this one saved the steps
     run_on_nodes(make_job, store, "preempted-whole", method={"name": "full"}, training=training)
     assert stored_losses(store, name) == pytest.approx(stored_losses(store, "preempted-whole"), rel=1e-5)
+
+
+prompts = test_grpo.prompts  # the fixture: 40 training prompts, 8 held out
+
+
+def test_a_grpo_rollout_actor_on_another_node_samples_as_the_learner_would(nodes, store, make_job, prompts):
+    """GRPO with its rollout actor on another node than the learner (the learner's node has no CPU left
+    for it): the policy's weights reach it before every rollout, and the losses and rewards are those of
+    sampling in the learner's own process; every output is in the store."""
+    import ray
+    from ray.util.state import list_actors
+
+    from ftcluster.launch import run_in_process, run_with_ray
+    from ftcluster.spec import load_spec
+
+    rewards = [{"function": "test_grpo:ascii_share"}]
+    here = load_spec(test_grpo.grpo_job(make_job, "grpo-here", prompts, rewards, training={"max_steps": 3}))
+    run_in_process(here)
+    scaling = {"num_workers": 1, "cpus_per_worker": 1, "resources_per_worker": {WORKER_RESOURCE: 1}}
+    actor_job = test_grpo.grpo_job(make_job, "grpo-nodes", prompts, rewards, training={"max_steps": 3},
+                                   grpo={"rollout": {"workers": 1, "cpus_per_worker": 1}}, scaling=scaling,
+                                   output={"dir": store.uri("grpo-nodes")})
+    summary = run_with_ray(load_spec(actor_job))
+    assert summary["steps"] == 3
+    placed = {actor.class_name: actor.node_id for actor in list_actors(filters=[("state", "=", "DEAD")], limit=10000)
+              if actor.class_name in ("RolloutWorker", "RayTrainWorker")}
+    assert placed.keys() == {"RolloutWorker", "RayTrainWorker"} and placed["RolloutWorker"] != placed["RayTrainWorker"]
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    assert {"grpo-nodes/summary.json", "grpo-nodes/metrics.jsonl"} <= set(store.keys("grpo-nodes/"))
+    stored = [json.loads(line) for line in store.read("grpo-nodes/metrics.jsonl").decode().splitlines()]
+    local = [json.loads(line) for line in (here.output_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "reward", "kl"):
+        ours, theirs = ([r[key] for r in records if "reward" in r] for records in (stored, local))
+        assert len(ours) == 3 and ours == pytest.approx(theirs, rel=1e-4, abs=1e-7)
+
+
+def test_a_lost_rollout_node_restarts_the_run_from_the_store_with_a_new_actor(nodes, store, make_job, prompts):
+    """The rollout actor pinned to a worker node (rollout.resources_per_worker), the learner on the other:
+    the actor's node removed once the store has a checkpoint, the group restarts from it with a new actor
+    (on the replacement node), and the losses equal an uninterrupted run's."""
+    from ray.util.state import list_actors
+
+    from ftcluster.launch import run_in_process, run_with_ray
+    from ftcluster.spec import load_spec
+
+    rewards, training = [{"function": "test_grpo:ascii_share"}], {"max_steps": 8, "checkpoint_every": 2}
+    here = load_spec(test_grpo.grpo_job(make_job, "grpo-whole", prompts, rewards, training=training))
+    run_in_process(here)
+    scaling = {"num_workers": 1, "cpus_per_worker": 1, "resources_per_worker": {WORKER_RESOURCE: 1}}
+    rollout = {"workers": 1, "cpus_per_worker": 1, "resources_per_worker": {WORKER_RESOURCE: 1}}
+    job = load_spec(test_grpo.grpo_job(make_job, "grpo-lost", prompts, rewards, training={**training, "max_failures": 1},
+                                       grpo={"rollout": rollout}, scaling=scaling,
+                                       output={"dir": store.uri("grpo-lost")}))
+    run = BackgroundRun(lambda: run_with_ray(job))
+    removed = None
+    while run.thread.is_alive() and removed is None:
+        alive = list_actors(filters=[("class_name", "=", "RolloutWorker"), ("state", "=", "ALIVE")])
+        if alive and store.keys("grpo-lost/checkpoints/latest"):
+            removed = next(node for node in nodes.workers if node.node_id == alive[0].node_id)
+            nodes.replace(removed)
+        time.sleep(0.05)
+    summary = run.summary()
+    assert removed is not None, "the run ended before the rollout node could be removed"
+    assert summary["steps"] == 8 and summary["resumed_from_step"] in range(2, 8, 2)
+    stored = [json.loads(line) for line in store.read("grpo-lost/metrics.jsonl").decode().splitlines()]
+    local = [json.loads(line) for line in (here.output_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {record["step"]: record for record in stored if "reward" in record}  # a step may be logged twice
+    assert sorted(by_step) == list(range(1, 9))
+    for key in ("train_loss", "reward"):
+        assert [by_step[r["step"]][key] for r in local if "reward" in r] == pytest.approx(
+            [r[key] for r in local if "reward" in r], rel=1e-4, abs=1e-7)
 
 
 def test_a_local_output_dir_a_node_cannot_see_is_refused(nodes, make_job, tmp_path):

@@ -169,3 +169,6 @@ def test_custom_worker_resources_and_preemption_retries_reach_ray_train(make_job
     assert failure_config(spec).max_preemption_failures == 3
     bad = cli("validate", job, "scaling.resources_per_worker={GPU: 2}")
     assert bad.code == 2 and "scaling.resources_per_worker" in bad.err and "gpus_per_worker" in bad.err
+    bad = cli("validate", job, "method.grpo.rollout.resources_per_worker={CPU: 1}")  # rollout actors: likewise
+    assert bad.code == 2 and "method.grpo.rollout.resources_per_worker" in bad.err and "cpus_per_worker" in bad.err
+    assert len(bad.err.strip().splitlines()) == 1
