@@ -252,12 +252,20 @@ def test_a_preemption_notice_saves_a_checkpoint_in_time_and_the_run_resumes_ther
 prompts = test_grpo.prompts  # the fixture: 40 training prompts, 8 held out
 
 
+def actor_nodes(class_name: str, state: str, ignore: frozenset[str] = frozenset()) -> set[str]:
+    """The nodes of the cluster's actors of a class in a state (not those in `ignore`, by actor id), from
+    the GCS's actor table (Ray's state API would need the dashboard, which a test cluster may lack)."""
+    import ray
+
+    return {actor["Address"]["NodeID"] for actor_id, actor in ray._private.state.actors().items()
+            if actor["ActorClassName"] == class_name and actor["State"] == state and actor_id not in ignore}
+
+
 def test_a_grpo_rollout_actor_on_another_node_samples_as_the_learner_would(nodes, store, make_job, prompts):
     """GRPO with its rollout actor on another node than the learner (the learner's node has no CPU left
     for it): the policy's weights reach it before every rollout, and the losses and rewards are those of
     sampling in the learner's own process; every output is in the store."""
     import ray
-    from ray.util.state import list_actors
 
     from ftcluster.launch import run_in_process, run_with_ray
     from ftcluster.spec import load_spec
@@ -269,11 +277,11 @@ def test_a_grpo_rollout_actor_on_another_node_samples_as_the_learner_would(nodes
     actor_job = test_grpo.grpo_job(make_job, "grpo-nodes", prompts, rewards, training={"max_steps": 3},
                                    grpo={"rollout": {"workers": 1, "cpus_per_worker": 1}}, scaling=scaling,
                                    output={"dir": store.uri("grpo-nodes")})
+    earlier = frozenset(ray._private.state.actors())
     summary = run_with_ray(load_spec(actor_job))
     assert summary["steps"] == 3
-    placed = {actor.class_name: actor.node_id for actor in list_actors(filters=[("state", "=", "DEAD")], limit=10000)
-              if actor.class_name in ("RolloutWorker", "RayTrainWorker")}
-    assert placed.keys() == {"RolloutWorker", "RayTrainWorker"} and placed["RolloutWorker"] != placed["RayTrainWorker"]
+    learner, actor = (actor_nodes(name, "DEAD", earlier) for name in ("RayTrainWorker", "RolloutWorker"))
+    assert len(learner) == 1 and len(actor) == 1 and learner != actor
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     assert {"grpo-nodes/summary.json", "grpo-nodes/metrics.jsonl"} <= set(store.keys("grpo-nodes/"))
     stored = [json.loads(line) for line in store.read("grpo-nodes/metrics.jsonl").decode().splitlines()]
@@ -287,8 +295,6 @@ def test_a_lost_rollout_node_restarts_the_run_from_the_store_with_a_new_actor(no
     """The rollout actor pinned to a worker node (rollout.resources_per_worker), the learner on the other:
     the actor's node removed once the store has a checkpoint, the group restarts from it with a new actor
     (on the replacement node), and the losses equal an uninterrupted run's."""
-    from ray.util.state import list_actors
-
     from ftcluster.launch import run_in_process, run_with_ray
     from ftcluster.spec import load_spec
 
@@ -303,9 +309,9 @@ def test_a_lost_rollout_node_restarts_the_run_from_the_store_with_a_new_actor(no
     run = BackgroundRun(lambda: run_with_ray(job))
     removed = None
     while run.thread.is_alive() and removed is None:
-        alive = list_actors(filters=[("class_name", "=", "RolloutWorker"), ("state", "=", "ALIVE")])
+        alive = actor_nodes("RolloutWorker", "ALIVE")
         if alive and store.keys("grpo-lost/checkpoints/latest"):
-            removed = next(node for node in nodes.workers if node.node_id == alive[0].node_id)
+            removed = next(node for node in nodes.workers if node.node_id in alive)
             nodes.replace(removed)
         time.sleep(0.05)
     summary = run.summary()
