@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.data_scale import in_fresh_process, write_rows  # noqa: E402
-from ftcluster.spec import DataSpec  # noqa: E402
+from ftcluster.config.spec import DataSpec  # noqa: E402
 
 VAL_FRACTION = 0.001  # as data_scale.build
 ROWS_PER_BLOCK = 10_000  # Ray Data blocks: small enough for every actor to have work at 20k rows

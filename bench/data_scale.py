@@ -68,8 +68,8 @@ def rss_mb() -> float:
 def build(data: str, cache: str, tokenizer_name: str) -> dict:
     """One `build_data` call in this process: its time, and whether the cache had the data."""
     os.environ["FTCLUSTER_CACHE"] = cache
+    from ftcluster.config.spec import DataSpec
     from ftcluster.data import build_data
-    from ftcluster.spec import DataSpec
 
     tokenizer = tokenizer_of(tokenizer_name)
     start = time.perf_counter()
@@ -80,9 +80,9 @@ def build(data: str, cache: str, tokenizer_name: str) -> dict:
 def worker_memory(data: str, cache: str, tokenizer_name: str, rank: int, in_memory: bool, queue) -> None:
     """A worker's resident memory growth: open the data, then read its part of STEPS steps."""
     os.environ["FTCLUSTER_CACHE"] = cache
+    from ftcluster.config.spec import DataSpec
     from ftcluster.data import build_data
     from ftcluster.data.batches import StepOrder, collate
-    from ftcluster.spec import DataSpec
 
     tokenizer = tokenizer_of(tokenizer_name)
     before = rss_mb()

@@ -33,16 +33,16 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from ftcluster.config.spec import build_spec  # noqa: E402
+from ftcluster.core.quiet import quiet_libraries  # noqa: E402
 from ftcluster.data import build_data  # noqa: E402
 from ftcluster.data.batches import collate, count_targets  # noqa: E402
 from ftcluster.data.render import Renderer  # noqa: E402
-from ftcluster.engine.objectives import make_objective  # noqa: E402
-from ftcluster.eval_suite import run_eval  # noqa: E402
-from ftcluster.evaluate import normalize_answer  # noqa: E402
+from ftcluster.evaluation.metrics import normalize_answer  # noqa: E402
+from ftcluster.evaluation.suite import run_eval  # noqa: E402
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model  # noqa: E402
 from ftcluster.models.tiny import make_tiny_llama  # noqa: E402
-from ftcluster.quiet import quiet_libraries  # noqa: E402
-from ftcluster.spec import build_spec  # noqa: E402
+from ftcluster.objectives.fixed_data import make_objective  # noqa: E402
 
 POSITIVE = ["The acting is superb from start to finish.", "I loved every minute of it.",
             "A moving, beautifully shot story.", "The score is gorgeous and the pacing never drags.",

@@ -59,8 +59,8 @@ def build_model(shape: str, seq: int, folder: Path, dtype, device, method_name: 
     """A random-init Llama; QLoRA reloads it from disk through bitsandbytes, as a user would."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from ftcluster.config.spec import MethodSpec
     from ftcluster.models.methods import quantization_config
-    from ftcluster.spec import MethodSpec
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 2048), attn_implementation=attention)
     torch.manual_seed(0)
@@ -150,10 +150,10 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path, b
              profiles: dict | None = None) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from ftcluster.engine.objectives import SFTObjective
-    from ftcluster.engine.optim import build_optimizer, param_groups
+    from ftcluster.config.spec import MethodSpec
     from ftcluster.models.methods import apply_method
-    from ftcluster.spec import MethodSpec
+    from ftcluster.objectives.fixed_data import SFTObjective
+    from ftcluster.training.optim import build_optimizer, param_groups
 
     if device.type == "cuda":
         import gc
@@ -180,7 +180,7 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path, b
         model = apply_method(model, method, "causal_lm", args.grad_ckpt)
         groups = param_groups(model, 1e-4, 0.0, None, lambda name, p: p.requires_grad)
         optimizer = build_optimizer(groups, (0.9, 0.999), device.type)
-        from ftcluster.engine.chunked_loss import output_head
+        from ftcluster.models.chunked_loss import output_head
 
         objective = SFTObjective(output_head(model), chunk_tokens=args.chunk_tokens)
 
@@ -245,8 +245,8 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path, b
 
 def qlora_estimate_gb(args) -> float | None:
     """The planner's per-GPU figure for the same QLoRA setup (weights + adapters + activations)."""
-    from ftcluster.plan import GB, plan_job
-    from ftcluster.spec import build_spec
+    from ftcluster.config.spec import build_spec
+    from ftcluster.planning.plan import GB, plan_job
 
     if args.shape not in LLAMA_SHAPES:
         return None

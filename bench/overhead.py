@@ -24,14 +24,14 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 import torch  # noqa: E402
 
+from ftcluster.config.spec import load_spec  # noqa: E402
+from ftcluster.core.quiet import quiet_libraries  # noqa: E402
 from ftcluster.data import build_data  # noqa: E402
 from ftcluster.data.batches import StepOrder, collate  # noqa: E402
-from ftcluster.launch import run_in_process, run_with_ray  # noqa: E402
+from ftcluster.launch.launcher import run_in_process, run_with_ray  # noqa: E402
 from ftcluster.models.load import load_tokenizer, resolve_model  # noqa: E402
 from ftcluster.models.methods import apply_method  # noqa: E402
 from ftcluster.models.tiny import make_tiny_llama  # noqa: E402
-from ftcluster.quiet import quiet_libraries  # noqa: E402
-from ftcluster.spec import load_spec  # noqa: E402
 
 
 def baseline(spec, warmup: int) -> dict:

@@ -150,13 +150,13 @@ def random_llama(shape: str, folder: Path, device: torch.device, dtype: torch.dt
 def measure(model_path: str, case: Case, seq: int, setting: Setting | None = None) -> dict:
     """Peak bytes of a steady-state step; with `setting.steps` > 2, the peak over steps 2..N. Also
     the losses and the seconds the steps took."""
-    from ftcluster.engine.chunked_loss import output_head
-    from ftcluster.engine.objectives import SFTObjective
-    from ftcluster.engine.optim import build_optimizer, param_groups
+    from ftcluster.config.spec import MethodSpec
     from ftcluster.models.blocks import checkpoint_every_nth_block
+    from ftcluster.models.chunked_loss import output_head
     from ftcluster.models.load import load_pretrained, resolve_model
     from ftcluster.models.methods import apply_method, quantization_config
-    from ftcluster.spec import MethodSpec
+    from ftcluster.objectives.fixed_data import SFTObjective
+    from ftcluster.training.optim import build_optimizer, param_groups
 
     setting = setting or Setting(torch.device("cpu"))
     device, dtype, cuda = setting.device, setting.dtype, setting.device.type == "cuda"
@@ -209,8 +209,8 @@ def measure(model_path: str, case: Case, seq: int, setting: Setting | None = Non
 
 
 def estimate(model_path: str, case: Case, seq: int, setting: Setting | None = None) -> dict:
-    from ftcluster.plan import plan_job
-    from ftcluster.spec import build_spec
+    from ftcluster.config.spec import build_spec
+    from ftcluster.planning.plan import plan_job
 
     setting = setting or Setting(torch.device("cpu"))
     data = Path(tempfile.mkdtemp()) / "one-row.jsonl"  # the planner also sizes an epoch; one row will do

@@ -27,9 +27,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import yaml  # noqa: E402
 
+from ftcluster.config.spec import load_spec  # noqa: E402
+from ftcluster.core.quiet import quiet_libraries  # noqa: E402
 from ftcluster.models.tiny import make_tiny_llama  # noqa: E402
-from ftcluster.quiet import quiet_libraries  # noqa: E402
-from ftcluster.spec import load_spec  # noqa: E402
 from ftcluster.sweep.driver import SweepOptions, prepare_sweep, run_sweep  # noqa: E402
 from ftcluster.sweep.leaderboard import read_records  # noqa: E402
 from ftcluster.sweep.trial import TRIALS  # noqa: E402

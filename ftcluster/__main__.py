@@ -25,7 +25,7 @@ def main() -> None:
         print(f"error: {sys.executable} lacks {', '.join(missing)}, which ftcluster needs: run the job in the ftcluster "
               "image (k8s/Dockerfile), or submit it with --pip", file=sys.stderr)
         sys.exit(2)
-    from ftcluster.cli import main as cli_main
+    from ftcluster.cli.app import main as cli_main
 
     cli_main()
 

@@ -114,7 +114,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run the real `ftcluster` entry point in this process; returns exit code and output."""
-    from ftcluster.cli import main
+    from ftcluster.cli.app import main
 
     def run(*args: str) -> CliResult:
         monkeypatch.setattr(sys, "argv", ["ftcluster", *map(str, args)])

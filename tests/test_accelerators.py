@@ -4,9 +4,9 @@ GPU (an A100 is never an A10, an L40S never an L4), and an unknown gpu_type is a
 import pytest
 from conftest import REPO
 
-from ftcluster.accelerators import find_accelerator, known_names
-from ftcluster.capacity import ClusterView, capacity_problems
-from ftcluster.spec import load_spec
+from ftcluster.config.spec import load_spec
+from ftcluster.core.accelerators import find_accelerator, known_names
+from ftcluster.planning.capacity import ClusterView, capacity_problems
 
 
 @pytest.mark.parametrize(("name", "expected", "memory"), [
@@ -55,7 +55,7 @@ def test_unknown_gpu_type_is_a_validation_error_naming_the_known_ones(cli):
 
 
 def test_plan_prices_and_peaks_come_from_the_table():
-    from ftcluster.plan import GB, plan_job
+    from ftcluster.planning.plan import GB, plan_job
     from ftcluster.track.cost import hourly_price
     from ftcluster.track.flops import peak_flops_of
 

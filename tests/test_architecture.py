@@ -1,5 +1,6 @@
-"""The package's layers: every import points down (or sideways within a layer), there are no import
-cycles, no function is longer than a screen and a half, and private Ray imports live in one place."""
+"""The package's layers are its folders: every import points down (or sideways within a folder),
+there are no import cycles, no function is longer than a screen and a half, and private Ray imports
+live in one place."""
 
 from __future__ import annotations
 
@@ -10,20 +11,13 @@ from conftest import REPO
 
 PACKAGE = REPO / "ftcluster"
 
-# Lowest first. A module may import modules of its own layer or of lower layers, never higher ones.
-LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("ftcluster", "ftcluster.errors", "ftcluster.layout", "ftcluster.atomic", "ftcluster.accelerators", "ftcluster.registry",
-              "ftcluster.storage", "ftcluster.locations",
-              "ftcluster.interrupts", "ftcluster.quiet", "ftcluster.rewards")),
-    ("spec", ("ftcluster.spec", "ftcluster.ds_config")),
-    ("data, models, tracking", ("ftcluster.data", "ftcluster.models", "ftcluster.track", "ftcluster.tables",
-                                "ftcluster.forgetting")),
-    ("engine", ("ftcluster.engine", "ftcluster.eval_shard", "ftcluster.generation", "ftcluster.evaluate", "ftcluster.choices", "ftcluster.eval_suite", "ftcluster.harness", "ftcluster.plan", "ftcluster.capacity", "ftcluster.runs", "ftcluster.run_storage",
-                "ftcluster.export", "ftcluster.compare")),
-    ("launch", ("ftcluster.launch", "ftcluster.ray_loopback", "ftcluster.rollout")),
-    ("sweeps, clusters, reports", ("ftcluster.sweep", "ftcluster.cluster", "ftcluster.report", "ftcluster.fetch")),
-    ("command line", ("ftcluster.cli", "ftcluster.__main__")),
-]
+# The folders of ftcluster/, lowest layer first (README.md, "How the code is organised", shows the
+# same picture). A module may import its own folder or lower ones, never a higher one.
+LAYERS = ("core", "config", "data", "models", "evaluation", "track", "runs", "objectives", "training",
+          "planning", "launch", "sweep", "cluster", "results", "cli")
+# The only modules outside a layer folder: the package itself, `python -m ftcluster`, and the
+# built-in reward functions users name in their YAML (`ftcluster.rewards:NAME`).
+TOP_LEVEL = {"ftcluster": "core", "ftcluster.rewards": "core", "ftcluster.__main__": "cli"}
 
 
 def module_name(path: Path) -> str:
@@ -32,14 +26,22 @@ def module_name(path: Path) -> str:
 
 
 def layer_of(module: str) -> int:
-    """The layer of the longest matching prefix."""
-    best, best_length = None, -1
-    for index, (_, prefixes) in enumerate(LAYERS):
-        for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_length:
-                best, best_length = index, len(prefix)
-    assert best is not None, f"{module} belongs to no layer: add it to LAYERS"
-    return best
+    """The index of the folder a module lives in (its first name under ftcluster)."""
+    folder = TOP_LEVEL.get(module) or module.split(".")[1]
+    assert folder in LAYERS, f"{module} belongs to no layer: add its folder to LAYERS"
+    return LAYERS.index(folder)
+
+
+def test_the_package_is_its_layer_folders():
+    """`ls ftcluster/` shows the layers: every folder is a layer (a package), nothing else lies beside them."""
+    entries = {path.name for path in PACKAGE.iterdir() if path.name != "__pycache__"}
+    folders = {name for name in entries if (PACKAGE / name).is_dir()} - {"resources"}
+    assert folders == set(LAYERS), f"folders not in LAYERS: {folders - set(LAYERS)}; missing: {set(LAYERS) - folders}"
+    assert entries - folders - {"resources"} == {"__init__.py", "__main__.py", "rewards.py"}
+    packages_without_init = [str(path.relative_to(REPO)) for path in PACKAGE.rglob("*")
+                             if path.is_dir() and path.name not in ("__pycache__", "resources")
+                             and not (path / "__init__.py").is_file()]
+    assert not packages_without_init, packages_without_init
 
 
 def imports() -> dict[str, set[str]]:
@@ -105,7 +107,7 @@ def test_no_function_is_longer_than_80_lines_and_the_loop_fits_a_screen():
 def test_private_ray_imports_stay_in_one_module():
     """Ray's private modules (`ray.*._internal`, `ray._private`) change between releases; one module
     holds them, so an upgrade breaks one place (and the tests that run it)."""
-    allowed = {"ftcluster.quiet"}
+    allowed = {"ftcluster.core.quiet"}
     private = []
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -120,6 +122,6 @@ def test_private_ray_imports_stay_in_one_module():
 
 def test_quiet_still_finds_the_ray_loggers_it_silences():
     """quiet.py names Ray Train's loggers through private modules: this fails when an upgrade moves them."""
-    from ftcluster.quiet import quiet_ray_train_worker
+    from ftcluster.core.quiet import quiet_ray_train_worker
 
     quiet_ray_train_worker()

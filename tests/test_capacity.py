@@ -7,9 +7,9 @@ import pytest
 import yaml
 from conftest import REPO
 
-from ftcluster.capacity import ClusterView, capacity_problems, rollout_actor_resources, workers_that_fit
-from ftcluster.errors import FtError
-from ftcluster.spec import load_spec
+from ftcluster.config.spec import load_spec
+from ftcluster.core.errors import FtError
+from ftcluster.planning.capacity import ClusterView, capacity_problems, rollout_actor_resources, workers_that_fit
 
 
 def cpu_job(make_job, workers: int, cpus: float = 1, strategy: str = "PACK"):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ftcluster.engine import checkpoint as ckpt
-from ftcluster.engine.optim import lr_lambda
-from ftcluster.layout import latest_checkpoint
+from ftcluster.runs import checkpoints as ckpt
+from ftcluster.runs.layout import latest_checkpoint
+from ftcluster.training.optim import lr_lambda
 
 
 def small_setup():

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from conftest import load_causal_lm, write_jsonl
 
-from ftcluster.choices import answer_choices, evaluate_choices, score_options, scored_text
 from ftcluster.data.dataset import DataBundle, DataReport
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Renderer
+from ftcluster.evaluation.choices import answer_choices, evaluate_choices, score_options, scored_text
 from ftcluster.models.load import load_tokenizer, resolve_model
 
 
@@ -82,7 +82,7 @@ def test_end_of_turn_is_scored_only_where_a_choice_begins_another(tiny_model):
 def test_a_base_model_that_answers_in_prose_ranks_the_right_choice():
     """SmolLM2-135M-Instruct answers "This movie review is positive." (no exact match) yet, asked for its
     likelihoods, ranks the right word first."""
-    from ftcluster.evaluate import evaluate_generation
+    from ftcluster.evaluation.metrics import evaluate_generation
 
     model, tokenizer = load_causal_lm("smollm2-135m-instruct")
     reviews = [("an absolute delight from start to finish", "positive"), ("I loved every minute of it", "positive"),

@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import train_losses
 
+from ftcluster.config.spec import DataSpec, MethodSpec
 from ftcluster.data import build_data
 from ftcluster.data.batches import collate
-from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
-from ftcluster.evaluate import loss_sum
+from ftcluster.evaluation.metrics import loss_sum
+from ftcluster.models.chunked_loss import chunked_loss_sum, output_head
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 from ftcluster.models.methods import apply_method
-from ftcluster.spec import DataSpec, MethodSpec
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -52,8 +52,8 @@ def test_chunked_run_matches_standard_run(make_job, cli, tmp_path):
 
 
 def test_which_loss_each_setup_gets(make_job):
-    from ftcluster.engine.objectives import use_chunked_loss
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.objectives.fixed_data import use_chunked_loss
 
     def spec(**sections):
         return load_spec(make_job("which", **sections))
@@ -81,7 +81,7 @@ def test_chunked_full_finetune_under_ddp_matches_one_worker(make_job, cli, tmp_p
 
 
 def test_linear_cross_entropy_matches_autograd_with_bias_and_scaling():
-    from ftcluster.engine.chunked_loss import LinearCrossEntropy
+    from ftcluster.models.chunked_loss import LinearCrossEntropy
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(11, 8, generator=generator, requires_grad=True)

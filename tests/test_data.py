@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from ftcluster.config.spec import DataSpec
+from ftcluster.core.errors import DataError
 from ftcluster.data import build_data
 from ftcluster.data.batches import StepOrder, collate, model_inputs
 from ftcluster.data.dataset import pack
 from ftcluster.data.readers import read_rows
-from ftcluster.errors import DataError
 from ftcluster.models.tiny import byte_tokenizer
-from ftcluster.spec import DataSpec
 
 ROWS = [{"text": "good movie", "label": "pos"}, {"text": "awful", "label": "neg"}]
 

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
+from ftcluster.config.spec import ColumnSpec, DataSpec
+from ftcluster.core.errors import DataError
 from ftcluster.data import build_data
 from ftcluster.data.formats import parse_row
 from ftcluster.data.render import Renderer
-from ftcluster.errors import DataError
 from ftcluster.models.tiny import byte_tokenizer
-from ftcluster.spec import ColumnSpec, DataSpec
 
 
 def qa_rows(start: int, count: int) -> list[dict]:

@@ -10,7 +10,7 @@ from conftest import read_metrics, train_losses
 def local_ray():
     import ray
 
-    from ftcluster.launch import init_ray
+    from ftcluster.launch.launcher import init_ray
 
     init_ray(None)
     yield ray
@@ -18,8 +18,8 @@ def local_ray():
 
 
 def two_worker_run(make_job, name, **sections):
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_with_ray
 
     job = make_job(name, scaling={"num_workers": 2, "cpus_per_worker": 1}, **sections)
     return run_with_ray(load_spec(job))
@@ -27,8 +27,8 @@ def two_worker_run(make_job, name, **sections):
 
 @pytest.mark.slow
 def test_ddp_two_workers_equal_one_worker_with_double_batch(local_ray, make_job, tmp_path):
-    from ftcluster.launch import run_in_process
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_in_process
 
     method = {"name": "full"}
     summary = two_worker_run(make_job, "ddp", method=method, training={"batch_size": 4, "max_steps": 4})
@@ -41,8 +41,8 @@ def test_ddp_two_workers_equal_one_worker_with_double_batch(local_ray, make_job,
 
 @pytest.mark.parametrize("stage, packing", [pytest.param(2, False, marks=pytest.mark.slow), (3, True)])  # ZeRO-3 also runs the packing check
 def test_deepspeed_zero_two_workers_equal_one_worker_with_double_batch(stage, packing, local_ray, make_job, tmp_path):
-    from ftcluster.launch import run_in_process
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_in_process
 
     method = {"name": "full"}
     training = {"max_steps": 4, "max_grad_norm": None}
@@ -124,7 +124,7 @@ def test_stuck_peer_ends_the_attempt_with_rank_and_operation(local_ray, make_job
     collective times out and the run ends with one line naming that worker and the operation."""
     import signal
 
-    from ftcluster.errors import FtError
+    from ftcluster.core.errors import FtError
 
     stopped: list = []
 
@@ -154,8 +154,8 @@ def test_zero3_save_resume_export_round_trip(local_ray, make_job, cli, tmp_path)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_with_ray
 
     zero3 = {"backend": "deepspeed", "zero_stage": 3}
     training = {"max_steps": 4, "checkpoint_every": 2, "batch_size": 4}
@@ -187,9 +187,9 @@ def test_zero3_workers_never_hold_a_full_copy(local_ray, make_job, tmp_path_fact
     """2 ZeRO-3 workers load a ~800 MB model: each worker's peak while loading stays well below
     its runtime plus one full copy (a plain load under ZeRO-3 costs a full copy per worker);
     the expected cost is half the model (its shard) plus about 100 MB of gathering buffers."""
-    from ftcluster.launch import run_with_ray
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_with_ray
     from ftcluster.models.tiny import make_tiny_llama
-    from ftcluster.spec import load_spec
 
     folder = make_tiny_llama(tmp_path_factory.mktemp("big") / "llama-200m", hidden_size=1024, layers=16,
                              heads=16, kv_heads=16, intermediate_size=2816)
@@ -228,8 +228,8 @@ def test_adapters_under_zero3(method, local_ray, make_job, tmp_path, tiny_model)
 @pytest.mark.slow
 def test_zero3_counts_and_flops_see_whole_parameters(local_ray, make_job, tmp_path):
     """Under ZeRO-3 a worker holds partitions; parameter counts and FLOPs must use full sizes."""
-    from ftcluster.launch import run_in_process
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_in_process
 
     sharded = two_worker_run(make_job, "z3-count", method={"name": "full"}, training={"max_steps": 1},
                              distributed={"backend": "deepspeed", "zero_stage": 3})

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import REPO, write_jsonl
 
+from ftcluster.config.spec import DataSpec, MethodSpec, load_spec
 from ftcluster.data import build_data
-from ftcluster.engine.logprobs import adapters_off_reference, sequence_logps
-from ftcluster.engine.objectives import DPOObjective, dpo_losses
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 from ftcluster.models.methods import apply_method
-from ftcluster.spec import DataSpec, MethodSpec, load_spec
+from ftcluster.objectives.fixed_data import DPOObjective, dpo_losses
+from ftcluster.objectives.logprobs import adapters_off_reference, sequence_logps
 
 
 def test_dpo_loss_matches_a_hand_computed_example():

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import read_metrics
 
-from ftcluster.engine.monitor import EarlyStopper, OverfitDetector
-from ftcluster.evaluate import classification_metrics, normalize_answer
+from ftcluster.evaluation.metrics import classification_metrics, normalize_answer
+from ftcluster.training.monitor import EarlyStopper, OverfitDetector
 
 
 def test_classification_metrics_by_hand():
@@ -23,8 +23,8 @@ def test_classification_metrics_by_hand():
 
 
 def test_forgetting_verdict_reads_each_scores_direction():
-    from ftcluster.forgetting import HIGHER_IS_BETTER, message, verdict
-    from ftcluster.spec import ForgettingSpec
+    from ftcluster.config.spec import ForgettingSpec
+    from ftcluster.evaluation.forgetting import HIGHER_IS_BETTER, message, verdict
 
     spec = ForgettingSpec(harness={"tasks": ["arc"]}, max_increase_pct=10)
     directions = {"harness/arc/acc": True, "harness/arc/word_perplexity": False}
@@ -44,8 +44,8 @@ def test_forgetting_verdict_reads_each_scores_direction():
 
 
 def test_forgetting_needs_something_to_check(make_job):
-    from ftcluster.errors import FtError
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.core.errors import FtError
 
     with pytest.raises(FtError, match=r"eval\.forgetting: set data"):
         load_spec(make_job("nothing", eval={"before_after": True, "forgetting": {"data": None}}))

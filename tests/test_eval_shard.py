@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import load_causal_lm
 
-from ftcluster.choices import evaluate_choices
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Renderer
-from ftcluster.eval_shard import WHOLE, EvalShard, longest_first
-from ftcluster.eval_suite import loss_and_answers
-from ftcluster.evaluate import evaluate_generation, evaluate_loss, loss_sum, replies_after
-from ftcluster.generation import Generator
+from ftcluster.evaluation.choices import evaluate_choices
+from ftcluster.evaluation.generation import Generator
+from ftcluster.evaluation.metrics import evaluate_generation, evaluate_loss, loss_sum, replies_after
+from ftcluster.evaluation.shard import WHOLE, EvalShard, longest_first
+from ftcluster.evaluation.suite import loss_and_answers
 
 SYSTEM = "You are a careful calculator. Answer with the number only, nothing else."
 SETTINGS = SimpleNamespace(choice_score="sum")
@@ -93,9 +93,9 @@ def test_two_workers_score_their_shares_and_get_the_whole_sets_metrics(lockstep,
 
 
 def test_a_shared_prompt_beginning_is_run_once_and_changes_nothing(tiny_model, monkeypatch):
-    import ftcluster.evaluate as evaluate
-    import ftcluster.generation as generation
-    from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
+    import ftcluster.evaluation.generation as generation
+    import ftcluster.evaluation.metrics as evaluate
+    from ftcluster.models.chunked_loss import chunked_loss_sum, output_head
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     renderer = Renderer(tokenizer, 128, False)
@@ -127,8 +127,8 @@ def test_a_shared_prompt_beginning_is_run_once_and_changes_nothing(tiny_model, m
 
 @pytest.mark.parametrize("shared_prefix", [True, False])
 def test_one_prompt_pass_serves_the_loss_and_the_answers(shared_prefix, tiny_model, monkeypatch):
-    import ftcluster.generation as generation
-    from ftcluster.engine.chunked_loss import chunked_loss_sum, output_head
+    import ftcluster.evaluation.generation as generation
+    from ftcluster.models.chunked_loss import chunked_loss_sum, output_head
 
     if not shared_prefix:
         monkeypatch.setattr(generation, "MIN_SHARED_PREFIX", 10**6)
@@ -184,9 +184,9 @@ def test_batches_are_length_sorted_longest_first():
 
 
 def test_max_examples_and_batch_size_bound_every_evaluation(tiny_model):
+    from ftcluster.config.spec import EvalSpec
     from ftcluster.data.dataset import DataBundle, DataReport
-    from ftcluster.eval_suite import run_eval
-    from ftcluster.spec import EvalSpec
+    from ftcluster.evaluation.suite import run_eval
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     renderer = Renderer(tokenizer, 128, False)
@@ -207,8 +207,8 @@ def test_max_examples_and_batch_size_bound_every_evaluation(tiny_model):
 
 
 def test_generation_batch_default_is_larger_on_cpu_and_changes_no_answer(tiny_model, monkeypatch):
-    import ftcluster.eval_suite as suite
-    from ftcluster.spec import EvalSpec
+    import ftcluster.evaluation.suite as suite
+    from ftcluster.config.spec import EvalSpec
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     defaults = EvalSpec(generation={"num_prompts": 7, "max_new_tokens": 6})
@@ -238,7 +238,7 @@ def test_generation_batch_default_is_larger_on_cpu_and_changes_no_answer(tiny_mo
 
 
 def test_answers_that_have_ended_leave_the_batch_and_the_others_are_unchanged(tiny_model, monkeypatch):
-    import ftcluster.generation as generation
+    import ftcluster.evaluation.generation as generation
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     renderer = Renderer(tokenizer, 128, False)

@@ -9,7 +9,7 @@ import pytest
 
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Renderer
-from ftcluster.forgetting import BUILTIN
+from ftcluster.evaluation.forgetting import BUILTIN
 from ftcluster.models.load import load_tokenizer, resolve_model
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import REPO, read_metrics, write_jsonl
 
-from ftcluster.engine.grpo import SeededSampling, group_advantages, grpo_token_losses, nucleus, prompt_seed
+from ftcluster.config.spec import load_spec
+from ftcluster.objectives.grpo.objective import SeededSampling, group_advantages, grpo_token_losses, nucleus, prompt_seed
 from ftcluster.rewards import answer_tags, exact_answer, number_answer
-from ftcluster.spec import load_spec
 
 # --- reward functions the runs below name as test_grpo:FUNCTION -----------------------------------
 
@@ -62,7 +62,7 @@ def test_grpo_token_losses_match_a_hand_computation():
 def test_equal_rewards_in_a_group_give_zero_policy_gradient(tiny_model):
     from conftest import load_causal_lm
 
-    from ftcluster.engine.rollout_batch import completion_token_logps, completion_tokens, rollout_batch
+    from ftcluster.evaluation.shared_prompt import completion_token_logps, completion_tokens, rollout_batch
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     batch = rollout_batch([[5, 6]], [[[7, 8 + k] for k in range(4)]], tokenizer.pad_token_id)
@@ -79,7 +79,7 @@ def test_equal_rewards_in_a_group_give_zero_policy_gradient(tiny_model):
 
 def _ragged_rollout(pad_id: int) -> dict[str, torch.Tensor]:
     """Two prompts of different lengths, groups of 3 with completions of different lengths."""
-    from ftcluster.engine.rollout_batch import rollout_batch
+    from ftcluster.evaluation.shared_prompt import rollout_batch
 
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     groups = [[[20, 21, 22], [23], [24, 25, 26, 27, 28]], [[29, 30], [31, 32, 33, 34], [35]]]
@@ -89,7 +89,7 @@ def _ragged_rollout(pad_id: int) -> dict[str, torch.Tensor]:
 def test_completion_logps_equal_a_by_hand_computation_of_each_unpadded_row(tiny_model):
     from conftest import load_causal_lm
 
-    from ftcluster.engine.rollout_batch import completion_token_logps
+    from ftcluster.evaluation.shared_prompt import completion_token_logps
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     batch = _ragged_rollout(tokenizer.pad_token_id)
@@ -110,7 +110,7 @@ def test_a_shared_prompt_pass_gives_the_log_probabilities_and_gradients_of_runni
     and the same gradients as running every row's prompt and completion whole."""
     from conftest import load_causal_lm
 
-    from ftcluster.engine.rollout_batch import completion_token_logps
+    from ftcluster.evaluation.shared_prompt import completion_token_logps
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     if method == "lora":
@@ -137,7 +137,7 @@ def test_prompts_are_shared_unless_the_cache_holds_adapters_or_training_recomput
     from conftest import load_causal_lm
     from peft import PrefixTuningConfig, get_peft_model
 
-    from ftcluster.engine.rollout_batch import can_share_prompts
+    from ftcluster.evaluation.shared_prompt import can_share_prompts
 
     model, _ = load_causal_lm(str(tiny_model))
     assert can_share_prompts(model.train())
@@ -177,7 +177,7 @@ def test_a_group_sampled_from_one_prompt_pass_equals_sampling_every_row_whole(ti
 
     from conftest import load_causal_lm
 
-    from ftcluster.engine.grpo import GroupSampler
+    from ftcluster.objectives.grpo.objective import GroupSampler
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     settings = SimpleNamespace(group_size=3, temperature=1.0, top_p=1.0, max_new_tokens=6)
@@ -281,8 +281,8 @@ def test_two_workers_sample_and_train_as_one_with_twice_the_batch(make_job, cli,
 
 
 def test_rollout_versions_follow_sync_every_and_a_restart_pushes_first():
-    from ftcluster.engine.context import WorkerContext
-    from ftcluster.rollout import RemoteSampler
+    from ftcluster.core.worker import WorkerContext
+    from ftcluster.launch.rollout_actors import RemoteSampler
 
     spec = load_spec(REPO / "jobs" / "grpo-smollm2.yaml", ["method.grpo.rollout.workers=1", "method.grpo.rollout.sync_every=3"])
     fresh = RemoteSampler([], spec, WorkerContext())

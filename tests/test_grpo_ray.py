@@ -87,7 +87,7 @@ def test_sigterm_with_a_rollout_actor_is_one_line_and_resume_matches_an_uninterr
     job = grpo_job(make_job, "grpo-sig", prompts, rewards, training=training,
                    grpo={"rollout": {"workers": 1, "cpus_per_worker": 1}})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}  # the reward's module
-    process = subprocess.Popen([sys.executable, "-m", "ftcluster.cli", "train", str(job)], cwd=tmp_path, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "ftcluster.cli.app", "train", str(job)], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "runs" / "grpo-sig"
     wait_for_steps(out, 5, process, timeout=240)

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from conftest import write_jsonl
 
-from ftcluster.harness import harness_scores
+from ftcluster.evaluation.harness import harness_scores
 from ftcluster.models.tiny import arithmetic_rows
 
 

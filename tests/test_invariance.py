@@ -87,8 +87,8 @@ def test_python_records_instead_of_files(make_job, tmp_path):
     """The loop takes rows from Python (a list of dicts, or a `datasets.Dataset`)."""
     from conftest import arithmetic_rows
 
-    from ftcluster.engine.loop import train
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.training.loop import train
 
     spec = load_spec(make_job("records"))
     summary = train(spec, train_records=arithmetic_rows(32, 3), val_records=arithmetic_rows(8, 4), verbose=False)

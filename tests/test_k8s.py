@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO
 from kube_schema import KUBERAY, core_errors, load_documents, manifest_errors
 
-from ftcluster.spec import build_spec, load_spec
+from ftcluster.config.spec import build_spec, load_spec
 
 needs_crds = pytest.mark.skipif(not KUBERAY.is_dir(), reason=f"KubeRay CRD schemas not found at {KUBERAY}")
 IMAGE = "ghcr.io/acme/ftcluster:0.1"
@@ -44,7 +44,7 @@ def ray_nodes(cluster: dict) -> list[dict[str, float]]:
 
 def assert_job_fits(spec, rayjob: dict) -> None:
     """Every worker's bundle, and the driver's entrypoint CPUs, placed on the pods the RayJob creates."""
-    from ftcluster.capacity import workers_that_fit
+    from ftcluster.planning.capacity import workers_that_fit
 
     nodes = ray_nodes(rayjob["spec"]["rayClusterSpec"])
     driver = float(rayjob["spec"].get("entrypointNumCpus", 0))
@@ -255,7 +255,7 @@ def test_the_help_examples_render(cli, tmp_path, monkeypatch):
 
     import typer
 
-    from ftcluster.cli import app
+    from ftcluster.cli.app import app
 
     monkeypatch.chdir(REPO)
     epilog = typer.main.get_command(app).commands["render"].commands["k8s"].epilog

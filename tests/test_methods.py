@@ -4,14 +4,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ftcluster.engine.optim import lr_lambda, param_groups
+from ftcluster.config.spec import MethodSpec
 from ftcluster.models.methods import (
     UnfreezeSchedule,
     apply_method,
     count_params,
     quantization_config,
 )
-from ftcluster.spec import MethodSpec
+from ftcluster.training.optim import lr_lambda, param_groups
 
 
 def trainable(model) -> set[str]:

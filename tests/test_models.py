@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ftcluster.errors import ModelError
+from ftcluster.core.errors import ModelError
 from ftcluster.models.load import locate_model, resolve_alias, resolve_model
 
 

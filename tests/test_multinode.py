@@ -90,8 +90,8 @@ def nodes(store, tmp_path_factory):
 
 
 def run_on_nodes(make_job, store, name: str, **sections):
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_with_ray
 
     scaling = {"num_workers": 2, "cpus_per_worker": 1, "resources_per_worker": {WORKER_RESOURCE: 1}}
     job = make_job(name, scaling=scaling, output={"dir": store.uri(name)}, **sections)
@@ -104,8 +104,8 @@ def stored_losses(store, name: str) -> list[float]:
 
 
 def single_worker_losses(make_job, name: str, **sections) -> list[float]:
-    from ftcluster.launch import run_in_process
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_in_process
 
     training = {**sections.pop("training"), "batch_size": 8, "max_failures": 0}
     spec = load_spec(make_job(name, training=training, **sections))
@@ -267,8 +267,8 @@ def test_a_grpo_rollout_actor_on_another_node_samples_as_the_learner_would(nodes
     sampling in the learner's own process; every output is in the store."""
     import ray
 
-    from ftcluster.launch import run_in_process, run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_in_process, run_with_ray
 
     rewards = [{"function": "test_grpo:ascii_share"}]
     here = load_spec(test_grpo.grpo_job(make_job, "grpo-here", prompts, rewards, training={"max_steps": 3}))
@@ -295,8 +295,8 @@ def test_a_lost_rollout_node_restarts_the_run_from_the_store_with_a_new_actor(no
     """The rollout actor pinned to a worker node (rollout.resources_per_worker), the learner on the other:
     the actor's node removed once the store has a checkpoint, the group restarts from it with a new actor
     (on the replacement node), and the losses equal an uninterrupted run's."""
-    from ftcluster.launch import run_in_process, run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_in_process, run_with_ray
 
     rewards, training = [{"function": "test_grpo:ascii_share"}], {"max_steps": 8, "checkpoint_every": 2}
     here = load_spec(test_grpo.grpo_job(make_job, "grpo-whole", prompts, rewards, training=training))
@@ -331,9 +331,9 @@ def test_a_local_output_dir_a_node_cannot_see_is_refused(nodes, make_job, tmp_pa
     run is refused before it starts, naming output.dir and what to set instead."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) to give a node its own disk")
-    from ftcluster.errors import FtError
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.core.errors import FtError
+    from ftcluster.launch.launcher import run_with_ray
     from ftcluster.sweep.driver import SweepOptions, prepare_sweep, run_sweep
 
     disk = tmp_path / "node-local-disk"

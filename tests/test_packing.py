@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import train_losses
 
-from ftcluster.engine.packing import check_packing_isolation
-from ftcluster.errors import FtError, ModelError
+from ftcluster.config.spec import load_spec
+from ftcluster.core.errors import FtError, ModelError
 from ftcluster.models.load import check_attention, load_pretrained, resolve_model
-from ftcluster.spec import load_spec
+from ftcluster.training.packing import check_packing_isolation
 
 
 def test_isolation_check_passes_a_llama_and_refuses_a_recurrent_model(tiny_model):

@@ -7,8 +7,8 @@ from conftest import REPO
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from ftcluster.plan import Setup, host_bytes, model_state_bytes, plan_job
-from ftcluster.spec import load_spec
+from ftcluster.config.spec import load_spec
+from ftcluster.planning.plan import Setup, host_bytes, model_state_bytes, plan_job
 
 # Llama 65B: parameters and the largest tensor (the 32000 x 8192 embedding), as counted on the
 # meta device (DeepSpeed's *_all_live helpers miscount meta tensors, so its cold estimators get these).
@@ -79,7 +79,7 @@ def test_cli_plan_and_suggest(cli):
 
 
 def test_suggestions_are_feasible_and_sorted():
-    from ftcluster.plan import suggest
+    from ftcluster.planning.plan import suggest
 
     plans = suggest(load_spec(REPO / "jobs" / "llama-7b-lora-ddp.yaml"), max_nodes=2)
     assert plans and all(p.fits for p in plans)
@@ -139,7 +139,7 @@ def _gpu_node(kind: str, ram_gb: float) -> dict:
 
 
 def test_cluster_capacity_check_uses_the_planner_against_the_cluster():
-    from ftcluster.capacity import ClusterView, capacity_problems
+    from ftcluster.planning.capacity import ClusterView, capacity_problems
 
     spec = load_spec(REPO / "jobs" / "llama-65b-qlora-zero3.yaml")
     fits = ClusterView([_gpu_node("H100", 1500)] * 4)
@@ -167,8 +167,8 @@ def test_planner_charges_one_chunk_of_logits_when_the_loss_is_chunked():
 
 
 def test_qlora_quantizes_block_linears_only():
-    from ftcluster.plan import FOUR_BIT_BYTES, model_facts
-    from ftcluster.spec import build_spec
+    from ftcluster.config.spec import build_spec
+    from ftcluster.planning.plan import FOUR_BIT_BYTES, model_facts
 
     data = REPO / "jobs" / "data" / "quickstart-train.jsonl"
     spec = build_spec({"name": "q", "model": {"path": "llama-3.2-1b"}, "method": {"name": "qlora"},

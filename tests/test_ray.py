@@ -10,7 +10,7 @@ from conftest import read_metrics, train_losses
 def local_ray():
     import ray
 
-    from ftcluster.launch import init_ray
+    from ftcluster.launch.launcher import init_ray
 
     init_ray(None)
     yield ray
@@ -32,7 +32,7 @@ def test_rays_transient_warnings_are_quiet_in_every_process_of_the_job(local_ray
     hook still runs there, so a busy CPU's coordinator timeout does not print a traceback."""
     import logging
 
-    from ftcluster.quiet import TRANSIENT_RAY_WARNINGS
+    from ftcluster.core.quiet import TRANSIENT_RAY_WARNINGS
 
     @local_ray.remote(num_cpus=0)
     class LikeTheTrainController:
@@ -51,8 +51,8 @@ def test_no_socket_of_a_local_run_listens_beyond_loopback(local_ray, make_job):
 
     import psutil
 
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_with_ray
 
     seen: set[tuple[str, str]] = set()
     running = True
@@ -81,8 +81,8 @@ def test_no_socket_of_a_local_run_listens_beyond_loopback(local_ray, make_job):
 def test_train_under_ray_matches_in_process_and_a_new_launch_starts_over(local_ray, make_job, tmp_path):
     """Under Ray the same losses as in this process; and a second launch of the same spec trains again:
     Ray Train resumes a run whose name exists in its storage, so `make demo` twice must not continue."""
-    from ftcluster.launch import run_in_process, run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import run_in_process, run_with_ray
 
     job = make_job("ray", training={"max_steps": 4, "checkpoint_every": 2}, output={"overwrite": True},
                    eval={"every": 2, "before_after": True})
@@ -103,17 +103,17 @@ def test_train_under_ray_matches_in_process_and_a_new_launch_starts_over(local_r
 def test_the_trainer_leaves_out_rays_placement_group_cleaner(make_job):
     """Ray 2.60's cleaner takes a State API miss for the controller's death and kills a healthy run;
     this fails when a Ray upgrade renames the hook ftcluster overrides (then re-check the cleaner)."""
-    from ftcluster.launch import make_trainer
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import make_trainer
 
     names = [type(c).__name__ for c in make_trainer(load_spec(make_job("pg")))._create_default_callbacks()]
     assert "BackendSetupCallback" in names and "PlacementGroupCleanerCallback" not in names
 
 
 def test_worker_user_error_reaches_the_driver_as_one_line(local_ray, make_job):
-    from ftcluster.errors import FtError
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.core.errors import FtError
+    from ftcluster.launch.launcher import run_with_ray
 
     spec = load_spec(make_job("ray-bad", eval={"every": 2, "metric": "nope"}))
     with pytest.raises(FtError, match=r"eval\.metric: 'nope' is not computed"):
@@ -121,9 +121,9 @@ def test_worker_user_error_reaches_the_driver_as_one_line(local_ray, make_job):
 
 
 def test_a_job_the_cluster_can_never_run_is_refused_with_numbers(local_ray, make_job):
-    from ftcluster.errors import FtError
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.core.errors import FtError
+    from ftcluster.launch.launcher import run_with_ray
 
     cpus = local_ray.cluster_resources()["CPU"]
     spec = load_spec(make_job("too-big", scaling={"num_workers": int(cpus) + 2, "cpus_per_worker": 1}))
@@ -139,9 +139,9 @@ def test_a_group_that_cannot_be_placed_fails_in_bounded_time_with_numbers(local_
     but one: Ray Train would retry placing the group forever; the job ends after placement_timeout_s."""
     import time
 
-    from ftcluster.errors import FtError
-    from ftcluster.launch import run_with_ray
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.core.errors import FtError
+    from ftcluster.launch.launcher import run_with_ray
 
     cpus = local_ray.cluster_resources()["CPU"]
 
@@ -170,7 +170,7 @@ def test_the_embedded_ray_is_this_runs_own():
     import subprocess
     import sys
 
-    probe = ("from ftcluster.launch import init_ray; init_ray(None); import ray; "
+    probe = ("from ftcluster.launch.launcher import init_ray; init_ray(None); import ray; "
              "print(ray.get_runtime_context().gcs_address)")
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)

@@ -72,7 +72,7 @@ def test_divergence_of_a_fresh_run_names_its_last_good_checkpoint(make_job, cli,
 
 
 def test_guard_skips_up_to_the_allowed_steps_then_stops():
-    from ftcluster.engine.health import DivergedError, DivergenceGuard
+    from ftcluster.training.health import DivergedError, DivergenceGuard
 
     guard = DivergenceGuard(allowed_skips=2)
     finite, nan = torch.tensor(1.5), torch.tensor(float("nan"))
@@ -85,7 +85,7 @@ def test_guard_skips_up_to_the_allowed_steps_then_stops():
 
 
 def test_a_skipped_step_leaves_weights_and_optimizer_untouched():
-    from ftcluster.engine.backends import TorchStepper
+    from ftcluster.training.backends import TorchStepper
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -218,7 +218,7 @@ def test_resume_of_a_finished_run_needs_force_or_more_steps(make_job, cli, tmp_p
 
 
 def test_expression_bombs_are_refused_at_once():
-    from ftcluster.errors import SpecError
+    from ftcluster.core.errors import SpecError
     from ftcluster.sweep.space import evaluate_expression
 
     for text in ("9 ** 9 ** 9 ** 9", "2 ** 100000", "10.0 ** 400", "(10 ** 10) ** 10"):
@@ -242,7 +242,7 @@ def test_tune_refuses_an_expression_bomb_in_one_line(make_job, cli, tmp_path):
 
 def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "ftcluster.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "ftcluster.cli.app", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

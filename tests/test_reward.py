@@ -10,8 +10,8 @@ import torch
 from conftest import REPO, train_losses, write_jsonl
 from test_dpo import preference_rows
 
-from ftcluster.engine.objectives import bradley_terry_losses
-from ftcluster.spec import load_spec
+from ftcluster.config.spec import load_spec
+from ftcluster.objectives.fixed_data import bradley_terry_losses
 
 LORA = {"rank": 8, "alpha": 16, "dropout": 0.0}
 

@@ -4,8 +4,8 @@
 import pytest
 from conftest import REPO
 
-from ftcluster.errors import SpecError
-from ftcluster.spec import JobSpec, apply_overrides, load_spec
+from ftcluster.config.spec import JobSpec, apply_overrides, load_spec
+from ftcluster.core.errors import SpecError
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 
@@ -158,9 +158,9 @@ def test_cross_field_problems_are_all_reported_at_once(make_job):
 def test_custom_worker_resources_and_preemption_retries_reach_ray_train(make_job, cli):
     """scaling.resources_per_worker pins workers to nodes that advertise them; CPU/GPU belong elsewhere;
     training.max_preemption_failures is Ray Train's own count of preemption restarts."""
-    from ftcluster.capacity import worker_resources
-    from ftcluster.launch import failure_config
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
+    from ftcluster.launch.launcher import failure_config
+    from ftcluster.planning.capacity import worker_resources
 
     job = make_job("pinned", scaling={"resources_per_worker": {"a100_node": 1}},
                    training={"max_preemption_failures": 3})

@@ -31,11 +31,11 @@ def node_cache(tmp_path, monkeypatch):
 
 
 def test_storage_uris_are_told_from_paths():
-    from ftcluster.storage import is_uri, staging_dir
+    from ftcluster.core.storage import is_uri, staging_dir
 
     assert is_uri("s3://bucket/run") and is_uri("gs://b/x") and is_uri("abfs://c@acct/x")
     assert not is_uri("runs/x") and not is_uri("/abs/runs") and not is_uri("file:///abs/runs")
-    from ftcluster.storage import cache_root
+    from ftcluster.core.storage import cache_root
 
     copy = staging_dir("s3://bucket/a/../../b/run/")  # never outside the cache, whatever the URI says
     assert copy.is_relative_to(cache_root()) and copy.parts[-5:] == ("s3", "bucket", "a", "b", "run")
@@ -72,7 +72,7 @@ def test_a_run_trained_into_s3_is_read_exported_and_loaded_from_there(store, nod
 
 
 def test_resume_from_the_store_on_another_machine_equals_an_uninterrupted_run(store, node_cache, make_job, cli):
-    from ftcluster.storage import staging_dir
+    from ftcluster.core.storage import staging_dir
 
     training = {"max_steps": 6, "checkpoint_every": 2, "scheduler": "cosine", "warmup_steps": 1}
     whole = make_job("whole", training=training)
@@ -90,7 +90,7 @@ def test_resume_from_the_store_on_another_machine_equals_an_uninterrupted_run(st
 
 
 def make_job_dir(job) -> object:
-    from ftcluster.spec import load_spec
+    from ftcluster.config.spec import load_spec
 
     return load_spec(job).output_dir
 
@@ -134,7 +134,7 @@ def test_sigterm_mid_run_into_the_store_then_resume_elsewhere_equals_an_uninterr
 
     from test_reliability import TRACEBACK, start_cli, wait_for_steps
 
-    from ftcluster.storage import staging_dir
+    from ftcluster.core.storage import staging_dir
 
     training = {"max_steps": 150, "checkpoint_every": 1000, "scheduler": "cosine", "warmup_steps": 5}
     job, run = make_job("evicted", training=training), store.uri("evicted")
@@ -159,9 +159,9 @@ def test_sigterm_mid_run_into_the_store_then_resume_elsewhere_equals_an_uninterr
 
 def test_run_files_are_pushed_only_when_they_changed(store, node_cache, make_job, monkeypatch):
     """Every checkpoint pushes the run files: what did not change since the last push stays put."""
-    from ftcluster.run_storage import push_run_files
-    from ftcluster.spec import load_spec
-    from ftcluster.storage import RemoteFolder
+    from ftcluster.config.spec import load_spec
+    from ftcluster.core.storage import RemoteFolder
+    from ftcluster.runs.mirror import push_run_files
 
     spec = load_spec(make_job("pushed", output={"dir": store.uri("pushed")}))
     out = spec.output_dir

@@ -20,8 +20,8 @@ from storage_server import loopback_store
 
 from ftcluster.cluster.package import build_package
 from ftcluster.cluster.target import resolve_target
-from ftcluster.errors import FtError
-from ftcluster.spec import load_spec
+from ftcluster.config.spec import load_spec
+from ftcluster.core.errors import FtError
 
 TOKEN = secrets.token_hex(16)
 

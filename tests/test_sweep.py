@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import REPO, deep_update, read_metrics
 
-from ftcluster.errors import FtError
-from ftcluster.spec import load_spec
+from ftcluster.config.spec import load_spec
+from ftcluster.core.errors import FtError
 from ftcluster.sweep.leaderboard import pareto_front
 from ftcluster.sweep.searchers import BudgetLimiter, GridSearcher, RandomSearcher
 from ftcluster.sweep.space import evaluate_expression, load_space, parse_space
@@ -108,7 +108,7 @@ def test_pareto_front():
 def test_the_sweep_report_fronts_completed_trials_and_fits_a_laptop_window(tmp_path):
     """A trial the scheduler stopped is cheap because it stopped: it is never on the Pareto front. The
     leaderboard of many searched keys wraps its dotted headers and scrolls inside its own box."""
-    from ftcluster.report import write_sweep_report
+    from ftcluster.results.report import write_sweep_report
     from ftcluster.sweep.leaderboard import TrialRow, write_leaderboard
 
     keys = {f"method.lora.setting_{i}": i / 3 for i in range(8)}
@@ -265,7 +265,7 @@ def test_interrupted_sweep_resumes(sweep_job, tmp_path, monkeypatch, where):
     (resumed by a machine with an empty cache, so everything it continues from is in the store)."""
     from storage_server import loopback_store
 
-    from ftcluster.storage import staging_dir
+    from ftcluster.core.storage import staging_dir
 
     with contextlib.ExitStack() as stack:
         if where == "store":
@@ -303,7 +303,7 @@ def interrupt_then_resume(sweep_job, tmp_path, monkeypatch, location: str, out: 
 
     if location != str(out):  # a store: resume on a machine with an empty cache
         env["FTCLUSTER_CACHE"] = str(tmp_path / "cache-second")
-        from ftcluster.storage import staging_dir
+        from ftcluster.core.storage import staging_dir
 
         monkeypatch.setenv("FTCLUSTER_CACHE", env["FTCLUSTER_CACHE"])
         out = staging_dir(location)

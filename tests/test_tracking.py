@@ -10,8 +10,8 @@ import torch
 from conftest import read_metrics
 from transformers import AutoModelForCausalLM
 
+from ftcluster.config.spec import CostSpec, MethodSpec
 from ftcluster.models.methods import apply_method
-from ftcluster.spec import CostSpec, MethodSpec
 from ftcluster.track.cost import cost_per_point, run_cost
 from ftcluster.track.flops import flops_per_token, peak_flops
 
@@ -75,7 +75,7 @@ def test_wandb_offline_run_has_config_metrics_summary_and_no_key(make_job, cli, 
 
 def test_auto_mode_goes_online_where_a_key_is_given(monkeypatch):
     """A cluster's pods get WANDB_API_KEY from a Secret: with the default mode their runs upload."""
-    from ftcluster.spec import WandbSpec
+    from ftcluster.config.spec import WandbSpec
     from ftcluster.track.wandb_run import wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -56,8 +56,8 @@ class Bench:
 
     def run(self, name: str, **sections) -> dict:
         """One loop run; returns its summary plus the per-step training losses."""
-        from ftcluster.launch import run_in_process
-        from ftcluster.spec import build_spec
+        from ftcluster.config.spec import build_spec
+        from ftcluster.launch.launcher import run_in_process
 
         spec = {
             "name": name,
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, 2-layer model, 4 steps.")
     parser.add_argument("--json", type=Path, help="Write the results here.")
     args = parser.parse_args()
-    from ftcluster.quiet import quiet_libraries
+    from ftcluster.core.quiet import quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="ftc-train-check-") as tmp:

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import ftcluster
-from ftcluster.capacity import CHECKED_ENV, DRIVER_CPUS_ENV, ClusterView, capacity_problems
 from ftcluster.cluster.package import JOB_FILE, SPACE_FILE, build_package
 from ftcluster.cluster.target import ClusterTarget
-from ftcluster.errors import FtError, first_line
-from ftcluster.spec import JobSpec, read_yaml
-from ftcluster.storage import forwarded_settings, is_uri
+from ftcluster.config.spec import JobSpec, read_yaml
+from ftcluster.core.errors import FtError, first_line
+from ftcluster.core.storage import forwarded_settings, is_uri
+from ftcluster.planning.capacity import CHECKED_ENV, DRIVER_CPUS_ENV, ClusterView, capacity_problems
 
 ENTRYPOINT_CPUS = 0.25  # the `ftcluster train` driver; Ray Train's workers reserve their own
 SUMMARY_MARKER = "ftcluster-summary: "  # the submitted run prints its summary on one line with this

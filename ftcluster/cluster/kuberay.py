@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from ftcluster.errors import FtError
-from ftcluster.locations import is_remote
-from ftcluster.spec import JobSpec, dump_spec
-from ftcluster.storage import is_uri
+from ftcluster.config.spec import JobSpec, dump_spec
+from ftcluster.core.errors import FtError
+from ftcluster.core.locations import is_remote
+from ftcluster.core.storage import is_uri
 
 # Values the CRD leaves as free strings but KubeRay's operator accepts only from this list.
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from ftcluster.config.spec import JobSpec, dump_spec
+from ftcluster.core.errors import FtError
+from ftcluster.core.locations import is_remote
 from ftcluster.data.sources import Source
-from ftcluster.errors import FtError
-from ftcluster.locations import is_remote
 from ftcluster.models.load import ALIASES
-from ftcluster.spec import JobSpec, dump_spec
 
 JOB_FILE = "job.yaml"
 SPACE_FILE = "space.yaml"

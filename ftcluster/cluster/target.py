@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ftcluster.errors import FtError, first_line
+from ftcluster.core.errors import FtError, first_line
 
 PROFILES_ENV = "FTCLUSTER_CLUSTERS"  # another profiles file (tests, CI)
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")

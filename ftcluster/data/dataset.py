@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftcluster.config.spec import DataSpec
+from ftcluster.core.errors import DataError
+from ftcluster.core.storage import cache_root
 from ftcluster.data.formats import BadRow, Example, parse_row
 from ftcluster.data.readers import Row, rows_from_records
 from ftcluster.data.render import Encoded, Renderer
@@ -26,9 +29,6 @@ from ftcluster.data.token_cache import (
     read_meta,
     write_meta,
 )
-from ftcluster.errors import DataError
-from ftcluster.spec import DataSpec
-from ftcluster.storage import cache_root
 
 MAX_LISTED_BAD_ROWS = 20
 MAX_KEPT_BAD_ROWS = 1000  # bad rows kept with their origin; beyond that, only counted

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftcluster.config.spec import ColumnSpec
 from ftcluster.data.readers import unparsable_reason
-from ftcluster.spec import ColumnSpec
 
 ROLES = ("system", "user", "assistant")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftcluster.errors import DataError
+from ftcluster.core.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 

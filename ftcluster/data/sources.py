@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftcluster.core.errors import DataError, first_line
+from ftcluster.core.locations import HUB_PREFIX, is_glob, is_remote
+from ftcluster.core.storage import URI, RemoteFolder, cache_root, is_uri
 from ftcluster.data.readers import SUFFIXES, Row, iter_rows
-from ftcluster.errors import DataError, first_line
-from ftcluster.locations import HUB_PREFIX, is_glob, is_remote
-from ftcluster.storage import URI, RemoteFolder, cache_root, is_uri
 
 SAVED_DATASET_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")  # what save_to_disk writes
 

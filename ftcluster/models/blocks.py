@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ftcluster.errors import ModelError
+from ftcluster.core.errors import ModelError
 
 HEAD_NAMES = ("lm_head", "classifier", "score")
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")

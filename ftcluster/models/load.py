@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftcluster.atomic import atomic_directory
-from ftcluster.errors import ModelError, first_line
+from ftcluster.core.atomic import atomic_directory
+from ftcluster.core.errors import ModelError, first_line
 
 # Short names for models that install offline from PyPI.
 ALIASES: dict[str, tuple[str, str]] = {

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ftcluster.config.registry import adapter_methods
+from ftcluster.config.spec import MethodSpec
 from ftcluster.models.blocks import depth_from_top, find_blocks, is_head_param
-from ftcluster.registry import adapter_methods
-from ftcluster.spec import MethodSpec
 
 PEFT_METHODS = adapter_methods()  # saved as PEFT adapters on a frozen base (see registry.py)
 

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcluster.atomic import write_text_atomic
-from ftcluster.engine.rewards import share_reward_code
-from ftcluster.errors import FtError
-from ftcluster.spec import JobSpec, build_spec, read_yaml
-from ftcluster.storage import RemoteFolder, forwarded_settings
+from ftcluster.config.spec import JobSpec, build_spec, read_yaml
+from ftcluster.core.atomic import write_text_atomic
+from ftcluster.core.errors import FtError
+from ftcluster.core.storage import RemoteFolder, forwarded_settings
+from ftcluster.objectives.grpo.rewards import share_reward_code
 from ftcluster.sweep.leaderboard import TrialRow, collect_rows, totals, write_best_spec, write_leaderboard
 from ftcluster.sweep.searchers import SEARCHERS, BudgetLimiter, make_searcher
 from ftcluster.sweep.space import SearchSpace, parse_space
@@ -127,7 +127,7 @@ def check_options(spec: JobSpec, space: SearchSpace, options: SweepOptions) -> N
 
 def prepare_sweep(spec: JobSpec, space_path: Path, options: SweepOptions, location: str | None, force: bool) -> Sweep:
     """Validate everything, then record the sweep in its folder (nothing runs yet)."""
-    from ftcluster.launch import absolute_paths
+    from ftcluster.launch.launcher import absolute_paths
 
     spec = absolute_paths(spec)
     share_reward_code(spec.method.grpo)  # before the sweep records the settings its trials get
@@ -234,7 +234,7 @@ def _tuner(sweep: Sweep, resume: bool):
 
 def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> SweepOutcome:
     """Run (or continue) the sweep to the end, or until interrupted; then write its results."""
-    from ftcluster.launch import init_ray
+    from ftcluster.launch.launcher import init_ray
 
     # Trials report the metric only at evaluations; checkpoints and progress reports come without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -248,7 +248,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
 def check_sweep_reaches_every_node(sweep: Sweep) -> None:
     """A sweep on a path, on a cluster of several nodes, must be on a mount every node sees (as a run's
     output.dir must): trials would otherwise write to whichever node's disk they land on."""
-    from ftcluster.launch import check_output_reaches_every_node
+    from ftcluster.launch.launcher import check_output_reaches_every_node
 
     if sweep.remote is None:
         output = sweep.base_spec.output.model_copy(update={"dir": sweep.location})

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from ftcluster.atomic import write_text_atomic
-from ftcluster.errors import FtError
-from ftcluster.layout import METRICS, RUN_SPEC, SUMMARY
+from ftcluster.core.atomic import write_text_atomic
+from ftcluster.core.errors import FtError
+from ftcluster.runs.layout import METRICS, RUN_SPEC, SUMMARY
 from ftcluster.sweep.trial import TRIAL_INFO, TRIALS
-from ftcluster.tables import searched_keys
+from ftcluster.track.tables import searched_keys
 
 LEADERBOARD_JSON = "leaderboard.json"
 LEADERBOARD_CSV = "leaderboard.csv"

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcluster.errors import SpecError
-from ftcluster.spec import JobSpec, build_spec, read_yaml, set_dotted
+from ftcluster.config.spec import JobSpec, build_spec, read_yaml, set_dotted
+from ftcluster.core.errors import SpecError
 
 RANGE_KINDS = ("uniform", "loguniform", "quniform", "randint")
 KINDS = (*RANGE_KINDS, "choice", "grid", "expr")

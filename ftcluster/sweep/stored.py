@@ -12,9 +12,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ftcluster.errors import FtError
-from ftcluster.run_storage import LOCAL_ONLY
-from ftcluster.storage import RemoteFolder, is_uri, local_path, staging_dir
+from ftcluster.core.errors import FtError
+from ftcluster.core.storage import RemoteFolder, is_uri, local_path, staging_dir
+from ftcluster.runs.mirror import LOCAL_ONLY
 from ftcluster.sweep.trial import TRIALS
 
 SWEEP_FILE = "sweep.json"

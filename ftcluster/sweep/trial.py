@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcluster.atomic import write_text_atomic
-from ftcluster.engine.context import WorkerContext, restore_checkpoint
-from ftcluster.errors import first_line
-from ftcluster.layout import CHECKPOINTS, SUMMARY
-from ftcluster.run_storage import remote_of
-from ftcluster.spec import JobSpec
+from ftcluster.config.spec import JobSpec
+from ftcluster.core.atomic import write_text_atomic
+from ftcluster.core.errors import first_line
+from ftcluster.core.worker import WorkerContext
+from ftcluster.runs.checkpoints import restore_checkpoint
+from ftcluster.runs.layout import CHECKPOINTS, SUMMARY
+from ftcluster.runs.mirror import remote_of
 from ftcluster.sweep.space import SearchSpace, trial_spec
 
 TRIALS = "trials"  # SWEEP/trials/<trial id>/ is each trial's run folder
@@ -160,9 +161,9 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
 def _run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     from ray import tune
 
-    from ftcluster.engine.loop import train
-    from ftcluster.launch import fit, make_trainer
-    from ftcluster.quiet import quiet_libraries, quiet_ray_train_worker
+    from ftcluster.core.quiet import quiet_libraries, quiet_ray_train_worker
+    from ftcluster.launch.launcher import fit, make_trainer
+    from ftcluster.training.loop import train
 
     quiet_libraries()
     quiet_ray_train_worker()

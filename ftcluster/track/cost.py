@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ftcluster.accelerators import find_accelerator, normalize
+from ftcluster.core.accelerators import find_accelerator, normalize
 
 DEFAULT_CPU_CORE_HOUR_USD = 0.04
 

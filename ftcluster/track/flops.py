@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ftcluster.accelerators import find_accelerator
+from ftcluster.core.accelerators import find_accelerator
 
 
 def peak_flops_of(gpu_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a GPU by name (see ftcluster.accelerators); None when unknown."""
+    """Dense bf16 peak FLOP/s of a GPU by name (see ftcluster.core.accelerators); None when unknown."""
     accelerator = find_accelerator(gpu_name)
     return accelerator.peak_tflops * 1e12 if accelerator else None
 

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from ftcluster.atomic import write_text_atomic
-from ftcluster.errors import FtError
+from ftcluster.core.atomic import write_text_atomic
+from ftcluster.core.errors import FtError
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -114,7 +114,7 @@ def log_sweep_table(settings, sweep_dir: Path, sweep_name: str, metric: str, row
 
     import wandb
 
-    from ftcluster.tables import searched_keys
+    from ftcluster.track.tables import searched_keys
 
     run = wandb.init(project=settings.project, entity=settings.entity, group=sweep_name, tags=[*settings.tags, "sweep"],
                      mode=wandb_mode(settings), name=f"{sweep_name}-summary", job_type="sweep-summary", dir=str(sweep_dir),

@@ -1,1 +1,0 @@
-"""The training engine: the per-worker loop and its parts (optimizer, checkpoints, metrics)."""
