@@ -39,10 +39,10 @@ from ftcluster.data import build_data  # noqa: E402
 from ftcluster.data.batches import collate, count_targets  # noqa: E402
 from ftcluster.data.render import Renderer  # noqa: E402
 from ftcluster.evaluation.metrics import normalize_answer  # noqa: E402
-from ftcluster.evaluation.suite import run_eval  # noqa: E402
+from ftcluster.evaluation.suite import EvalContext, run_eval  # noqa: E402
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model  # noqa: E402
 from ftcluster.models.tiny import make_tiny_llama  # noqa: E402
-from ftcluster.objectives.fixed_data import make_objective  # noqa: E402
+from ftcluster.objectives.base import make_objective  # noqa: E402
 
 POSITIVE = ["The acting is superb from start to finish.", "I loved every minute of it.",
             "A moving, beautifully shot story.", "The score is gorgeous and the pacing never drags.",
@@ -120,8 +120,8 @@ def compare(model_path: str, prompts: int, threads: int, folder: Path) -> dict:
     plain = plain_loop(model, tokenizer, bundle, renderer, prompts, 8)
     plain_s = time.perf_counter() - started
     started = time.perf_counter()
-    ours = run_eval(model, tokenizer, bundle, renderer, spec.eval, spec.training.batch_size, device,
-                    contextlib.nullcontext, objective=objective)
+    ours = run_eval(model, EvalContext(tokenizer, bundle, renderer, spec.eval, spec.training.batch_size, device,
+                                       contextlib.nullcontext, objective=objective))
     ours_s = time.perf_counter() - started
     same_outputs = sum(s["output"] == o for s, o in zip(ours["samples"], plain["outputs"]))
     return {

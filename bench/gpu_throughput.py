@@ -152,7 +152,7 @@ def run_case(runner: str, method_name: str, args, device, dtype, folder: Path, b
 
     from ftcluster.config.spec import MethodSpec
     from ftcluster.models.methods import apply_method
-    from ftcluster.objectives.fixed_data import SFTObjective
+    from ftcluster.objectives.sft import SFTObjective
     from ftcluster.training.optim import build_optimizer, param_groups
 
     if device.type == "cuda":

@@ -32,6 +32,7 @@ from ftcluster.launch.launcher import run_in_process, run_with_ray  # noqa: E402
 from ftcluster.models.load import load_tokenizer, resolve_model  # noqa: E402
 from ftcluster.models.methods import apply_method  # noqa: E402
 from ftcluster.models.tiny import make_tiny_llama  # noqa: E402
+from ftcluster.runs.paths import RunPaths  # noqa: E402
 
 
 def baseline(spec, warmup: int) -> dict:
@@ -68,7 +69,7 @@ def baseline(spec, warmup: int) -> dict:
 def ftcluster_run(spec, warmup: int, with_ray: bool) -> dict:
     started = time.time()
     (run_with_ray if with_ray else run_in_process)(spec)
-    records = [json.loads(line) for line in (spec.output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (RunPaths.of(spec).local / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train_loss" in r]
     steady = [r for r in steps if r["step"] > warmup]
     tokens = steady[-1]["tokens"] - steps[warmup - 1]["tokens"] if warmup else steady[-1]["tokens"]

@@ -155,7 +155,7 @@ def measure(model_path: str, case: Case, seq: int, setting: Setting | None = Non
     from ftcluster.models.chunked_loss import output_head
     from ftcluster.models.load import load_pretrained, resolve_model
     from ftcluster.models.methods import apply_method, quantization_config
-    from ftcluster.objectives.fixed_data import SFTObjective
+    from ftcluster.objectives.sft import SFTObjective
     from ftcluster.training.optim import build_optimizer, param_groups
 
     setting = setting or Setting(torch.device("cpu"))

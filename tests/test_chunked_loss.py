@@ -53,7 +53,7 @@ def test_chunked_run_matches_standard_run(make_job, cli, tmp_path):
 
 def test_which_loss_each_setup_gets(make_job):
     from ftcluster.config.spec import load_spec
-    from ftcluster.objectives.fixed_data import use_chunked_loss
+    from ftcluster.objectives.sft import use_chunked_loss
 
     def spec(**sections):
         return load_spec(make_job("which", **sections))

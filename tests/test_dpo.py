@@ -14,7 +14,7 @@ from ftcluster.config.spec import DataSpec, MethodSpec, load_spec
 from ftcluster.data import build_data
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 from ftcluster.models.methods import apply_method
-from ftcluster.objectives.fixed_data import DPOObjective, dpo_losses
+from ftcluster.objectives.dpo import DPOObjective, dpo_losses
 from ftcluster.objectives.logprobs import adapters_off_reference, sequence_logps
 
 

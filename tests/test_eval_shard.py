@@ -186,7 +186,7 @@ def test_batches_are_length_sorted_longest_first():
 def test_max_examples_and_batch_size_bound_every_evaluation(tiny_model):
     from ftcluster.config.spec import EvalSpec
     from ftcluster.data.dataset import DataBundle, DataReport
-    from ftcluster.evaluation.suite import run_eval
+    from ftcluster.evaluation.suite import EvalContext, run_eval
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     renderer = Renderer(tokenizer, 128, False)
@@ -198,8 +198,8 @@ def test_max_examples_and_batch_size_bound_every_evaluation(tiny_model):
     batches: list[int] = []
     model.register_forward_pre_hook(lambda _, args, kwargs: batches.append(kwargs["input_ids"].shape[0]),
                                     with_kwargs=True)
-    metrics = run_eval(model, tokenizer, bundle, renderer, settings, 8, torch.device("cpu"),
-                       lambda: torch.autocast("cpu", enabled=False))
+    metrics = run_eval(model, EvalContext(tokenizer, bundle, renderer, settings, 8, torch.device("cpu"),
+                                          lambda: torch.autocast("cpu", enabled=False)))
     assert len(metrics["samples"]) == 3 and metrics["choice"]["examples"] == 3  # the first 3 examples only
     assert max(batches) <= 2 * len(settings.choices)  # (choice scoring runs batch x choices rows)
     # Loss and answers: the shared prefix once, then 2 of the 3 examples (prompts, their replies, decoding).

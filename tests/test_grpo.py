@@ -11,7 +11,8 @@ import torch
 from conftest import REPO, read_metrics, write_jsonl
 
 from ftcluster.config.spec import load_spec
-from ftcluster.objectives.grpo.objective import SeededSampling, group_advantages, grpo_token_losses, nucleus, prompt_seed
+from ftcluster.objectives.grpo.objective import group_advantages, grpo_token_losses
+from ftcluster.objectives.grpo.sampling import SeededSampling, nucleus, prompt_seed
 from ftcluster.rewards import answer_tags, exact_answer, number_answer
 
 # --- reward functions the runs below name as test_grpo:FUNCTION -----------------------------------
@@ -177,7 +178,7 @@ def test_a_group_sampled_from_one_prompt_pass_equals_sampling_every_row_whole(ti
 
     from conftest import load_causal_lm
 
-    from ftcluster.objectives.grpo.objective import GroupSampler
+    from ftcluster.objectives.grpo.sampling import GroupSampler
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     settings = SimpleNamespace(group_size=3, temperature=1.0, top_p=1.0, max_new_tokens=6)

@@ -27,46 +27,13 @@ from pathlib import Path
 import pytest
 import test_grpo
 from conftest import train_losses
+from ray_nodes import WORKER_RESOURCE, Nodes
 from storage_server import loopback_store
 
+from ftcluster.runs.paths import RunPaths
+
 pytestmark = pytest.mark.multinode
-WORKER_RESOURCE = "trainer"  # only the worker nodes have it: the workers never land on the driver's node
 TRAINING = {"max_steps": 12, "checkpoint_every": 2, "max_failures": 1, "batch_size": 4}
-
-
-class Nodes:
-    """The test cluster: a head (the driver's node) and worker nodes, each with its own cache."""
-
-    def __init__(self, root: Path) -> None:
-        from ray.cluster_utils import Cluster
-
-        self.root = root
-        self.count = 0
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",
-            "env_vars": {"FTCLUSTER_CACHE": str(root / "head")}})
-        self.workers = [self.add() for _ in range(2)]
-
-    def add(self):
-        self.count += 1
-        cache = self.root / f"node-{self.count}"
-        node = self.cluster.add_node(num_cpus=1, resources={WORKER_RESOURCE: 1}, node_ip_address="127.0.0.1",
-                                     env_vars={"FTCLUSTER_CACHE": str(cache)})
-        node.cache = cache
-        return node
-
-    def replace(self, node) -> None:
-        """Remove a node (every process on it dies) and add a fresh one with an empty cache."""
-        self.cluster.remove_node(node, allow_graceful=False)
-        self.workers.remove(node)
-        self.workers.append(self.add())
-
-    def holding(self, name: str, file: str = "metrics.jsonl"):
-        """The worker node whose working copy of run `name` has `file` (rank 0's node, for run files)."""
-        for node in self.workers:
-            if next(node.cache.glob(f"runs/s3/*/{name}/{file}"), None) is not None:
-                return node
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +53,7 @@ def nodes(store, tmp_path_factory):
     ray.init(address=cluster.cluster.address)
     yield cluster
     ray.shutdown()
-    cluster.cluster.shutdown()
+    cluster.shutdown()
 
 
 def run_on_nodes(make_job, store, name: str, **sections):
@@ -110,7 +77,7 @@ def single_worker_losses(make_job, name: str, **sections) -> list[float]:
     training = {**sections.pop("training"), "batch_size": 8, "max_failures": 0}
     spec = load_spec(make_job(name, training=training, **sections))
     run_in_process(spec)
-    return train_losses(spec.output_dir)
+    return train_losses(RunPaths.of(spec).local)
 
 
 def test_nodes_are_separate_and_on_loopback(nodes):
@@ -231,7 +198,7 @@ def test_a_preemption_notice_saves_a_checkpoint_in_time_and_the_run_resumes_ther
     fresh one joins; the group resumes from that checkpoint and ends with the uninterrupted losses."""
     # (max_failures: the surviving worker's collective fails as the node goes, which Ray may count as a failure)
     name, training = "preempted", {**TRAINING, "max_steps": 300, "checkpoint_every": 1000}
-    run = BackgroundRun(make_job, store, name, training)
+    run = BackgroundRun(lambda: run_on_nodes(make_job, store, name, training=training))
     deadline = time.monotonic() + 300
     while (rank0 := nodes.holding(name)) is None or "train_loss" not in working_copy(rank0, name).read_text():
         assert run.thread.is_alive() and time.monotonic() < deadline, run.outcome  # until a step is logged
@@ -285,7 +252,7 @@ def test_a_grpo_rollout_actor_on_another_node_samples_as_the_learner_would(nodes
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     assert {"grpo-nodes/summary.json", "grpo-nodes/metrics.jsonl"} <= set(store.keys("grpo-nodes/"))
     stored = [json.loads(line) for line in store.read("grpo-nodes/metrics.jsonl").decode().splitlines()]
-    local = [json.loads(line) for line in (here.output_dir / "metrics.jsonl").read_text().splitlines()]
+    local = [json.loads(line) for line in (RunPaths.of(here).local / "metrics.jsonl").read_text().splitlines()]
     for key in ("train_loss", "reward", "kl"):
         ours, theirs = ([r[key] for r in records if "reward" in r] for records in (stored, local))
         assert len(ours) == 3 and ours == pytest.approx(theirs, rel=1e-4, abs=1e-7)
@@ -318,7 +285,7 @@ def test_a_lost_rollout_node_restarts_the_run_from_the_store_with_a_new_actor(no
     assert removed is not None, "the run ended before the rollout node could be removed"
     assert summary["steps"] == 8 and summary["resumed_from_step"] in range(2, 8, 2)
     stored = [json.loads(line) for line in store.read("grpo-lost/metrics.jsonl").decode().splitlines()]
-    local = [json.loads(line) for line in (here.output_dir / "metrics.jsonl").read_text().splitlines()]
+    local = [json.loads(line) for line in (RunPaths.of(here).local / "metrics.jsonl").read_text().splitlines()]
     by_step = {record["step"]: record for record in stored if "reward" in record}  # a step may be logged twice
     assert sorted(by_step) == list(range(1, 9))
     for key in ("train_loss", "reward"):

@@ -9,6 +9,7 @@ from conftest import train_losses
 from ftcluster.config.spec import load_spec
 from ftcluster.core.errors import FtError, ModelError
 from ftcluster.models.load import check_attention, load_pretrained, resolve_model
+from ftcluster.runs.paths import RunPaths
 from ftcluster.training.packing import check_packing_isolation
 
 
@@ -40,7 +41,7 @@ def test_packed_runs_train_the_same_with_sdpa_and_eager_attention(make_job, cli)
                        data={"packing": True, "max_length": 128}, training={"max_steps": 6, "batch_size": 2})
         result = cli("train", job, "--no-ray")
         assert result.code == 0, result
-        losses[attention] = train_losses(load_spec(job).output_dir)
+        losses[attention] = train_losses(RunPaths.of(load_spec(job)).local)
     assert len(losses["sdpa"]) == 6 and losses["sdpa"][-1] < losses["sdpa"][0]
     assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-4)
 

@@ -11,7 +11,7 @@ from conftest import REPO, train_losses, write_jsonl
 from test_dpo import preference_rows
 
 from ftcluster.config.spec import load_spec
-from ftcluster.objectives.fixed_data import bradley_terry_losses
+from ftcluster.objectives.reward import bradley_terry_losses
 
 LORA = {"rank": 8, "alpha": 16, "dropout": 0.0}
 

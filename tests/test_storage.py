@@ -9,6 +9,8 @@ import pytest
 from conftest import train_losses
 from storage_server import loopback_store
 
+from ftcluster.runs.paths import RunPaths
+
 
 @pytest.fixture(scope="module")
 def store():
@@ -92,7 +94,7 @@ def test_resume_from_the_store_on_another_machine_equals_an_uninterrupted_run(st
 def make_job_dir(job) -> object:
     from ftcluster.config.spec import load_spec
 
-    return load_spec(job).output_dir
+    return RunPaths.of(load_spec(job)).local
 
 
 def test_a_store_that_holds_a_run_is_not_overwritten_unless_asked(store, node_cache, make_job, cli):
@@ -164,7 +166,7 @@ def test_run_files_are_pushed_only_when_they_changed(store, node_cache, make_job
     from ftcluster.runs.mirror import push_run_files
 
     spec = load_spec(make_job("pushed", output={"dir": store.uri("pushed")}))
-    out = spec.output_dir
+    out = RunPaths.of(spec).local
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     (out / "wandb").mkdir()

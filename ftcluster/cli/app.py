@@ -14,6 +14,7 @@ from rich.console import Console
 
 from ftcluster.core.errors import FtError, io_error_line, storage_errno
 from ftcluster.core.quiet import quiet_libraries
+from ftcluster.runs.paths import RunPaths
 
 app = typer.Typer(
     help="Fine-tune pretrained language models from one YAML job spec, locally or on a Ray cluster.\n\n"
@@ -112,7 +113,7 @@ def train(
     from ftcluster.track.tables import print_run_tables
 
     out = check_output(spec, resume, force)
-    where = spec.output_location
+    where = RunPaths.of(spec).location
     console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {where}")
     if no_ray and spec.scaling.num_workers > 1:
         raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
@@ -124,7 +125,7 @@ def train(
     show = samples if samples >= 0 else (spec.eval.generation.show if spec.eval.generation else 0)
     print_run_tables(summary, show, console)
     print_summary_marker(summary)
-    merged = "merged" if spec.output_uri else f"{out}/merged"
+    merged = "merged" if RunPaths.of(spec).uri else f"{out}/merged"
     console.print(f"Outputs in {where} (metrics.jsonl, summary.json, final/). "
                   f"Export: ftcluster export {where} --merge --out {merged}")
 

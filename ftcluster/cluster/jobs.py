@@ -26,6 +26,7 @@ from ftcluster.config.spec import JobSpec, read_yaml
 from ftcluster.core.errors import FtError, first_line
 from ftcluster.core.storage import forwarded_settings, is_uri
 from ftcluster.planning.capacity import CHECKED_ENV, DRIVER_CPUS_ENV, ClusterView, capacity_problems
+from ftcluster.runs.paths import RunPaths
 
 ENTRYPOINT_CPUS = 0.25  # the `ftcluster train` driver; Ray Train's workers reserve their own
 SUMMARY_MARKER = "ftcluster-summary: "  # the submitted run prints its summary on one line with this
@@ -114,7 +115,7 @@ def submit(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> tupl
         raise FtError("--resume JOB_ID continues a training run; a sweep continues with --tune-options '--resume DIR'")
     check_capacity(target, spec, options)
     name = run_name(target, spec, options)
-    output = spec.model_copy(update={"name": name}).output_location
+    output = RunPaths.of(spec.model_copy(update={"name": name})).location
     with tempfile.TemporaryDirectory(prefix="ftcluster-submit-") as tmp:
         package = build_package(spec, Path(tmp), options.space, options.max_upload_mb)
         if options.space is not None:

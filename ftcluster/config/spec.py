@@ -10,11 +10,29 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ftcluster.config.registry import FORMATS, METHODS, OBJECTIVES
 from ftcluster.core.errors import SpecError
 from ftcluster.core.locations import exists, is_remote
-from ftcluster.core.storage import is_uri, local_path, staging_dir
+
+
+class RegisteredName:
+    """A spec value that must name an entry of a registry table: checked when a spec is validated, so
+    entries added with `registry.register` are accepted (`ftcluster fields` lists the table's names)."""
+
+    def __init__(self, table: dict[str, Any]):
+        self.table = table
+
+    def __call__(self, value: str) -> str:
+        if value not in self.table:
+            raise ValueError(f"Input should be one of {' | '.join(self.table)}, not {value!r}")
+        return value
+
+
+MethodName = Annotated[str, AfterValidator(RegisteredName(METHODS))]
+ObjectiveName = Annotated[str, AfterValidator(RegisteredName(OBJECTIVES))]
+FormatName = Annotated[str, AfterValidator(RegisteredName(FORMATS))]
 
 
 class Section(BaseModel):
@@ -188,7 +206,7 @@ class GrpoSpec(Section):
 
 
 class MethodSpec(Section):
-    name: Literal["full", "freeze", "lora", "dora", "prefix", "qlora"] = Field(
+    name: MethodName = Field(
         "lora",
         description="Fine-tuning method: full (all weights), freeze (only chosen blocks/head), lora, "
         "dora (weight-decomposed LoRA), prefix (prefix tuning), qlora (4-bit NF4 base + LoRA).",
@@ -200,7 +218,7 @@ class MethodSpec(Section):
     unfreeze: UnfreezeSpec | None = Field(
         None, description="Gradual unfreezing schedule (full and freeze methods only)."
     )
-    objective: Literal["sft", "dpo", "reward", "grpo"] = Field(
+    objective: ObjectiveName = Field(
         "sft",
         description="sft: next-token loss on responses; dpo: direct preference optimisation on preference data, "
         "against the frozen base model (for adapters: the same weights with adapters off, no second copy); "
@@ -257,7 +275,7 @@ class DataSpec(Section):
         "$FTCLUSTER_CACHE/data/tokenized, else ~/.cache/ftcluster/data/tokenized. A folder on a mount the nodes share "
         "tokenizes once per cluster; delete entries to reclaim space."
     )
-    format: Literal["instruction", "chat", "text", "classification", "preference", "prompts"] = Field(
+    format: FormatName = Field(
         "instruction", description="Row format of the files."
     )
     columns: ColumnSpec = Field(default_factory=ColumnSpec, description="Column names, if not the defaults.")
@@ -587,7 +605,6 @@ class JobSpec(Section):
 
     def _combination_problems(self) -> list[str]:
         """Does the method, the objective, the data format and the task go together?"""
-        from ftcluster.config.registry import FORMATS, METHODS, OBJECTIVES
 
         method, objective, fmt = METHODS[self.method.name], OBJECTIVES[self.method.objective], FORMATS[self.data.format]
         task, problems = self.model.task, []
@@ -673,22 +690,6 @@ class JobSpec(Section):
         if self.eval.forgetting is not None and self.eval.forgetting.data is None and self.eval.forgetting.harness is None:
             problems.append("eval.forgetting: set data (general texts), harness (benchmark tasks) or both")
         return problems
-
-    @property
-    def output_location(self) -> str:
-        """output.dir with {name} filled in: a path, or a storage URI (s3://bucket/runs/x)."""
-        return self.output.dir.format(name=self.name)
-
-    @property
-    def output_uri(self) -> str | None:
-        """The run's storage URI, when output.dir is one (None for a local or mounted path)."""
-        return self.output_location.rstrip("/") if is_uri(self.output_location) else None
-
-    @property
-    def output_dir(self) -> Path:
-        """Where this process writes the run: output.dir itself, or this node's working copy of a URI's run."""
-        uri = self.output_uri
-        return staging_dir(uri) if uri else local_path(self.output_location)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -835,6 +836,9 @@ def describe_fields(model: type[BaseModel] | None = None, prefix: str = "") -> l
             rows += describe_fields(nested, key + ".")
             continue
         type_name = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        registered = next((m.func for m in field.metadata if isinstance(getattr(m, "func", None), RegisteredName)), None)
+        if registered is not None:
+            type_name = " | ".join(registered.table)
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         rows.append((key, type_name, default, field.description or ""))
     return rows

@@ -1,5 +1,7 @@
 """Row formats: check one row and turn it into an `Example` (conversation or text, or label).
 
+Each format's registry entry (`config/registry.py`) names its parser here.
+
 A row that cannot be used raises `BadRow` with the reason; the caller counts and reports it
 with its file and line, then skips it or fails (``data.on_bad_row``).
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftcluster.config.registry import FORMATS, implementation
 from ftcluster.config.spec import ColumnSpec
 from ftcluster.data.readers import unparsable_reason
 
@@ -128,20 +131,10 @@ def parse_prompts(record: dict[str, Any], columns: ColumnSpec, system_prompt: st
     return Example(messages=messages, prompt_only=True)
 
 
-PARSERS = {
-    "instruction": parse_instruction,
-    "chat": parse_chat,
-    "text": parse_text,
-    "classification": parse_classification,
-    "preference": parse_preference,
-    "prompts": parse_prompts,
-}
-
-
 def parse_row(values: Any, data_format: str, columns: ColumnSpec, system_prompt: str | None) -> Example:
     reason = unparsable_reason(values)
     if reason:
         raise BadRow(reason)
     if not isinstance(values, dict):
         raise BadRow(f"expected an object with fields, got {type(values).__name__}")
-    return PARSERS[data_format](values, columns, system_prompt)
+    return implementation(FORMATS[data_format].parse)(values, columns, system_prompt)

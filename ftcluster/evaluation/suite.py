@@ -1,14 +1,18 @@
 """Every evaluation a job asks for, on its validation data: what the loop and `ftcluster eval` run.
 
-The pieces live in `evaluate.py` (loss, classification, generation) and `choices.py` (choice scoring).
+The pieces live in `metrics.py` (loss, classification, generation), `generation.py` (batched answers
+from shared prompt caches) and `choices.py` (choice scoring).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
+from ftcluster.config.spec import EvalSpec
 from ftcluster.data.dataset import DataBundle
 from ftcluster.data.render import Encoded, Renderer
 from ftcluster.evaluation.choices import answer_choices, evaluate_choices
@@ -28,23 +32,49 @@ from ftcluster.evaluation.metrics import (
     replies_after,
 )
 from ftcluster.evaluation.shard import WHOLE, EvalShard
-from ftcluster.models.chunked_loss import chunked_loss_sum, output_head
 
 
-def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec, batch_size: int, device,
-             autocast: Callable, generation: bool = True, objective=None, general: list[Encoded] | None = None,
-             shard: EvalShard = WHOLE) -> dict:
-    """Every metric the job asks for, on the validation set (`objective`: one with an `evaluate`
-    method, such as DPO's, scores its held-out data itself).
+class ObjectiveView(Protocol):
+    """What evaluation asks of a training objective (objectives.base.Objective has all of it)."""
+
+    scores_answer_choices: bool
+
+    def evaluate(self, model: torch.nn.Module, items: list[Encoded], batch_size: int, pad_id: int, device,
+                 autocast, limit: int | None = None, shard: EvalShard = WHOLE) -> dict[str, Any] | None: ...
+
+    def scoring_loss(self, model: torch.nn.Module) -> Callable: ...
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What every evaluation of one run shares: its data and how it is rendered, the eval settings, where
+    and how the model runs, and this worker's share of the examples."""
+
+    tokenizer: Any
+    bundle: DataBundle
+    renderer: Renderer
+    settings: EvalSpec
+    batch_size: int  # the training batch: the scoring batch unless eval.batch_size says otherwise
+    device: torch.device
+    autocast: Callable
+    objective: ObjectiveView | None = None  # one with its own held-out metrics (DPO, reward, GRPO) scores them
+    general: list[Encoded] | None = None  # the forgetting check's general text
+    shard: EvalShard = WHOLE
+
+
+def run_eval(model, context: EvalContext, generation: bool = True) -> dict:
+    """Every metric the job asks for, on the validation set.
 
     generation=False (evaluations during training) skips the slow parts: generation, choice scoring,
     the harness and the forgetting check (`general`, scored before and after only). Each worker of a
     group scores its `shard` of the examples; every worker gets the metrics of the whole set.
     """
+    tokenizer, bundle, renderer, eval_spec = context.tokenizer, context.bundle, context.renderer, context.settings
+    device, autocast, objective, shard = context.device, context.autocast, context.objective, context.shard
     pad_id = tokenizer.pad_token_id
-    scoring_batch = eval_spec.batch_size or batch_size
+    scoring_batch = eval_spec.batch_size or context.batch_size
     val, examples = list(bundle.val[: eval_spec.max_examples]), list(bundle.val_examples[: eval_spec.max_examples])
-    loss_fn = scoring_loss(model, objective)
+    loss_fn = objective.scoring_loss(model) if objective is not None else loss_sum
 
     def loss_of(items: list[Encoded]) -> dict[str, float]:
         return evaluate_loss(model, items, scoring_batch, pad_id, device, autocast, eval_spec.max_batches, shard,
@@ -58,9 +88,10 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
                                                    bundle.label_names, eval_spec.max_batches, shard))
             return metrics
         answers = generation and eval_spec.generation is not None and bool(examples)
-        if hasattr(objective, "evaluate"):  # DPO and reward models score their held-out pairs themselves
-            metrics = objective.evaluate(model, val, scoring_batch, pad_id, device, autocast, eval_spec.max_batches,
-                                         shard)
+        own = None if objective is None else objective.evaluate(model, val, scoring_batch, pad_id, device, autocast,
+                                                                 eval_spec.max_batches, shard)
+        if own is not None:  # DPO and reward models score their held-out pairs, GRPO answers its prompts
+            metrics = own
             if answers:
                 metrics.update(generate_and_match(model, tokenizer, renderer, examples, eval_spec, device, autocast,
                                                   shard))
@@ -72,28 +103,19 @@ def run_eval(model, tokenizer, bundle: DataBundle, renderer: Renderer, eval_spec
             metrics = loss_of(val)
         if not generation:
             return metrics
-        choices = answer_choices(bundle, eval_spec) if objective is None or objective.name == "sft" else None
+        choices = answer_choices(bundle, eval_spec) if objective is None or objective.scores_answer_choices else None
         if choices:
             metrics.update(evaluate_choices(model, tokenizer, renderer, examples, choices, eval_spec, device,
                                             autocast, scoring_batch, shard=shard))
         for harness in harness_sections(eval_spec):
             with autocast():
                 metrics.update(run_harness(model, tokenizer, harness, device))
-        if general:
-            general_scores = evaluate_loss(model, general, scoring_batch, pad_id, device, autocast, shard=shard,
+        if context.general:
+            general_scores = evaluate_loss(model, context.general, scoring_batch, pad_id, device, autocast, shard=shard,
                                            loss_fn=loss_fn)
             metrics["general_loss"] = general_scores["val_loss"]
             metrics["general_perplexity"] = general_scores["val_perplexity"]
     return metrics
-
-
-def scoring_loss(model, objective) -> Callable:
-    """The loss evaluation sums: chunked where the objective trains with it (it computes the output head
-    only at the scored positions, without the full logits), on this model's own head."""
-    head = output_head(model) if objective is not None and getattr(objective, "head", None) is not None else None
-    if head is None:
-        return loss_sum
-    return lambda model, batch: chunked_loss_sum(model, batch, head, objective.chunk_tokens)
 
 
 def harness_sections(eval_spec) -> list:

@@ -30,6 +30,7 @@ from ftcluster.planning.capacity import worker_resources
 from ftcluster.runs.checkpoints import restore_checkpoint
 from ftcluster.runs.layout import CHECKPOINTS, SUMMARY
 from ftcluster.runs.mirror import pull_checkpoint, remote_summary
+from ftcluster.runs.paths import RunPaths
 from ftcluster.training.loop import train
 
 RAY_STORAGE = "ray"  # OUTPUT/ray: Ray Train's copy of reported checkpoints, unless scaling.storage_path
@@ -43,8 +44,8 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     spec.data.train = absolute_data_path(spec.data.train)
     if spec.data.validation:
         spec.data.validation = absolute_data_path(spec.data.validation)
-    if not spec.output_uri:
-        spec.output.dir = str(spec.output_dir.resolve())
+    if not RunPaths.of(spec).uri:
+        spec.output.dir = str(RunPaths.of(spec).local)
     if spec.method.grpo is not None and spec.method.grpo.reward_model is not None:
         spec.method.grpo.reward_model.run = absolute_data_path(spec.method.grpo.reward_model.run)
     model_path = Path(spec.model.path).expanduser()
@@ -106,9 +107,9 @@ def _ray_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
     quiet_ray_train_worker()
     spec = JobSpec.model_validate(config["spec"])
-    ctx = ray_context(spec.output_dir / CHECKPOINTS, checkpoints_to_ray=spec.output_uri is None)
+    ctx = ray_context(RunPaths.of(spec).local / CHECKPOINTS, checkpoints_to_ray=RunPaths.of(spec).uri is None)
     ctx.launch = config["launch"]
-    if spec.output_uri:
+    if RunPaths.of(spec).uri:
         ctx.restored = pull_checkpoint(spec, ctx, config["resume"], ctx.launch)
     verbose = config.get("verbose", True)
     owned: list = []
@@ -181,7 +182,7 @@ def check_output_reaches_every_node(spec: JobSpec, timeout_s: float = 120, key: 
     worker sees (a shared mount): else rank 0 writes the run to its own disk, which the driver cannot
     read and which goes with the node. Tested for real: a probe file, looked for from each node.
     ``key`` is what the user set the folder with (a sweep's is --out)."""
-    if spec.output_uri:
+    if RunPaths.of(spec).uri:
         return
     import uuid
 
@@ -193,7 +194,7 @@ def check_output_reaches_every_node(spec: JobSpec, timeout_s: float = 120, key: 
              and all(node["Resources"].get(name, 0) >= amount for name, amount in bundle.items())]
     if len(nodes) < 2:
         return
-    out = spec.output_dir
+    out = RunPaths.of(spec).local
     out.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     probe = out / f".node-probe-{token}"
@@ -296,15 +297,15 @@ def ray_run_name(spec: JobSpec) -> str:
 
 def ray_storage(spec: JobSpec) -> str:
     """Ray Train's storage when scaling.storage_path is not set: OUTPUT/ray, in the run's store for a URI."""
-    return f"{spec.output_uri}/{RAY_STORAGE}" if spec.output_uri else str(spec.output_dir / RAY_STORAGE)
+    return f"{RunPaths.of(spec).uri}/{RAY_STORAGE}" if RunPaths.of(spec).uri else str(RunPaths.of(spec).local / RAY_STORAGE)
 
 
 def prune_ray_storage(spec: JobSpec, keep: str) -> None:
     """After a successful launch, drop earlier launches' copies in the default local storage
     (OUTPUT/ray); a user's own storage_path (and a store's) is left alone."""
-    if spec.scaling.storage_path or spec.output_uri:
+    if spec.scaling.storage_path or RunPaths.of(spec).uri:
         return
-    for folder in (spec.output_dir / RAY_STORAGE).glob("*"):
+    for folder in (RunPaths.of(spec).local / RAY_STORAGE).glob("*"):
         if folder.is_dir() and folder.name != keep:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -393,9 +394,9 @@ def fit(trainer, spec: JobSpec) -> dict[str, Any]:
         if user_error is not None:
             raise FtError(str(user_error)) from None
         raise
-    if spec.output_uri:
+    if RunPaths.of(spec).uri:
         return remote_summary(spec)
-    return json.loads((spec.output_dir / SUMMARY).read_text())
+    return json.loads((RunPaths.of(spec).local / SUMMARY).read_text())
 
 
 def run_with_ray(spec: JobSpec, resume: bool = False, address: str | None = None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 from ftcluster.config.spec import JobSpec
 from ftcluster.core.errors import FtError
 from ftcluster.core.worker import WorkerContext
-from ftcluster.objectives.grpo.objective import PromptBatch, Sampled
+from ftcluster.objectives.grpo.sampling import PromptBatch, Sampled
 from ftcluster.planning.capacity import rollout_actor_resources
 
 WEIGHTS_WAIT_S = 600.0  # how long a sampling request waits for its policy version before the run fails
@@ -40,7 +40,7 @@ class RolloutWorker:
 
         from ftcluster.core.quiet import quiet_libraries
         from ftcluster.models.load import load_tokenizer, resolve_model
-        from ftcluster.objectives.grpo.objective import GroupSampler
+        from ftcluster.objectives.grpo.sampling import GroupSampler
         from ftcluster.training.setup import load_model, seed_everything
 
         quiet_libraries()

@@ -1,4 +1,7 @@
-"""Fine-tuning methods: decide which weights train (full, freeze), or add adapters (PEFT)."""
+"""Fine-tuning methods: decide which weights train (full, freeze), or add adapters (PEFT).
+
+Each method's registry entry (`config/registry.py`) names its function here; `apply_method` calls it.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +10,14 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ftcluster.config.registry import adapter_methods
+from ftcluster.config.registry import METHODS, implementation
 from ftcluster.config.spec import MethodSpec
 from ftcluster.models.blocks import depth_from_top, find_blocks, is_head_param
 
-PEFT_METHODS = adapter_methods()  # saved as PEFT adapters on a frozen base (see registry.py)
-
 
 def quantization_config(method: MethodSpec, compute_dtype):
-    """bitsandbytes 4-bit settings for qlora (None for other methods)."""
-    if method.name != "qlora":
+    """bitsandbytes 4-bit settings for a method on a quantized base (qlora; None for other methods)."""
+    if not METHODS[method.name].quantized_base:
         return None
     from transformers import BitsAndBytesConfig
 
@@ -31,26 +32,24 @@ def quantization_config(method: MethodSpec, compute_dtype):
 
 def full_precision(method: MethodSpec) -> MethodSpec:
     """The method on an unquantized base: QLoRA's adapters are LoRA's (for merging and planning)."""
-    return method.model_copy(update={"name": "lora"}) if method.name == "qlora" else method
+    twin = METHODS[method.name].full_precision
+    return method.model_copy(update={"name": twin}) if twin else method
 
 
 def _peft_task(task: str) -> str:
     return "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
 
 
-def _apply_peft(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool) -> nn.Module:
-    from peft import (
-        LoraConfig,
-        PrefixTuningConfig,
-        get_peft_model,
-        prepare_model_for_kbit_training,
-    )
+def add_prefix(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool = False) -> nn.Module:
+    from peft import PrefixTuningConfig, get_peft_model
 
-    if method.name == "prefix":
-        prefix_config = PrefixTuningConfig(task_type=_peft_task(task), num_virtual_tokens=method.prefix.num_virtual_tokens)
-        return get_peft_model(model, prefix_config)
-    if method.name == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = PrefixTuningConfig(task_type=_peft_task(task), num_virtual_tokens=method.prefix.num_virtual_tokens)
+    return get_peft_model(model, config)
+
+
+def _add_low_rank(model: nn.Module, method: MethodSpec, task: str, dora: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
     lora = method.lora
     config = LoraConfig(
         task_type=_peft_task(task),
@@ -58,9 +57,26 @@ def _apply_peft(model: nn.Module, method: MethodSpec, task: str, gradient_checkp
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft's annotation says int; it only divides it (alpha / r)
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        use_dora=method.name == "dora",
+        use_dora=dora,
     )
     return get_peft_model(model, config)
+
+
+def add_lora(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool = False) -> nn.Module:
+    return _add_low_rank(model, method, task, dora=False)
+
+
+def add_dora(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool = False) -> nn.Module:
+    """Weight-decomposed LoRA: each adapted weight's direction by LoRA, its magnitude trained apart."""
+    return _add_low_rank(model, method, task, dora=True)
+
+
+def add_qlora(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool = False) -> nn.Module:
+    """LoRA on a 4-bit base (loaded with `quantization_config`): norms in fp32, inputs that need gradients."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return _add_low_rank(model, method, task, dora=False)
 
 
 def _freeze_plan(model: nn.Module, method: MethodSpec, task: str) -> set[str]:
@@ -80,20 +96,28 @@ def _freeze_plan(model: nn.Module, method: MethodSpec, task: str) -> set[str]:
     return chosen
 
 
-def apply_method(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool = False) -> nn.Module:
-    """Return the model to train, with requires_grad set for exactly what the method trains."""
-    if method.name in PEFT_METHODS:
-        return _apply_peft(model, method, task, gradient_checkpointing)
-    if method.name == "full" and method.unfreeze is None:
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
-        return model
-    trained = _freeze_plan(model, method, task) if method.name == "freeze" else {
-        name for name, _ in model.named_parameters() if is_head_param(name)
-    }
+def _train_only(model: nn.Module, trained: set[str]) -> nn.Module:
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trained)
     return model
+
+
+def train_all(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool = False) -> nn.Module:
+    """Every weight trains; with gradual unfreezing, the head first (`UnfreezeSchedule` adds the rest)."""
+    if method.unfreeze is None:
+        return model.requires_grad_(True)
+    return _train_only(model, {name for name, _ in model.named_parameters() if is_head_param(name)})
+
+
+def train_chosen_blocks(model: nn.Module, method: MethodSpec, task: str,
+                        gradient_checkpointing: bool = False) -> nn.Module:
+    """The `freeze` method: the top blocks, the head and the named modules train; the rest stays frozen."""
+    return _train_only(model, _freeze_plan(model, method, task))
+
+
+def apply_method(model: nn.Module, method: MethodSpec, task: str, gradient_checkpointing: bool = False) -> nn.Module:
+    """Return the model to train, with requires_grad set for exactly what the method trains."""
+    return implementation(METHODS[method.name].apply)(model, method, task, gradient_checkpointing)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Log-probabilities of a batch's trained tokens under a model, and the reference models that
 preference tuning and online RL measure the policy against (online RL's own log-probabilities are
-in rollout_batch)."""
+in evaluation/shared_prompt.py)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,10 @@ def frozen_copy_reference(model: torch.nn.Module, scores: Scores = sequence_logp
         return scores(frozen, batch)
 
     return reference
+
+
+def starting_model_reference(model: torch.nn.Module, is_peft: bool, base_model: torch.nn.Module | None,
+                             scores: Scores) -> ReferenceFn:
+    """The starting model as reference, fixed before any training step: the adapters off for adapter
+    methods, else a frozen copy of `base_model` (after training: the starting weights) or of `model`."""
+    return adapters_off_reference(model, scores) if is_peft else frozen_copy_reference(base_model or model, scores)

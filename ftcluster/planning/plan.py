@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ftcluster.config.registry import METHODS
+from ftcluster.config.registry import METHODS, precision_family
 from ftcluster.config.spec import JobSpec
 from ftcluster.core.accelerators import find_accelerator
 from ftcluster.core.errors import FtError
@@ -193,7 +193,7 @@ def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, pr
 def chunked_loss_for(spec: JobSpec, setup: Setup) -> bool:
     """Whether this setup's loss runs chunked (the loop's own rule, for the setup's method and
     backend): then only one chunk of logits exists at a time."""
-    from ftcluster.objectives.fixed_data import use_chunked_loss
+    from ftcluster.objectives.sft import use_chunked_loss
 
     candidate = spec.model_copy(update={
         "method": spec.method.model_copy(update={"name": setup.method}),
@@ -276,14 +276,11 @@ class ModelFacts:
 
 def model_facts(spec: JobSpec, method: str, meta=None) -> ModelFacts:
     model = meta if meta is not None else meta_model_for(spec)
-    if method == "full":
-        model.requires_grad_(True)
-    else:
-        model = with_method(model, spec, method)
+    model = with_method(model, spec, method)
     counts = count_params(model)
     return ModelFacts(counts.total, counts.trainable, max(p.numel() for p in model.parameters()), model.config,
                       flops_per_token(model, spec.data.max_length).total,
-                      quantized_weights(model) if method == "qlora" else 0)
+                      quantized_weights(model) if METHODS[method].quantized_base else 0)
 
 
 def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bool], facts: ModelFacts) -> Plan:
@@ -339,7 +336,7 @@ def suggest(spec: JobSpec, mfu: float = 0.4, max_nodes: int = 8) -> list[Plan]:
 
     tokens = count_tokens(spec)
     meta = meta_model_for(spec)
-    methods = ["lora", "qlora"] if spec.method.name in ("lora", "qlora") else [spec.method.name]
+    methods = precision_family(spec.method.name)  # lora and qlora are compared
     facts = {method: model_facts(spec, method, copy.deepcopy(meta)) for method in methods}
     backends = [("ddp", 0, False, False)] + [
         ("deepspeed", stage, off_opt, off_par)

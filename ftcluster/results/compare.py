@@ -14,8 +14,8 @@ from ftcluster.data import build_data
 from ftcluster.data.render import Renderer
 from ftcluster.evaluation.forgetting import general_items
 from ftcluster.evaluation.metrics import base_model_view, scalar_metrics
-from ftcluster.evaluation.suite import few_shot_baseline, run_eval
-from ftcluster.objectives.fixed_data import make_objective
+from ftcluster.evaluation.suite import EvalContext, few_shot_baseline, run_eval
+from ftcluster.objectives.base import make_objective
 from ftcluster.runs.export import load_base, load_finetuned
 from ftcluster.runs.layout import FINAL, LABELS
 from ftcluster.runs.mirror import open_run
@@ -42,9 +42,11 @@ def compare_run(run_dir: str | Path, few_shot: int | None = None, harness: dict[
     objective = make_objective(spec, model, is_peft, base_model=base)
     general = general_items(spec.eval.forgetting, renderer) if spec.eval.forgetting else None
 
+    context = EvalContext(tokenizer, bundle, renderer, spec.eval, spec.training.batch_size, device,
+                          contextlib.nullcontext, objective=objective, general=general)
+
     def evaluate(candidate) -> dict:
-        return run_eval(candidate, tokenizer, bundle, renderer, spec.eval, spec.training.batch_size, device,
-                        contextlib.nullcontext, objective=objective, general=general)
+        return run_eval(candidate, context)
 
     after = evaluate(model)
     with base_model_view(model) if is_peft else contextlib.nullcontext():

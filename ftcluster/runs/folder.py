@@ -31,6 +31,7 @@ from ftcluster.runs.layout import (
 )
 from ftcluster.runs.mirror import clear_remote_run, open_run, push_run_files, remote_latest, remote_of
 from ftcluster.config.spec import JobSpec, dump_spec, load_spec
+from ftcluster.runs.paths import RunPaths
 
 # A run that replaces an earlier one (output.overwrite) parks the earlier run's files here until it
 # completes; a failed replacement puts them back and keeps its own attempt in OUTPUT/failed.
@@ -45,7 +46,7 @@ def check_output(spec: JobSpec, resume: bool, force: bool = False) -> Path:
     A fresh run never writes over a folder that holds another run's results or checkpoints,
     unless ``output.overwrite`` is set; ``--resume`` of a finished run needs ``force``.
     """
-    out = spec.output_dir
+    out = RunPaths.of(spec).local
     remote = remote_of(spec)
     if remote is not None:  # a run in storage: the store is what counts, not this machine's copy
         remote.probe_writable()
@@ -104,9 +105,9 @@ def replacing_earlier_run(spec: JobSpec, resume: bool) -> Iterator[None]:
     and put back (the failed attempt moving to OUTPUT/failed) if it ends with an error. An interrupt
     leaves the new attempt in place for --resume.
     """
-    out = spec.output_dir
+    out = RunPaths.of(spec).local
     previous = out / PREVIOUS
-    if resume or not spec.output.overwrite or spec.output_uri:  # (a URI's earlier run is replaced at the start)
+    if resume or not spec.output.overwrite or RunPaths.of(spec).uri:  # (a URI's earlier run is replaced at the start)
         yield
         return
     present = [name for name in RUN_FILES if (out / name).exists()]
@@ -143,7 +144,7 @@ def start_output(spec: JobSpec, resume: bool) -> Path:
 
     Doing this only after the inputs proved good means a bad input never damages earlier outputs.
     """
-    out = spec.output_dir
+    out = RunPaths.of(spec).local
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         for name in RUN_FILES:

@@ -1,6 +1,6 @@
 """A run whose output.dir is a storage URI: mirroring it there as it trains, and reading it back.
 
-Writers work in a local copy (`JobSpec.output_dir`, under the cache on every node) and push:
+Writers work in a local copy (`RunPaths.local`, under the cache on every node) and push:
 `push_checkpoint` after every checkpoint (each node's shards, then rank 0's files, the trainer
 state, `latest`), `push_run_files` after every checkpoint and at the end (`summary.json` last).
 Readers (`eval`, `export`, `report`, `train --resume`, a restarted worker) pull what they need
@@ -21,6 +21,7 @@ from ftcluster.core.errors import FtError
 from ftcluster.runs.layout import CHECKPOINTS, LATEST, SUMMARY, TRAINER_STATE
 from ftcluster.config.spec import JobSpec
 from ftcluster.core.storage import RemoteFolder, is_uri, local_path, staging_dir
+from ftcluster.runs.paths import RunPaths
 
 # Not mirrored with the run files: checkpoints go by push_checkpoint; Ray's own storage, a replaced
 # run's parked files, temporary names and write probes stay local.
@@ -30,7 +31,7 @@ UPLOAD_CLAIM = ".uploading"
 
 def remote_of(spec: JobSpec) -> RemoteFolder | None:
     """The run's folder in its store, or None for a run on a path."""
-    uri = spec.output_uri
+    uri = RunPaths.of(spec).uri
     return _remote_folder(uri, os.environ.get("AWS_ENDPOINT_URL")) if uri else None
 
 
@@ -93,7 +94,7 @@ def push_run_files(spec: JobSpec, finished: bool = False) -> None:
     remote = remote_of(spec)
     if remote is None:
         return
-    out = spec.output_dir
+    out = RunPaths.of(spec).local
     for item in sorted(out.iterdir()):
         if item.name in LOCAL_ONLY or item.name == SUMMARY or item.name.startswith("."):
             continue
@@ -112,7 +113,7 @@ def clear_remote_run(spec: JobSpec) -> None:
     remote = remote_of(spec)
     if remote is None:
         return
-    for file in [file for file in _pushed if spec.output_dir in file.parents]:
+    for file in [file for file in _pushed if RunPaths.of(spec).local in file.parents]:
         del _pushed[file]  # deleted there: send them again
     remote.delete(SUMMARY)
     for name in remote.names():
@@ -137,7 +138,7 @@ def pull_checkpoint(spec: JobSpec, ctx: WorkerContext, resume: bool, launch: str
     remote = remote_of(spec)
     if remote is None:
         return None
-    root = spec.output_dir / CHECKPOINTS
+    root = RunPaths.of(spec).local / CHECKPOINTS
     latest = remote_latest(remote)
     wanted = latest is not None and (resume or (launch is not None and latest[1].get("launch") == launch))
     if not wanted:
@@ -153,7 +154,7 @@ def pull_checkpoint(spec: JobSpec, ctx: WorkerContext, resume: bool, launch: str
     if ctx.is_main:
         for item in remote.names():
             if item not in LOCAL_ONLY and item != SUMMARY:
-                remote.download(spec.output_dir / item, item)
+                remote.download(RunPaths.of(spec).local / item, item)
     ctx.barrier()
     return root / name
 

@@ -21,6 +21,7 @@ from ftcluster.core.worker import WorkerContext
 from ftcluster.runs.checkpoints import restore_checkpoint
 from ftcluster.runs.layout import CHECKPOINTS, SUMMARY
 from ftcluster.runs.mirror import remote_of
+from ftcluster.runs.paths import RunPaths
 from ftcluster.sweep.space import SearchSpace, trial_spec
 
 TRIALS = "trials"  # SWEEP/trials/<trial id>/ is each trial's run folder
@@ -73,7 +74,7 @@ class SweepSetup:
 
 def write_trial_info(spec: JobSpec, trial_id: str, values: dict[str, Any], status: str, error: str | None = None) -> None:
     """SWEEP/trials/<id>/trial.json, in the store too for a sweep in one (the driver reads it there)."""
-    folder = spec.output_dir
+    folder = RunPaths.of(spec).local
     folder.mkdir(parents=True, exist_ok=True)
     info = {"trial_id": trial_id, "params": values, "status": status, "error": error}
     write_text_atomic(folder / TRIAL_INFO, json.dumps(info, indent=1, default=str))
@@ -91,8 +92,8 @@ def pull_trial_outcome(spec: JobSpec) -> None:
     for name in (TRIAL_INFO, SUMMARY):
         text = remote.read_text(name)
         if text is not None:
-            spec.output_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(spec.output_dir / name, text)
+            RunPaths.of(spec).local.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(RunPaths.of(spec).local / name, text)
 
 
 def finished_report(folder: Path, values: dict[str, Any]) -> dict[str, Any] | None:
@@ -173,7 +174,7 @@ def _run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     searched = {p.path for p in setup.space.params}
     chosen = {key: value for key, value in config.items() if key in searched}
     spec = setup.spec_for(trial_id, chosen)
-    folder = spec.output_dir
+    folder = RunPaths.of(spec).local
     values = setup.space.resolve(chosen, setup.base)
     pull_trial_outcome(spec)
     replay = finished_report(folder, values)

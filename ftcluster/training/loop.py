@@ -25,26 +25,23 @@ from ftcluster.core.worker import WorkerContext
 from ftcluster.evaluation.forgetting import message as forgetting_message
 from ftcluster.evaluation.metrics import base_model_view, scalar_metrics
 from ftcluster.evaluation.suite import few_shot_baseline
+from ftcluster.models.adapter_set import save_weights
 from ftcluster.models.methods import count_params
 from ftcluster.runs.checkpoints import load_checkpoint, save_checkpoint
 from ftcluster.runs.folder import start_output
 from ftcluster.runs.layout import (
-    CHECKPOINTS,
-    EVAL_AFTER,
-    EVAL_BEFORE,
-    FINAL,
     LABELS,
-    METRICS,
-    SUMMARY,
     checkpoint_name,
     checkpoint_step,
     latest_checkpoint,
 )
 from ftcluster.runs.mirror import display_checkpoint, push_checkpoint, push_run_files
+from ftcluster.runs.paths import RunPaths
 from ftcluster.track.cost import device_kind, run_cost
 from ftcluster.track.flops import flops_per_token, model_flops_utilization, peak_flops
 from ftcluster.track.wandb_run import make_tracker
 from ftcluster.training.health import DivergedError, DivergenceGuard, check_weights_finite
+from ftcluster.training.held_memory import worker_memory
 from ftcluster.training.monitor import EarlyStopper, OverfitDetector
 from ftcluster.training.optim import keep_spec_learning_rates
 from ftcluster.training.progress import Progress
@@ -129,31 +126,40 @@ def tracker_ended_on_exit(state: RunState) -> Iterator[None]:
 
 def run_steps(setup: Setup, state: RunState) -> None:
     """The loop: step, then (when due) log, evaluate, checkpoint; a signal stops it at a step boundary."""
-    cfg, eval_every = setup.spec.training, setup.spec.eval.every
     setup.forward_model.train()
     state.window.restart_clock()
     with STOP.at_step_boundaries():  # a signal waits for the step in flight, then checkpoints
-        while state.step < setup.total_steps:
-            unfreeze_due_blocks(setup, state)
-            train_step(setup, state)
-            step, last = state.step, state.step == setup.total_steps
-            if step % cfg.log_every == 0 or last:
-                log_window(setup, state)
-            if eval_every is not None and step % eval_every == 0 and not last:
-                evaluate_during_training(setup, state)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
-                checkpoint_and_report(setup, state)
-            elif cfg.checkpoint_on_preempt and not last and preemption_notice_arrived(setup, state):
-                saved = checkpoint_and_report(setup, state)  # just in time: a restart loses no step
-                if setup.ctx.is_main:
-                    state.progress.message(f"step {step}: a node of this run is being preempted; checkpoint saved "
-                                           f"({display_checkpoint(setup.spec, saved)}), training goes on until it goes")
-            STOP.raise_if_requested(step, lambda: checkpoint(setup, state) if cfg.checkpoint_on_preempt
-                                    else latest_checkpoint(setup.checkpoint_root))
-            if state.stop_reason != "completed":
-                state.progress.message(f"Stopping at step {step}: {state.stop_reason}")
-                break
+        while state.step < setup.total_steps and advance(setup, state):
+            pass
     state.progress.close()
+
+
+def advance(setup: Setup, state: RunState) -> bool:
+    """One step and what is then due (log, evaluate, checkpoint); False when the run stops before its end.
+
+    A shared-base pack (training/shared_base.py) advances each of its trials with this, in turn.
+    """
+    cfg, eval_every = setup.spec.training, setup.spec.eval.every
+    unfreeze_due_blocks(setup, state)
+    train_step(setup, state)
+    step, last = state.step, state.step == setup.total_steps
+    if step % cfg.log_every == 0 or last:
+        log_window(setup, state)
+    if eval_every is not None and step % eval_every == 0 and not last:
+        evaluate_during_training(setup, state)
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
+        checkpoint_and_report(setup, state)
+    elif cfg.checkpoint_on_preempt and not last and preemption_notice_arrived(setup, state):
+        saved = checkpoint_and_report(setup, state)  # just in time: a restart loses no step
+        if setup.ctx.is_main:
+            state.progress.message(f"step {step}: a node of this run is being preempted; checkpoint saved "
+                                   f"({display_checkpoint(setup.spec, saved)}), training goes on until it goes")
+    STOP.raise_if_requested(step, lambda: checkpoint(setup, state) if cfg.checkpoint_on_preempt
+                            else latest_checkpoint(setup.paths.checkpoints))
+    if state.stop_reason != "completed":
+        state.progress.message(f"Stopping at step {step}: {state.stop_reason}")
+        return False
+    return True
 
 
 def checkpoint_and_report(setup: Setup, state: RunState) -> Path:
@@ -189,8 +195,8 @@ def start_run(setup: Setup, resume: bool) -> RunState:
     per_worker = spec.scaling.gpus_per_worker if kind != "cpu" else spec.scaling.cpus_per_worker
     return RunState(
         step=start_step, start_step=start_step, resumed=resume,
-        log=MetricsLog(setup.out_dir / METRICS, ctx.is_main, start_step if resume else None),
-        tracker=make_tracker(spec, setup.out_dir, ctx.is_main, resume),
+        log=MetricsLog(setup.paths.metrics, ctx.is_main, start_step if resume else None),
+        tracker=make_tracker(spec, setup.paths.local, ctx.is_main, resume),
         progress=Progress(setup.total_steps, start_step, enabled=setup.verbose and ctx.is_main),
         window=LogWindow(setup.device, checkpoint_state.get("tokens_seen", 0), checkpoint_state.get("train_seconds", 0.0)),
         stopper=EarlyStopper(spec.eval.metric, spec.eval.mode, spec.eval.early_stopping_patience,
@@ -204,9 +210,9 @@ def start_run(setup: Setup, resume: bool) -> RunState:
 
 def resume_from_checkpoint(setup: Setup) -> dict[str, Any]:
     """Load the latest checkpoint (or the one a restarted worker group was handed); its trainer state."""
-    checkpoint = setup.ctx.restored or latest_checkpoint(setup.checkpoint_root)
+    checkpoint = setup.ctx.restored or latest_checkpoint(setup.paths.checkpoints)
     if checkpoint is None:
-        raise FtError(f"--resume: no checkpoint in {setup.checkpoint_root}")
+        raise FtError(f"--resume: no checkpoint in {setup.paths.checkpoints}")
     if setup.schedule is not None:
         setup.schedule.apply(checkpoint_step(checkpoint))
     spec_lrs = list(setup.scheduler.base_lrs)
@@ -219,7 +225,7 @@ def resume_from_checkpoint(setup: Setup) -> dict[str, Any]:
 def evaluate_base_model(setup: Setup, state: RunState) -> None:
     """The base model, evaluated the same way as the fine-tuned one will be (once; kept across resumes)."""
     spec, cfg, counts = setup.spec, setup.spec.training, setup.counts
-    before_path = setup.out_dir / EVAL_BEFORE
+    before_path = setup.paths.eval_before
     if spec.eval.before_after:
         if state.resumed and before_path.is_file():
             state.before = json.loads(before_path.read_text())
@@ -304,8 +310,7 @@ def log_window(setup: Setup, state: RunState) -> None:
         "skipped_nonfinite_steps": state.guard.skipped,
         **run_cost(window.train_seconds, state.devices, state.kind, setup.spec.cost),
     }
-    if hasattr(setup.objective, "window_stats"):  # online RL: rewards, KL, clipping, sampling time
-        record |= setup.objective.window_stats(ctx.world_size, all_reduce)
+    record |= setup.objective.window_stats(ctx.world_size, all_reduce)  # online RL: rewards, KL, clipping, ...
     state.log.write(record)
     state.tracker.log(record)
     state.progress.update(step, record)
@@ -337,7 +342,7 @@ def evaluate_during_training(setup: Setup, state: RunState) -> None:
 def checkpoint(setup: Setup, state: RunState) -> Path:
     """A resumable checkpoint of this step (every worker calls this), unless it exists already."""
     check_weights_finite(setup.module, state.step, setup.device, setup.ctx.world_size)  # never checkpoint divergence
-    latest = latest_checkpoint(setup.checkpoint_root)
+    latest = latest_checkpoint(setup.paths.checkpoints)
     if latest is not None and latest.name == checkpoint_name(state.step):
         return latest
     trainer_state = {
@@ -348,7 +353,7 @@ def checkpoint(setup: Setup, state: RunState) -> Path:
         "overfit": state.overfit.state(),
         "launch": setup.ctx.launch,
     }
-    saved = save_checkpoint(setup.checkpoint_root, state.step, setup.module, setup.optimizer, setup.scheduler,
+    saved = save_checkpoint(setup.paths.checkpoints, state.step, setup.module, setup.optimizer, setup.scheduler,
                             trainer_state, setup.spec.training.keep_checkpoints, engine=setup.stepper.engine,
                             is_main=setup.ctx.is_main, barrier=setup.ctx.barrier)
     push_checkpoint(setup.spec, setup.ctx, saved)  # to run storage, when output.dir is a URI
@@ -357,7 +362,7 @@ def checkpoint(setup: Setup, state: RunState) -> Path:
 
 def wrap_up(setup: Setup, state: RunState) -> dict[str, Any]:
     """Final evaluation, the fine-tuned weights (atomically), the summary; then the last report."""
-    ctx, out_dir = setup.ctx, setup.out_dir
+    ctx, paths = setup.ctx, setup.paths
     check_weights_finite(setup.module, state.step, setup.device, ctx.world_size)  # never save a diverged model
     with state.evaluating():
         after = setup.evaluate()
@@ -365,16 +370,17 @@ def wrap_up(setup: Setup, state: RunState) -> dict[str, Any]:
     state.log.write({"step": state.step, "time": time.time(), **final_scores})
     state.tracker.log({"step": state.step, **final_scores})
     summary = run_summary(setup, state, state.before, after)
+    summary["workers"] = worker_memory(setup)  # collective: every worker's held bytes and peak RSS
     forgetting = summary.get("forgetting")
     if forgetting and forgetting["exceeded"]:
         setup.say(f"WARNING {forgetting_message(forgetting)}")
     full_state = setup.stepper.full_state_dict()  # collective under ZeRO-3
     if ctx.is_main:
-        final = save_final_model(setup.module, setup.tokenizer, out_dir, setup.is_peft, setup.label_names,
+        final = save_final_model(setup.module, setup.tokenizer, paths.final, setup.is_peft, setup.label_names,
                                  full_state)
         summary["final"] = str(final)
-        write_text_atomic(out_dir / EVAL_AFTER, json.dumps(after, indent=1))
-        write_text_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
+        write_text_atomic(paths.eval_after, json.dumps(after, indent=1))
+        write_text_atomic(paths.summary, json.dumps(summary, indent=1))
         state.tracker.samples_table("eval/samples_before", state.before.get("samples", []))
         state.tracker.samples_table("eval/samples_after", after.get("samples", []))
         state.tracker.finish(summary)
@@ -383,16 +389,15 @@ def wrap_up(setup: Setup, state: RunState) -> dict[str, Any]:
     ctx.report(summary["final_report"])
     if forgetting and forgetting["exceeded"] and forgetting["action"] == "fail":
         raise FtError(f"{forgetting_message(forgetting)} (eval.forgetting.action: fail); the fine-tuned weights are "
-                      f"kept in {out_dir / FINAL} for inspection")
+                      f"kept in {paths.final} for inspection")
     return summary
 
 
-def save_final_model(model, tokenizer, out_dir: Path, is_peft: bool, label_names: list[str] | None,
+def save_final_model(model, tokenizer, final: Path, is_peft: bool, label_names: list[str] | None,
                      state_dict: dict | None = None) -> Path:
-    """Write the fine-tuned weights (adapter or full model) + tokenizer atomically to OUT/final."""
-    final = out_dir / FINAL
+    """Write the fine-tuned weights (adapter or full model) + tokenizer atomically to `final` (OUT/final)."""
     with atomic_directory(final) as staging:
-        model.save_pretrained(staging / ("adapter" if is_peft else "model"), state_dict=state_dict)
+        save_weights(model, staging / ("adapter" if is_peft else "model"), state_dict)
         tokenizer.save_pretrained(staging / "tokenizer")
         if label_names is not None:
             (staging / LABELS).write_text(json.dumps(label_names))
@@ -401,9 +406,9 @@ def save_final_model(model, tokenizer, out_dir: Path, is_peft: bool, label_names
 
 def diverged(spec: JobSpec, ctx: WorkerContext, exc: DivergedError) -> DivergedError:
     """The one-line error of a diverged run, naming its last good checkpoint; the stop goes in metrics.jsonl."""
-    out_dir = spec.output_dir.resolve()
-    checkpoint_path = latest_checkpoint(out_dir / CHECKPOINTS)
-    MetricsLog(out_dir / METRICS, ctx.is_main, None).write(
+    paths = RunPaths.of(spec)
+    checkpoint_path = latest_checkpoint(paths.checkpoints)
+    MetricsLog(paths.metrics, ctx.is_main, None).write(
         {"time": time.time(), "stop_reason": str(exc).split(":")[0].removeprefix("training ")})
     if ctx.is_main:
         push_run_files(spec)

@@ -7,12 +7,12 @@ is everything the loop needs and never changes during training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from ftcluster.data.batches import StepOrder
 from ftcluster.data.render import Renderer
 from ftcluster.evaluation.forgetting import general_items
 from ftcluster.evaluation.shard import EvalShard
-from ftcluster.evaluation.suite import run_eval
+from ftcluster.evaluation.suite import EvalContext, run_eval
 from ftcluster.models.blocks import checkpoint_every_nth_block
 from ftcluster.models.load import check_attention, load_pretrained, load_tokenizer, resolve_model, torch_dtype
 from ftcluster.models.methods import (
@@ -40,9 +40,9 @@ from ftcluster.models.methods import (
     param_breakdown,
     quantization_config,
 )
-from ftcluster.objectives.fixed_data import make_objective
-from ftcluster.objectives.grpo.objective import PolicyContext
-from ftcluster.runs.layout import CHECKPOINTS
+from ftcluster.objectives.base import Objective, make_objective
+from ftcluster.objectives.grpo.sampling import PolicyContext
+from ftcluster.runs.paths import RunPaths
 from ftcluster.track.tables import param_table
 from ftcluster.training.backends import DeepSpeedStepper, TorchStepper, zero3_init_context
 from ftcluster.training.optim import build_optimizer, lr_lambda, param_groups
@@ -91,13 +91,13 @@ def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Setup:
-    """What set-up built for this worker; fixed for the whole run."""
+    """What set-up built for this worker; fixed for the whole run (built by keyword: `build_setup`)."""
 
     spec: JobSpec
     ctx: WorkerContext
-    out_dir: Path
+    paths: RunPaths  # the run's location, this process's folder of it, its files
     say: Callable[..., None]
     verbose: bool
     device: torch.device
@@ -114,17 +114,13 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     schedule: UnfreezeSchedule | None
-    objective: Any
+    objective: Objective
     is_peft: bool
     counts: ParamCounts  # at the start (an unfreeze schedule adds more later)
     general: list | None  # forgetting-check texts
     rss_before_model_mb: float
     load_peak_mb: float
     label_names: list[str] | None  # the classification head's outputs (saved with the weights)
-
-    @property
-    def checkpoint_root(self) -> Path:
-        return self.out_dir / CHECKPOINTS
 
     @property
     def eval_shard(self) -> EvalShard:
@@ -135,17 +131,23 @@ class Setup:
 
     def evaluate(self, generation: bool = True) -> dict:
         """Validation loss/metrics (and generation) of the module as it is now."""
-        return run_eval(self.module, self.tokenizer, self.bundle, self.renderer, self.spec.eval,
-                        self.spec.training.batch_size, self.device, self.autocast, generation, self.objective,
-                        self.general, self.eval_shard)
+        return run_eval(self.module, self.eval_context, generation)
+
+    @functools.cached_property
+    def eval_context(self) -> EvalContext:
+        return EvalContext(self.tokenizer, self.bundle, self.renderer, self.spec.eval, self.spec.training.batch_size,
+                           self.device, self.autocast, self.objective, self.general, self.eval_shard)
 
 
 def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_records=None,
-                verbose: bool = True) -> Setup:
-    """Device, data, model + method, optimizer and step executor, in the order that fails fastest."""
+                verbose: bool = True, load: Callable[..., torch.nn.Module] | None = None) -> Setup:
+    """Device, data, model + method, optimizer and step executor, in the order that fails fastest.
+
+    load: replaces `load_model` (same arguments); a shared-base pack's adds an adapter to the one base.
+    """
     cfg = spec.training
-    out_dir = spec.output_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = RunPaths.of(spec)
+    paths.local.mkdir(parents=True, exist_ok=True)
     say = print if (verbose and ctx.is_main) else (lambda *a, **k: None)
     torch.set_num_threads(cfg.threads or max(1, int(spec.scaling.cpus_per_worker)))
     seed_everything(cfg.seed)
@@ -169,9 +171,9 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     if ds_config is not None:
         autocast = contextlib.nullcontext  # DeepSpeed casts the model itself (bf16/fp16 sections)
     label_names = head_labels(spec, bundle.label_names)
-    model = load_model(spec, ctx, device, resolved, tokenizer, label_names, ds_config)
+    model = (load or load_model)(spec, ctx, device, resolved, tokenizer, label_names, ds_config)
     is_peft = METHODS[spec.method.name].adapters
-    context = policy_context(spec, ctx, tokenizer, bundle, device, autocast) if spec.method.objective == "grpo" else None
+    context = policy_context(spec, ctx, tokenizer, bundle, device, autocast) if OBJECTIVES[spec.method.objective].online else None
     objective = make_objective(spec, model, is_peft, context=context)  # fixes a DPO/GRPO reference now
     schedule, optimizer, scheduler = _optimizer(spec, model, device, order, total_steps)
     counts = count_params(model)
@@ -189,9 +191,12 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     forward_model = torch.compile(stepper.forward_model) if cfg.compile else stepper.forward_model
     renderer = Renderer(tokenizer, spec.data.max_length, spec.data.train_on_prompt)
     general = general_items(spec.eval.forgetting, renderer) if spec.eval.forgetting else None
-    return Setup(spec, ctx, out_dir, say, verbose, device, precision, autocast, tokenizer, bundle, renderer, order,
-                 total_steps, stepper.module, forward_model, stepper, optimizer, scheduler, schedule, objective,
-                 is_peft, counts, general, rss_before_model_mb, load_peak_mb, label_names)
+    return Setup(spec=spec, ctx=ctx, paths=paths, say=say, verbose=verbose, device=device, precision=precision,
+                 autocast=autocast, tokenizer=tokenizer, bundle=bundle, renderer=renderer, order=order,
+                 total_steps=total_steps, module=stepper.module, forward_model=forward_model, stepper=stepper,
+                 optimizer=optimizer, scheduler=scheduler, schedule=schedule, objective=objective, is_peft=is_peft,
+                 counts=counts, general=general, rss_before_model_mb=rss_before_model_mb, load_peak_mb=load_peak_mb,
+                 label_names=label_names)
 
 
 def policy_context(spec: JobSpec, ctx: WorkerContext, tokenizer, bundle, device: torch.device,
