@@ -1,0 +1,1 @@
+"""The `ftcluster` commands (the top layer): parse arguments, call one function, print one line per error."""

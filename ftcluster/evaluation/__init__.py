@@ -1,0 +1,1 @@
+"""Held-out evaluation: loss and classification metrics, generation, choice scoring, forgetting, the harness, the suite."""

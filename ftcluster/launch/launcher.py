@@ -74,7 +74,7 @@ def ray_context(checkpoint_root: Path, checkpoints_to_ray: bool = True) -> Worke
 
     checkpoints_to_ray: hand checkpoints to Ray Train, which restores a restarted worker group from
     them. A run in storage (output.dir a URI) does not: its checkpoints are in the store already
-    (`run_storage.push_checkpoint`, every node's shards), and a restart takes them from there.
+    (`runs/mirror.push_checkpoint`, every node's shards), and a restart takes them from there.
     """
     import ray.train
 

@@ -6,13 +6,13 @@ import shutil
 from pathlib import Path
 
 from ftcluster.core.atomic import atomic_directory
-from ftcluster.runs.checkpoints import DEEPSPEED_TAG
 from ftcluster.core.errors import FtError
-from ftcluster.runs.layout import CHECKPOINTS, FINAL, LABELS, LATEST, TRAINER_STATE, latest_checkpoint
 from ftcluster.models.load import load_pretrained, load_tokenizer, resolve_model
 from ftcluster.models.methods import apply_method, full_precision
-from ftcluster.runs.mirror import open_run
+from ftcluster.runs.checkpoints import DEEPSPEED_TAG
 from ftcluster.runs.folder import final_weights, load_run, load_run_spec
+from ftcluster.runs.layout import CHECKPOINTS, FINAL, LABELS, LATEST, TRAINER_STATE, latest_checkpoint
+from ftcluster.runs.mirror import open_run
 
 
 def _auto_class(task: str):

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ftcluster.config.spec import JobSpec, dump_spec, load_spec
 from ftcluster.core.atomic import write_text_atomic
 from ftcluster.core.errors import FtError
 from ftcluster.runs.layout import (
@@ -30,7 +31,6 @@ from ftcluster.runs.layout import (
     latest_checkpoint,
 )
 from ftcluster.runs.mirror import clear_remote_run, open_run, push_run_files, remote_latest, remote_of
-from ftcluster.config.spec import JobSpec, dump_spec, load_spec
 from ftcluster.runs.paths import RunPaths
 
 # A run that replaces an earlier one (output.overwrite) parks the earlier run's files here until it

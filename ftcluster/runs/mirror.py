@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ftcluster.core.worker import WorkerContext
-from ftcluster.core.errors import FtError
-from ftcluster.runs.layout import CHECKPOINTS, LATEST, SUMMARY, TRAINER_STATE
 from ftcluster.config.spec import JobSpec
+from ftcluster.core.errors import FtError
 from ftcluster.core.storage import RemoteFolder, is_uri, local_path, staging_dir
+from ftcluster.core.worker import WorkerContext
+from ftcluster.runs.layout import CHECKPOINTS, LATEST, SUMMARY, TRAINER_STATE
 from ftcluster.runs.paths import RunPaths
 
 # Not mirrored with the run files: checkpoints go by push_checkpoint; Ray's own storage, a replaced

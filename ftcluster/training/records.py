@@ -31,7 +31,7 @@ class MetricsLog:
 
 def tokens_in(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of a host-side batch; packed batches have no padding to speak of. A
-    rollout's prompts count once, not once per completion (see engine.rollout_batch)."""
+    rollout's prompts count once, not once per completion (see evaluation/shared_prompt.py)."""
     if "position_ids" in batch:
         return batch["input_ids"].numel()
     masks = [key for key in ("attention_mask", "prompt_mask", "completion_mask") if key in batch]

@@ -12,7 +12,7 @@ from ftcluster.training.setup import peak_memory_mb
 
 
 def run_summary(setup, state, before: dict, after: dict) -> dict[str, Any]:
-    """``setup``: engine.setup.Setup; ``state``: the loop's RunState at the end of training."""
+    """``setup``: training.setup.Setup; ``state``: the loop's RunState at the end of training."""
     spec, window = setup.spec, state.window
     seconds, tokens = window.train_seconds, window.tokens_seen
     final_scores = scalar_metrics(after)

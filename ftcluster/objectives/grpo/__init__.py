@@ -1,0 +1,1 @@
+"""Online RL with GRPO: sampling groups of completions, scoring them with rewards, the clipped objective."""
