@@ -1,0 +1,137 @@
+"""A pack: several LoRA/DoRA trials trained in one process over one frozen base model.
+
+Why: at 7B-70B the frozen base is most of a LoRA run's memory, and a sweep's trials each load
+their own copy. A pack loads it once and gives each trial an adapter of its own (PEFT's named
+adapters, models/adapter_set.py).
+
+Each trial is an ordinary run of the loop (training/loop.py): its own `Setup` (data order, seed,
+optimizer over its adapter only, schedule, batch size), `RunState`, folder, metrics, checkpoints
+and W&B run. The trials take turns one step at a time; during a trial's turn only its adapter is
+active and the process's random-number state is its own (its dropout masks), so each computes
+what it would alone. The turn's wall time counts as the trial's training time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ftcluster.config.spec import JobSpec
+from ftcluster.core.interrupts import STOP
+from ftcluster.core.worker import WorkerContext
+from ftcluster.models.adapter_set import activate, add_adapter_like, remove_adapter
+from ftcluster.runs.checkpoints import restore_rng, rng_state
+from ftcluster.training.loop import (
+    RunState,
+    advance,
+    evaluate_base_model,
+    start_run,
+    tracker_ended_on_exit,
+    wrap_up,
+)
+from ftcluster.training.setup import Setup, build_setup, load_model, seed_everything
+
+PLACEHOLDER = "default"  # the adapter `load_model` adds with the base: removed once every trial has its own
+RUNNING, COMPLETED, STOPPED = "running", "completed", "stopped"
+
+
+@dataclass
+class PackTrial:
+    """One trial of a pack. ``stop_requested`` is set by whoever reads its reports (a sweep's scheduler)."""
+
+    spec: JobSpec
+    ctx: WorkerContext
+    adapter: str
+    resume: bool = False
+    stop_requested: bool = False
+    outcome: str = RUNNING
+    summary: dict[str, Any] | None = None
+    setup: Setup | None = None
+    state: RunState | None = None
+    rng: Any = None  # its random-number state between turns (runs/checkpoints.rng_state)
+    paused_at: float = 0.0
+
+
+class SharedBase:
+    """`build_setup`'s model loader for a pack: the first trial loads the base (as its own run would, with an
+    adapter named "default"), then every trial adds its adapter, initialized from its own seed as its own
+    run's would be. Adapters keep their trial's name, so a trial's checkpoint loads into a pack of others."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+
+    def loader(self, adapter: str) -> Callable[..., Any]:
+        def load(spec: JobSpec, *args: Any) -> Any:
+            if self.model is None:
+                self.model = load_model(spec, *args)
+            seed_everything(spec.training.seed)
+            add_adapter_like(self.model, adapter, spec.method)
+            activate(self.model, adapter)  # its optimizer covers only its own adapter
+            return self.model
+
+        return load
+
+
+@contextlib.contextmanager
+def turn(trial: PackTrial) -> Iterator[None]:
+    """The trial's adapter active, its random-number state in place, its training clock running."""
+    assert trial.setup is not None
+    activate(trial.setup.module, trial.adapter)
+    restore_rng(*trial.rng)
+    if trial.state is not None:  # the other trials' turns are not this trial's training time
+        trial.state.window.started += time.perf_counter() - trial.paused_at
+    try:
+        yield
+    finally:
+        trial.rng = rng_state()
+        trial.paused_at = time.perf_counter()
+
+
+def train_pack(trials: list[PackTrial], on_leave: Callable[[PackTrial], None] = lambda trial: None) -> None:
+    """Train every trial to its end (or until its scheduler stops it); ``on_leave`` as each one leaves."""
+    shared = SharedBase()
+    for trial in trials:
+        trial.setup = build_setup(trial.spec, trial.ctx, verbose=False, load=shared.loader(trial.adapter))
+        trial.rng = rng_state()
+    remove_adapter(shared.model, PLACEHOLDER)
+    with contextlib.ExitStack() as open_trackers:
+        for trial in trials:
+            with turn(trial):
+                trial.state = start_run(trial.setup, trial.resume)
+                open_trackers.enter_context(tracker_ended_on_exit(trial.state))
+                evaluate_base_model(trial.setup, trial.state)
+                trial.setup.forward_model.train()
+                trial.state.window.restart_clock()
+        with STOP.at_step_boundaries():  # a signal waits for the step in flight (one trial's)
+            while running := [trial for trial in trials if trial.outcome == RUNNING]:
+                for trial in running:
+                    take_turn(trial)
+                    if trial.outcome != RUNNING:
+                        leave(trial, on_leave)
+
+
+def take_turn(trial: PackTrial) -> None:
+    """One step of the trial (and what is due after it); its end, or its stop by the scheduler."""
+    setup, state = trial.setup, trial.state
+    assert setup is not None and state is not None
+    with turn(trial):
+        going = state.step < setup.total_steps and advance(setup, state)
+        if trial.stop_requested:
+            state.tracker.end_early({"step": state.step, **state.latest_scores,
+                                     "stop_reason": "stopped by the sweep's scheduler"}, failed=False)
+            trial.outcome = STOPPED
+        elif not going:
+            state.progress.close()
+            trial.summary = wrap_up(setup, state)
+            trial.outcome = COMPLETED
+
+
+def leave(trial: PackTrial, on_leave: Callable[[PackTrial], None]) -> None:
+    """The trial's adapter, optimizer state and data leave memory; the others go on."""
+    assert trial.setup is not None
+    remove_adapter(trial.setup.module, trial.adapter)
+    trial.setup = trial.state = None
+    on_leave(trial)
