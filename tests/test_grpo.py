@@ -327,3 +327,20 @@ def test_grpo_rules_are_validation_errors(make_job, cli, prompts):
 def test_grpo_job_is_valid():
     spec = load_spec(REPO / "jobs" / "grpo-smollm2.yaml")
     assert spec.method.objective == "grpo" and spec.data.format == "prompts"
+
+
+def test_grpo_with_wandb_tracking_writes_its_samples_table_and_summary(make_job, cli, tmp_path, prompts):
+    """A GRPO sample has a reward where a generation sample has a match: W&B's table takes what it holds."""
+    from test_tracking import wandb_inspect
+
+    job = grpo_job(make_job, "grpo-wandb", prompts, [{"function": "test_grpo:share_of_x"}], grpo={"eval_prompts": 4},
+                   training={"max_steps": 2}, eval={"before_after": True},
+                   tracking={"wandb": {"project": "eco", "mode": "offline"}})
+    result = cli("train", job, "--no-ray")
+    assert result.code == 0, result
+    runs = list((tmp_path / "runs" / "grpo-wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    summary = json.loads(wandb_inspect(runs[0], "--summary", "--json"))
+    assert "after/val_reward" in json.dumps(summary)
+    records = wandb_inspect(runs[0], "--json")
+    assert "eval/samples_after" in records and "eval/samples_before" in records

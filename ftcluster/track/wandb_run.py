@@ -76,9 +76,10 @@ class WandbTracker(NoTracker):
     def samples_table(self, name: str, samples: list[dict]) -> None:
         import wandb
 
-        if samples:
-            columns: list[str | int] = ["prompt", "reference", "output", "match"]  # wandb.Table's column keys
-            self.run.log({name: wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])})
+        if samples:  # columns: what the samples hold (generation: match; GRPO: reward), in their order
+            columns: list[str | int] = list(dict.fromkeys(key for sample in samples for key in sample))
+            rows = [[sample.get(column) for column in columns] for sample in samples]
+            self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
     def finish(self, summary: dict[str, Any]) -> None:
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None}
