@@ -33,8 +33,9 @@ def ray_nodes(cluster: dict) -> list[dict[str, float]]:
     def node(group: dict) -> dict[str, float]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         params = group.get("rayStartParams", {})
+        custom = json.loads(json.loads(params["resources"])) if "resources" in params else {}
         return {"CPU": float(params.get("num-cpus", limits["cpu"])),
-                "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+                "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))), **custom}
 
     nodes = [node(cluster["headGroupSpec"])]
     for group in cluster["workerGroupSpecs"]:
@@ -267,3 +268,63 @@ def test_the_help_examples_render(cli, tmp_path, monkeypatch):
             words[words.index("--out") + 1] = str(tmp_path / "out.yaml")
         result = cli(*words)
         assert result.code == 0, (example, result)
+
+
+def place_on_nodes(nodes: list[dict[str, float]], groups: list[tuple[list[dict], str]], timeout_s: float = 20) -> bool:
+    """Start a Ray cluster with exactly these nodes (ray.cluster_utils, 127.0.0.1) and ask it for these
+    placement groups, one after another as a sweep's trial and then its worker group ask: all placed?"""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.placement_group import placement_group
+
+    def node_args(node: dict[str, float]) -> dict:
+        custom = {key: value for key, value in node.items() if key not in ("CPU", "GPU")}
+        return {"num_cpus": int(node["CPU"]), "num_gpus": int(node["GPU"]), "resources": custom,
+                "node_ip_address": "127.0.0.1"}
+
+    head, *workers = nodes
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args(head), "include_dashboard": False})
+    try:
+        for node in workers:
+            cluster.add_node(**node_args(node))
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        groups_placed = [placement_group(bundles(), strategy=strategy) for bundles, strategy in groups]
+        return all(group.wait(timeout_seconds=timeout_s) for group in groups_placed)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.integration
+def test_a_sweep_manifests_trial_and_its_worker_group_are_placed_on_its_pods(cli, tmp_path):
+    """`render k8s --tune` with 2 one-GPU pods: each trial reserves a driver share beside its 2 workers.
+    The pods' resources, started as Ray nodes, hold the trial and its group (the head offers the driver's
+    CPU); with the head offering none, as before, the group is never placed."""
+    from ftcluster.planning.capacity import worker_resources
+    from ftcluster.sweep.space import load_space
+    from ftcluster.sweep.trial import SweepSetup
+
+    configmap, rayjob = render(cli, tmp_path, str(REPO / "jobs" / "quickstart.yaml"), "--tune",
+                               str(REPO / "tune_spaces" / "lora.yaml"), "--workers", "2", "--gpus-per-worker", "1",
+                               "--cpus-per-worker", "8", "--ephemeral-outputs")
+    spec = build_spec(yaml.safe_load(configmap["data"]["job.yaml"]))
+    base = spec.model_dump(mode="json")
+    (tmp_path / "space.yaml").write_text(configmap["data"]["space.yaml"])
+    space = load_space(tmp_path / "space.yaml", base)
+    chosen = {"training.lr": 1e-3, "method.lora.rank": 8, "method.lora.target_modules": "all-linear",
+              "training.batch_size": 4, "training.warmup_steps": 0}
+    setup = SweepSetup(name="s", location=str(tmp_path), base=base, space=space)
+    workers = [worker_resources(spec)] * spec.scaling.num_workers
+    # the trial's reservation is asked on the cluster it runs on, as the sweep driver asks it
+    groups = [(lambda: setup.resources(chosen).bundles, "PACK"), (lambda: workers, spec.scaling.placement_strategy)]
+    if KUBERAY.is_dir():
+        assert manifest_errors(rayjob) == []
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    nodes = ray_nodes(cluster)
+    assert sum(node["CPU"] for node in nodes[1:]) == sum(bundle["CPU"] for bundle in workers)  # workers take every pod CPU
+    assert place_on_nodes(nodes, groups)
+    params = cluster["headGroupSpec"]["rayStartParams"]
+    params["num-cpus"] = "0"  # the manifest before: 16.25 CPUs asked of 16
+    del params["resources"]
+    assert not place_on_nodes(ray_nodes(cluster), groups, timeout_s=5)

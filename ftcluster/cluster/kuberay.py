@@ -7,13 +7,18 @@ disk goes with the cluster, so a job that would write there is refused unless as
 and its dependencies come from the image (see k8s/Dockerfile), or from a remote `working_dir` URI;
 a local path would not exist in a pod.
 
-Resources add up by construction: the head schedules nothing (`num-cpus` and `num-gpus` 0) and runs
-the driver, which reserves no CPU; each worker pod holds one Ray Train worker per GPU, and their CPUs split the pod's.
+Resources add up by construction: the head runs the driver, which reserves no CPU, and schedules no
+training (`num-gpus` 0; `num-cpus` 0, or for a sweep whose trials start worker groups the CPUs their
+trial drivers reserve, `TRIAL_DRIVER_CPUS` each, with the `TRIAL_DRIVER_RESOURCE` that sends them there,
+fewer CPUs than any training worker needs); each worker pod
+holds one Ray Train worker per GPU, and their CPUs split the pod's.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,7 @@ from ftcluster.config.spec import JobSpec, dump_spec
 from ftcluster.core.errors import FtError
 from ftcluster.core.locations import is_remote
 from ftcluster.core.storage import is_uri
+from ftcluster.sweep.trial import TRIAL_DRIVER_CPUS, TRIAL_DRIVER_RESOURCE
 
 # Values the CRD leaves as free strings but KubeRay's operator accepts only from this list.
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
@@ -209,8 +215,9 @@ def _container(name: str, options: K8sOptions, cpus: int, memory: str, gpus: int
     return container
 
 
-def cluster_spec(options: K8sOptions, configmap: str) -> dict[str, Any]:
-    """The RayCluster spec: a CPU head that runs no training, and one GPU (or CPU) worker group."""
+def cluster_spec(options: K8sOptions, configmap: str, head_cpus: int = 0) -> dict[str, Any]:
+    """The RayCluster spec: a CPU head that runs no training (offering Ray `head_cpus`: a sweep's trial
+    drivers), and one GPU (or CPU) worker group."""
     volumes, mounts = _volumes(options, configmap)
     head = _container("ray-head", options, options.head_cpus, options.head_memory, 0, mounts)
     worker = _container("ray-worker", options, options.cpus_per_worker, options.memory_per_worker,
@@ -225,7 +232,8 @@ def cluster_spec(options: K8sOptions, configmap: str) -> dict[str, Any]:
         "authOptions": {"mode": "token"},
         "headGroupSpec": {
             # The head schedules no training (no CPU or GPU to offer); it runs the driver and the dashboard.
-            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": str(head_cpus), "num-gpus": "0",
+                               **({"resources": json.dumps(json.dumps({TRIAL_DRIVER_RESOURCE: 100}))} if head_cpus else {})},
             "template": {"spec": {"containers": [head], "volumes": volumes}},
         },
         "workerGroupSpecs": [{
@@ -237,6 +245,15 @@ def cluster_spec(options: K8sOptions, configmap: str) -> dict[str, Any]:
             "template": {"spec": worker_pod},
         }],
     }
+
+
+def trial_driver_cpus(spec: JobSpec, space: Path | None) -> int:
+    """The CPUs the head offers a sweep's trial drivers: each trial that starts a worker group reserves
+    `TRIAL_DRIVER_CPUS` beyond its workers, and the worker pods have none to spare. In the pods a trial's
+    group takes every GPU, so one trial runs at a time and one CPU holds its driver."""
+    if space is None or spec.scaling.num_workers < 2:
+        return 0  # a single-worker trial reserves its worker's own bundle, nothing beside it
+    return math.ceil(TRIAL_DRIVER_CPUS)
 
 
 def _metadata(name: str, options: K8sOptions, spec: JobSpec) -> dict[str, Any]:
@@ -281,7 +298,8 @@ def render(spec: JobSpec, options: K8sOptions, space: Path | None = None, tune_a
             "backoffLimit": options.backoff_limit,
             # The driver reserves nothing, so it runs on the head (which offers nothing) and every
             # worker CPU is left to the workers: one reserved CPU made 8-GPU pods unplaceable.
-            "rayClusterSpec": cluster_spec(options, configmap_name),
+            "rayClusterSpec": cluster_spec(options, configmap_name, trial_driver_cpus(cluster_job_spec(spec, options),
+                                                                                      space)),
         },
     }
     if options.active_deadline_s:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,22 @@ TRIAL_INFO = "trial.json"  # in a trial folder: its id, values and status
 # Set when this actor's trial function has returned or raised (its W&B run and files closed).
 TRIAL_ENDED = threading.Event()
 CLOSE_TIMEOUT_S = 30.0
+# What a trial that starts a worker group of its own reserves for itself (the group reserves the workers'),
+# and the custom resource of a node kept for such trial drivers (the KubeRay head `render k8s --tune`
+# writes): where a cluster has one, the drivers go there and leave the workers' nodes whole.
+TRIAL_DRIVER_CPUS = 0.25
+TRIAL_DRIVER_RESOURCE = "ftcluster_trial_driver"
+
+
+def trial_driver_bundle() -> dict[str, float]:
+    """A multi-worker trial's own reservation: a share of a CPU, on the trial-driver node if the cluster has one
+    (without it Ray may take the share from a node whose CPUs the trial's workers need)."""
+    import ray
+
+    bundle = {"CPU": TRIAL_DRIVER_CPUS}
+    if ray.is_initialized() and ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE):
+        bundle[TRIAL_DRIVER_RESOURCE] = 1
+    return bundle
 
 
 @dataclass
@@ -65,7 +82,7 @@ class SweepSetup:
 
         scaling = trial_spec(self.space, self.base, chosen).scaling
         if scaling.num_workers > 1:
-            return PlacementGroupFactory([{"CPU": 0.25}])
+            return PlacementGroupFactory([trial_driver_bundle()])
         bundle = {"CPU": scaling.cpus_per_worker}
         if scaling.use_gpu:
             bundle["GPU"] = scaling.gpus_per_worker
@@ -122,8 +139,9 @@ def tune_context(checkpoint_root: Path) -> WorkerContext:
     return WorkerContext(report=report, restored=restore_checkpoint(tune.get_checkpoint(), checkpoint_root, replace=True))
 
 
-def trial_trainable(setup: SweepSetup):
-    """`run_trial` as a Tune trainable whose stop waits (a bounded time) for the trial to close up.
+def trial_trainable(setup: SweepSetup, function: Callable[..., None] | None = None, **parameters: Any):
+    """`run_trial` (or ``function``, e.g. a shared-base pack's, with ``parameters``) as a Tune trainable
+    whose stop waits (a bounded time) for the trial to close up.
 
     When a scheduler stops a trial, Tune ends the trial's thread by raising SystemExit in its
     `tune.report` and terminates the actor right after, taking W&B's writer process with it: the
@@ -132,7 +150,8 @@ def trial_trainable(setup: SweepSetup):
     from ray import tune
     from ray.tune.trainable import wrap_function
 
-    function_trainable = wrap_function(tune.with_parameters(run_trial, setup=setup), name="run_trial")
+    function_trainable = wrap_function(tune.with_parameters(function or run_trial, setup=setup, **parameters),
+                                       name="run_trial")
 
     class Trial(function_trainable):  # type: ignore[valid-type,misc]
         def cleanup(self) -> None:
