@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -221,6 +222,7 @@ def test_each_overlay_is_one_thing_and_validates(overlay):
             words = document["spec"]["entrypoint"].split()
             spec = load_spec(REPO / "jobs" / Path(words[2]).name, [w for w in words[3:] if "=" in w])
             assert_job_fits(spec, document)
+            assert spec.tracking.wandb is not None  # the wandb Secret's key is used (k8s/README.md step 3)
             if "gpu" in overlay:
                 assert spec.scaling.use_gpu and spec.scaling.num_workers == 8
         if document["kind"] == "RayCluster":
@@ -328,3 +330,36 @@ def test_a_sweep_manifests_trial_and_its_worker_group_are_placed_on_its_pods(cli
     params["num-cpus"] = "0"  # the manifest before: 16.25 CPUs asked of 16
     del params["resources"]
     assert not place_on_nodes(ray_nodes(cluster), groups, timeout_s=5)
+
+
+def shipped_entrypoints() -> list[str]:
+    """The `ftcluster train` commands the shipped RayJobs run: the base's, and each overlay's replacement."""
+    base = yaml.safe_load((REPO / "k8s" / "base" / "job" / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+    patched = re.findall(r'path: /spec/entrypoint, value: "([^"]+)"',
+                         "".join(p.read_text() for p in (REPO / "k8s" / "overlays").glob("*/kustomization.yaml")))
+    return [base, *patched]
+
+
+def test_the_wandb_secret_makes_runs_track(cli, tmp_path):
+    """k8s/README step 3: with the `wandb` Secret, runs upload. The shipped RayJobs' specs track, and
+    `render` makes a spec without tracking.wandb track in the pods (saying so), unless told not to."""
+    entrypoints = shipped_entrypoints()
+    assert len(entrypoints) == 3
+    for entrypoint in entrypoints:
+        words = entrypoint.split()
+        spec = load_spec(REPO / "jobs" / Path(words[2]).name, [w for w in words[3:] if "=" in w])
+        assert spec.tracking.wandb is not None and spec.tracking.wandb.mode == "auto", entrypoint
+    out = tmp_path / "m.yaml"
+    quickstart = str(REPO / "jobs" / "quickstart.yaml")
+    result = cli("render", "k8s", quickstart, "--image", IMAGE, "--ephemeral-outputs", "--out", out)
+    assert result.code == 0 and "tracking.wandb.project=NAME" in result.err, result
+    pods_spec = build_spec(yaml.safe_load(load_documents(out)[0]["data"]["job.yaml"]))
+    assert pods_spec.tracking.wandb is not None and pods_spec.tracking.wandb.project == "ftcluster"
+    result = cli("render", "k8s", quickstart, "--image", IMAGE, "--ephemeral-outputs", "--wandb-secret", "",
+                 "--out", out)
+    assert result.code == 0 and "W&B" not in result.err
+    assert build_spec(yaml.safe_load(load_documents(out)[0]["data"]["job.yaml"])).tracking.wandb is None
+    result = cli("render", "k8s", quickstart, "tracking.wandb.project=mine", "--image", IMAGE, "--ephemeral-outputs",
+                 "--out", out)
+    assert result.code == 0 and "W&B" not in result.err
+    assert build_spec(yaml.safe_load(load_documents(out)[0]["data"]["job.yaml"])).tracking.wandb.project == "mine"

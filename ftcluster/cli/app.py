@@ -135,6 +135,7 @@ def train(
              "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --searcher optuna --max-cost-usd 5\n\n"
              "  ftcluster tune jobs/classify-minilm.yaml tune_spaces/unfreeze.yaml --scheduler none\n\n"
              "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --out s3://bucket/sweeps/lora\n\n"
+             "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --trials 8 --shared-base 8   # one base, 8 adapters\n\n"
              "  ftcluster tune --resume runs/quickstart-sweep")
 def tune(
     job: Annotated[Path | None, typer.Argument(help="Job spec YAML every trial starts from.", show_default=False)] = None,
@@ -152,6 +153,9 @@ def tune(
     max_gpu_hours: Annotated[float | None, typer.Option(help="Start no new trial once the trials have used this many GPU-hours.")] = None,
     max_cost_usd: Annotated[float | None, typer.Option(help="Start no new trial once the trials have cost this much (cost section prices).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the searcher (same seed, same trials).")] = 0,
+    shared_base: Annotated[int, typer.Option(
+        help="Train up to N LoRA/DoRA/QLoRA trials in one process over one copy of the base model, an adapter each "
+             "(same losses as separate trials); trials that cannot share run alone. E.g. --shared-base 8.")] = 1,
     out: Annotated[str | None, typer.Option(
         help="Sweep folder (default: runs/NAME-sweep): a path (on a cluster, a mount every node sees) or a storage "
              "URI such as s3://bucket/sweeps/lora, where every trial's run, Tune's state and the leaderboards land.",
@@ -178,7 +182,7 @@ def tune(
         spec = load_spec(job, overrides or [])
         check_spec_inputs(spec, job)
         options = SweepOptions(trials, concurrent, scheduler, searcher, grace_steps, reduction_factor,
-                               max_gpu_hours, max_cost_usd, seed)
+                               max_gpu_hours, max_cost_usd, seed, shared_base)
         sweep = prepare_sweep(spec, space, options, out, force)
     console.print(f"[bold]ftcluster tune[/] {sweep.setup.name}: {sweep.trials} trials, {sweep.options.concurrent} at once, "
                   f"{sweep.options.searcher} search, scheduler {sweep.options.scheduler}, "
@@ -607,7 +611,7 @@ def render_k8s(
     out: Annotated[Path | None, typer.Option(help="Write the manifests here (default: print them).")] = None,
 ) -> None:
     """Render a KubeRay RayJob (or RayCluster) plus a ConfigMap holding the job spec, ready for kubectl apply."""
-    from ftcluster.cluster.kuberay import K8sOptions, dump_manifests, render
+    from ftcluster.cluster.kuberay import K8sOptions, adds_wandb_tracking, dump_manifests, render
     from ftcluster.config.spec import load_spec
     from ftcluster.core.atomic import write_text_atomic
 
@@ -625,6 +629,10 @@ def render_k8s(
         active_deadline_s=active_deadline_s or None, ttl_s=ttl_s, backoff_limit=backoff_limit, name=name,
     )
     text = dump_manifests(render(spec, options, tune_space, tune_args, cluster_only))
+    if adds_wandb_tracking(spec, options):
+        err_console.print(f"W&B: the spec has no tracking.wandb, so the pods track to project 'ftcluster' (online where "
+                          f"the '{options.wandb_secret}' Secret holds a key); set tracking.wandb.project=NAME, or "
+                          "--wandb-secret '' for none")
     if out is None:
         print(text, end="")
     else:

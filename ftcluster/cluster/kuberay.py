@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from ftcluster.config.spec import JobSpec, dump_spec
+from ftcluster.config.spec import JobSpec, WandbSpec, dump_spec
 from ftcluster.core.errors import FtError
 from ftcluster.core.locations import is_remote
 from ftcluster.core.storage import is_uri
@@ -143,8 +143,18 @@ def cluster_job_spec(spec: JobSpec, options: K8sOptions) -> JobSpec:
         storage = _placed("scaling.storage_path", storage, options, "ray")
     elif options.pvc:
         storage = f"{options.pvc_mount.rstrip('/')}/ray"
-    return spec.model_copy(update={"scaling": scaling.model_copy(update={"storage_path": storage}),
-                                   "output": spec.output.model_copy(update={"dir": output})})
+    update = {"scaling": scaling.model_copy(update={"storage_path": storage}),
+              "output": spec.output.model_copy(update={"dir": output})}
+    if adds_wandb_tracking(spec, options):
+        update["tracking"] = spec.tracking.model_copy(update={"wandb": WandbSpec()})
+    return spec.model_copy(update=update)
+
+
+def adds_wandb_tracking(spec: JobSpec, options: K8sOptions) -> bool:
+    """The pods read a W&B Secret but the spec tracks nothing: the pods' spec tracks with the defaults
+    (project ftcluster, mode auto: online where the Secret holds a key, offline files in the run otherwise),
+    so the Secret does what k8s/README.md says it does."""
+    return bool(options.wandb_secret) and spec.tracking.wandb is None
 
 
 def job_files(spec: JobSpec, options: K8sOptions, space: Path | None) -> dict[str, str]:
