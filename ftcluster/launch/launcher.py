@@ -27,7 +27,7 @@ from ftcluster.core.worker import WorkerContext
 from ftcluster.models.load import ALIASES
 from ftcluster.objectives.grpo.rewards import share_reward_code
 from ftcluster.planning.capacity import worker_resources
-from ftcluster.runs.checkpoints import restore_checkpoint
+from ftcluster.runs.checkpoints import drop_frozen_copies, frozen_copy, restore_checkpoint
 from ftcluster.runs.layout import CHECKPOINTS, SUMMARY
 from ftcluster.runs.mirror import pull_checkpoint, remote_summary
 from ftcluster.runs.paths import RunPaths
@@ -82,16 +82,20 @@ def ray_context(checkpoint_root: Path, checkpoints_to_ray: bool = True) -> Worke
 
     def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
         # Every worker must call this (it is a barrier). Ray copies the checkpoint to its storage
-        # in the background (training goes on) and keeps our local copy for `--resume`.
+        # in the background (training goes on) from a frozen copy that it deletes when done: pruning
+        # may remove the checkpoint itself meanwhile, and our copy stays for `--resume`.
         if checkpoint is None or not checkpoints_to_ray:
             ray.train.report(metrics)
             return
         ray.train.report(
             metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+            checkpoint=ray.train.Checkpoint.from_directory(str(frozen_copy(checkpoint))),
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-            delete_local_checkpoint_after_upload=False,
+            delete_local_checkpoint_after_upload=True,
         )
+
+    if context.get_world_rank() == 0:
+        drop_frozen_copies(checkpoint_root)  # an earlier worker group's, never to be read
 
     return WorkerContext(
         rank=context.get_world_rank(),

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ftcluster.core.errors import FtError
 from ftcluster.runs.layout import LATEST, TRAINER_STATE, checkpoint_name, checkpoint_step
 
 DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's ZeRO shards
+UPLOAD_PREFIX = ".upload-"  # OUTPUT/checkpoints/.upload-step-N-*: a checkpoint's copy that Ray is still copying
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -158,6 +160,29 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def frozen_copy(checkpoint: Path) -> Path:
+    """A copy of a checkpoint, for a reader that may still read it after pruning removed the original.
+
+    Ray Train copies a reported checkpoint to its storage in a background thread while training
+    goes on, and pruning (training.keep_checkpoints) may remove the original meanwhile. The reader
+    is handed this copy instead and deletes it when done. Checkpoint files are written once and
+    never changed, so hard links make the copy cost nothing (a plain copy where links fail).
+    """
+    copy = checkpoint.parent / f"{UPLOAD_PREFIX}{checkpoint.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(checkpoint, copy, copy_function=os.link)
+    except OSError:  # a filesystem without hard links
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(checkpoint, copy)
+    return copy
+
+
+def drop_frozen_copies(root: Path) -> None:
+    """Remove copies that a reader of an earlier worker group (now gone) left behind."""
+    for copy in root.glob(f"{UPLOAD_PREFIX}*"):
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def load_checkpoint(
