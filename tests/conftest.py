@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 INTEGRATION_MODULES = {
     "test_distributed", "test_ray", "test_submit", "test_sweep", "test_quickstart", "test_recipes", "test_dpo",
     "test_bench", "test_tracking", "test_invariance", "test_forgetting", "test_export", "test_report",
-    "test_storage", "test_multinode", "test_choices", "test_harness",
+    "test_storage", "test_multinode", "test_choices", "test_harness", "test_shared_base_sweep",
 }
 
 

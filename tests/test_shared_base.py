@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from conftest import read_metrics
 
 from ftcluster.config.spec import load_spec
+from ftcluster.core.interrupts import STOP, Interrupted
 from ftcluster.core.worker import WorkerContext
 from ftcluster.training.loop import train
-from ftcluster.training.shared_base import COMPLETED, PackTrial, train_pack
+from ftcluster.training.shared_base import COMPLETED, STOPPED, PackTrial, train_pack
 
 # Four trials: different ranks, alphas, learning rates, batch sizes, seeds; LoRA dropout on (its masks
 # come from each trial's own random-number state).
@@ -64,3 +68,65 @@ def test_pack_of_four_lora_trials_equals_four_separate_runs(make_job, tmp_path):
     for trial, folder in zip(pack, alone):
         assert_close(losses(Path(trial.spec.output.dir)), losses(folder))
         assert (Path(trial.spec.output.dir) / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_trial_stopped_by_asha_leaves_the_others_unchanged(make_job, tmp_path):
+    """Ray's ASHA rule ranks the pack's trials at their evaluations; the ones it stops leave the pack
+    (their adapters freed) and the others train on exactly as they would alone."""
+    from ftcluster.sweep.pack_trial import AshaSettings, MemberRanking
+
+    alone = run_separately(make_job, tmp_path)
+    ranking = MemberRanking(AshaSettings("val_loss", "min", max_t=6, grace_period=2, reduction_factor=4),
+                            tmp_path / "ranked.jsonl")
+    pack = pack_of(make_job, tmp_path)
+    for trial in pack:
+        ranking.add(trial.adapter)
+
+        def report(metrics, checkpoint=None, trial=trial):
+            if ranking.should_stop(trial.adapter, metrics):
+                trial.stop_requested = True
+
+        trial.ctx = WorkerContext(report=report)
+    left = []
+    train_pack(pack, on_leave=lambda trial: left.append((trial.adapter, trial.outcome)))
+    stopped = [t for t in pack if t.outcome == STOPPED]
+    assert 1 <= len(stopped) < 4 and len(left) == 4
+    for trial, folder in zip(pack, alone):
+        got, want = losses(Path(trial.spec.output.dir)), losses(folder)
+        if trial.outcome == STOPPED:  # what it did before the stop is what it did alone
+            assert max(step for step, _, _ in got) < 6 and not (Path(trial.spec.output.dir) / "final").exists()
+            want = [entry for entry in want if entry[0] <= max(step for step, _, _ in got)]
+        assert_close(got, want)
+    assert [entry["member"] for entry in map(json.loads, (tmp_path / "ranked.jsonl").read_text().splitlines())]
+
+
+def test_an_interrupted_pack_resumes_every_trial_exactly(make_job, tmp_path):
+    """SIGINT in the middle of a pack: the trial in its turn finishes its step, every running trial is
+    checkpointed where it is, and a pack restarted from the checkpoints ends as an uninterrupted one."""
+    alone = run_separately(make_job, tmp_path)
+    pack = pack_of(make_job, tmp_path)
+    previous = signal.getsignal(signal.SIGINT)
+    STOP.install()
+    try:
+        def interrupt(metrics, checkpoint=None):
+            if metrics.get("step") == 4 and "val_loss" in metrics:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives mid-pack; handled at the next step boundary
+
+        pack[1].ctx = WorkerContext(report=interrupt)
+        with pytest.raises(Interrupted):
+            train_pack(pack)
+    finally:
+        STOP.signum = None
+        signal.signal(signal.SIGINT, previous)
+    steps = [latest_step(Path(t.spec.output.dir)) for t in pack]
+    assert steps in ([4, 4, 3, 3], [4, 4, 4, 3]), steps  # t0 and t1 at step 4; the later ones where they were
+    resumed = pack_of(make_job, tmp_path)
+    for trial in resumed:
+        trial.resume = True
+    train_pack(resumed)
+    for trial, folder in zip(resumed, alone):
+        assert_close(losses(Path(trial.spec.output.dir)), losses(folder))
+
+
+def latest_step(folder: Path) -> int:
+    return int((folder / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ def add_adapter_like(model: nn.Module, name: str, method: MethodSpec) -> None:
     """Add adapter ``name`` with this method's rank, alpha, dropout and target modules; everything else in
     its configuration (task, DoRA, ...) as the model's first adapter, which `apply_method` built from the
     same method name. Its initial weights come from the global RNG, as `apply_method`'s do."""
-    first = model.peft_config[adapter_names(model)[0]]  # type: ignore[index]
+    first: Any = model.peft_config[adapter_names(model)[0]]  # type: ignore[index]  # a LoraConfig
     lora = method.lora
     config = dataclasses.replace(first, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=lora.target_modules)
@@ -54,7 +55,7 @@ def save_weights(model: nn.Module, folder: Path, state_dict: dict[str, torch.Ten
     if adapter_names(model) in ([], ["default"]):
         model.save_pretrained(folder, state_dict=state_dict)  # type: ignore[operator]
         return
-    active = model.active_adapter  # type: ignore[attr-defined]
+    active = str(model.active_adapter)
     staging = folder.with_name(folder.name + ".all")
     model.save_pretrained(staging, selected_adapters=[active])  # type: ignore[operator]
     # PEFT writes a non-default adapter into a sub-folder of its name.

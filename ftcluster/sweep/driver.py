@@ -23,6 +23,13 @@ from ftcluster.core.errors import FtError
 from ftcluster.core.storage import RemoteFolder, forwarded_settings
 from ftcluster.objectives.grpo.rewards import share_reward_code
 from ftcluster.sweep.leaderboard import TrialRow, collect_rows, totals, write_best_spec, write_leaderboard
+from ftcluster.sweep.pack_tuner import (
+    asha_settings,
+    pack_space,
+    pack_trainable,
+    shared_base_problems,
+    sweep_packs,
+)
 from ftcluster.sweep.searchers import SEARCHERS, BudgetLimiter, make_searcher
 from ftcluster.sweep.space import SearchSpace, parse_space
 from ftcluster.sweep.stored import (
@@ -52,6 +59,7 @@ class SweepOptions:
     max_gpu_hours: float | None = None
     max_cost_usd: float | None = None
     seed: int = 0
+    shared_base: int = 1  # LoRA/DoRA trials per process over one base (sweep/packs.py); 1: every trial alone
 
 
 @dataclass
@@ -96,7 +104,7 @@ class SweepOutcome:
     best_spec: Path | None
 
 
-def check_options(spec: JobSpec, space: SearchSpace, options: SweepOptions) -> None:
+def check_options(spec: JobSpec, space: SearchSpace, options: SweepOptions, location: str = "") -> None:
     """Combinations that cannot work, refused before anything starts."""
     problems = []
     if options.scheduler not in SCHEDULERS:
@@ -119,6 +127,7 @@ def check_options(spec: JobSpec, space: SearchSpace, options: SweepOptions) -> N
         problems.append(f"{space.source}: --searcher grid needs at least one {{grid: [...]}} key")
     if options.searcher == "optuna" and space.grid:
         problems.append(f"{space.source}: --searcher optuna takes choice instead of grid keys")
+    problems += shared_base_problems(options, location)
     if options.concurrent < 1 or (options.trials is not None and options.trials < 1):
         problems.append("--concurrent and --trials must be at least 1")
     if problems:
@@ -134,8 +143,8 @@ def prepare_sweep(spec: JobSpec, space_path: Path, options: SweepOptions, locati
     base = spec.model_dump(mode="json")
     space_raw = read_yaml(space_path)
     space = parse_space(space_raw, str(space_path), base)
-    check_options(spec, space, options)
     location = sweep_location(location or Path("runs") / f"{spec.name}-sweep")
+    check_options(spec, space, options, location)
     remote, folder = sweep_remote(location), working_folder(location)
     if remote is not None:
         remote.probe_writable()
@@ -184,10 +193,9 @@ def _scheduler(sweep: Sweep):
 
     options, spec = sweep.options, sweep.base_spec
     if options.scheduler == "asha":
-        grace_period = options.grace_steps or spec.eval.every
-        assert grace_period is not None, "check_options requires eval.every for asha"
-        return ASHAScheduler(time_attr="step", max_t=spec.training.max_steps or 10**9, grace_period=grace_period,
-                             reduction_factor=options.reduction_factor)
+        asha = asha_settings(options, spec)
+        return ASHAScheduler(time_attr="step", max_t=asha.max_t, grace_period=asha.grace_period,
+                             reduction_factor=asha.reduction_factor)
     if options.scheduler == "pbt":
         mutations = {p.path: (p.args if p.kind == "grid" else p.domain()) for p in sweep.setup.space.params
                      if p.kind != "expr"}
@@ -200,16 +208,24 @@ def _scheduler(sweep: Sweep):
 def _tuner(sweep: Sweep, resume: bool):
     from ray import tune
 
-    trainable = tune.with_resources(trial_trainable(sweep.setup), sweep.setup.resources)
+    options, setup = sweep.options, sweep.setup
+    packs = sweep_packs(setup, options, sweep.folder, sweep.trials) if options.shared_base > 1 else None
+    if packs is not None:
+        asha = asha_settings(options, sweep.base_spec) if options.scheduler == "asha" else None
+        trainable = pack_trainable(setup, packs, asha)
+    else:
+        trainable = tune.with_resources(trial_trainable(setup), setup.resources)
     tune_dir = f"{sweep.location}/{TUNE_DIR}"
     if resume:
         if not tune.Tuner.can_restore(tune_dir):
             raise FtError(f"{sweep.location}: no Ray Tune state to resume from (the sweep never started); start it again")
         return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    options = sweep.options
     param_space = None
     search_alg = None
-    if options.scheduler == "pbt":  # PBT takes Tune's own variant generator and the domains
+    scheduler = _scheduler(sweep)
+    if packs is not None:  # Tune starts each pack once, first in first out; ASHA ranks a pack's trials inside it
+        param_space, scheduler = pack_space(packs), None
+    elif options.scheduler == "pbt":  # PBT takes Tune's own variant generator and the domains
         param_space = {p.path: p.domain() for p in sweep.setup.space.sampled}
     else:
         searcher = make_searcher(options.searcher, sweep.setup.space, sweep.metric, sweep.mode, options.seed)
@@ -220,13 +236,13 @@ def _tuner(sweep: Sweep, resume: bool):
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=_scheduler(sweep),
-            num_samples=sweep.trials, max_concurrent_trials=options.concurrent,
+            metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
+            num_samples=1 if packs is not None else sweep.trials, max_concurrent_trials=options.concurrent,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=sweep.location, verbose=0,
-            callbacks=[SweepProgress(sweep.metric, sweep.trials)],
+            callbacks=[SweepProgress(sweep.metric, len(packs) if packs is not None else sweep.trials)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
     )

@@ -26,7 +26,8 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get(self.metric) is not None and "completed" not in result:
-            self._say(f"trial {trial.trial_id} step {result.get('step')}: {self.metric} {result[self.metric]:.4f}")
+            who = result.get("member") or trial.trial_id  # a shared-base pack's reports name its trial
+            self._say(f"trial {who} step {result.get('step')}: {self.metric} {result[self.metric]:.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1

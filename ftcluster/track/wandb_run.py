@@ -13,6 +13,7 @@ from ftcluster.core.atomic import write_text_atomic
 from ftcluster.core.errors import FtError
 
 RUN_ID_FILE = "wandb_run_id"
+OPEN_RUNS: set[str] = set()  # this process's open runs (a shared-base pack has one per trial)
 
 
 class NoTracker:
@@ -64,8 +65,10 @@ class WandbTracker(NoTracker):
             resume="allow" if run_id else None,
             dir=str(out_dir),
             config=spec.model_dump(mode="json"),
-            settings=wandb.Settings(console="off", quiet=True),
+            # create_new: a pack's trials each have a run of their own, open at the same time.
+            settings=wandb.Settings(console="off", quiet=True, reinit="create_new"),
         )
+        OPEN_RUNS.add(self.run.id)
         write_text_atomic(id_file, self.run.id + "\n")
         self.closed = False
 
@@ -96,6 +99,9 @@ class WandbTracker(NoTracker):
         self.closed = True
         self.run.summary.update(summary)
         self.run.finish(exit_code=exit_code)
+        OPEN_RUNS.discard(self.run.id)
+        if OPEN_RUNS:  # the writer process serves the other trials of the pack still
+            return
         import wandb
 
         # W&B's writer process, stopped now: at interpreter exit (a Ray actor's) it may already be gone,

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftcluster.config.spec import JobSpec
-from ftcluster.core.interrupts import STOP
+from ftcluster.core.interrupts import STOP, Interrupted
 from ftcluster.core.worker import WorkerContext
 from ftcluster.models.adapter_set import activate, add_adapter_like, remove_adapter
 from ftcluster.runs.checkpoints import restore_rng, rng_state
 from ftcluster.training.loop import (
     RunState,
     advance,
+    checkpoint,
     evaluate_base_model,
     start_run,
     tracker_ended_on_exit,
@@ -99,18 +100,34 @@ def train_pack(trials: list[PackTrial], on_leave: Callable[[PackTrial], None] = 
     remove_adapter(shared.model, PLACEHOLDER)
     with contextlib.ExitStack() as open_trackers:
         for trial in trials:
+            setup = trial.setup
+            assert setup is not None
             with turn(trial):
-                trial.state = start_run(trial.setup, trial.resume)
+                trial.state = start_run(setup, trial.resume)
                 open_trackers.enter_context(tracker_ended_on_exit(trial.state))
-                evaluate_base_model(trial.setup, trial.state)
-                trial.setup.forward_model.train()
+                evaluate_base_model(setup, trial.state)
+                setup.forward_model.train()
                 trial.state.window.restart_clock()
         with STOP.at_step_boundaries():  # a signal waits for the step in flight (one trial's)
-            while running := [trial for trial in trials if trial.outcome == RUNNING]:
-                for trial in running:
-                    take_turn(trial)
-                    if trial.outcome != RUNNING:
-                        leave(trial, on_leave)
+            try:
+                while running := [trial for trial in trials if trial.outcome == RUNNING]:
+                    for trial in running:
+                        take_turn(trial)
+                        if trial.outcome != RUNNING:
+                            leave(trial, on_leave)
+            except Interrupted:
+                checkpoint_the_others(trials)
+                raise
+
+
+def checkpoint_the_others(trials: list[PackTrial]) -> None:
+    """After a signal stopped the pack at one trial's step boundary: every other running trial is at one
+    of its own too, and is checkpointed there (training.checkpoint_on_preempt), so a resume loses no step."""
+    for trial in trials:
+        setup, state = trial.setup, trial.state
+        if trial.outcome == RUNNING and setup is not None and state is not None and trial.spec.training.checkpoint_on_preempt:
+            with turn(trial):
+                checkpoint(setup, state)  # (the interrupted trial's exists already: kept)
 
 
 def take_turn(trial: PackTrial) -> None:

@@ -1,0 +1,67 @@
+"""`ftcluster tune --shared-base N` under Ray Tune: packs of LoRA trials over one base, each trial still
+its own folder, metrics, checkpoints, W&B run, leaderboard row; trials that cannot share run alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from test_sweep import SPACE, sweep_job  # noqa: F401  (the fixture)
+from test_tracking import wandb_inspect
+
+
+def test_shared_base_sweep_packs_lora_trials_and_runs_full_ones_alone(sweep_job, cli, tmp_path):  # noqa: F811
+    # (max_weight_growth: null: the tiny random model's full trials hover at a uniform guess's loss, which the
+    # collapse check would stop)
+    job, space = sweep_job(tracking={"wandb": {"project": "ftcluster-test"}}, training={"max_weight_growth": None, "checkpoint_every": 4})
+    space.write_text(yaml.safe_dump({**SPACE, "method.name": {"choice": ["lora", "full"]},
+                                     "training.seed": {"choice": [0, 1, 2]}}))
+    out = tmp_path / "sweep"
+    result = cli("tune", job, space, "--trials", "6", "--concurrent", "2", "--shared-base", "4", "--seed", "19",
+                 "--out", out)  # seed 19: 4 LoRA trials (one pack), 2 full ones
+    assert result.code == 0, result
+    packs = json.loads((out / "packs.json").read_text())
+    shared = [p for p in packs if p["shared"]]
+    alone = [p for p in packs if not p["shared"]]
+    lora = sum(len(p["members"]) for p in shared)
+    assert (lora, len(shared), len(alone)) == (4, 1, 2)
+    assert "4 trials share a base: 1 pack of up to 4" in result.out
+    assert "2 trials run as ordinary trials: method.name=full" in result.out
+
+    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert len(rows) == 6 and all(r["metric"] is not None for r in rows)
+    members = [r for r in rows if (out / "trials" / r["trial"] / "shared_base.json").is_file()]
+    assert len(members) == lora and all(r["params"]["method.name"] == "lora" for r in members)
+    assert {"completed", "stopped early"} <= {r["status"] for r in members}, rows  # ASHA ranked the pack's trials
+    for row in members:
+        folder = out / "trials" / row["trial"]
+        shared_base = json.loads((folder / "shared_base.json").read_text())
+        assert shared_base["base"] == yaml.safe_load((folder / "run.yaml").read_text())["model"]["path"]
+        checkpoint = next((folder / "checkpoints").glob("step-*"))  # its adapter's weights and optimizer only
+        from safetensors.torch import load_file
+
+        names = set(load_file(str(checkpoint / "model.safetensors")))
+        assert names and all(f".{shared_base['adapter']}." in name and "lora_" in name for name in names)
+        run_dir = next((folder / "wandb").glob("offline-run-*"))  # its own W&B run, closed as it ended
+        summary = json.dumps(json.loads(wandb_inspect(run_dir, "--summary", "--json")))
+        if row["status"] == "completed":
+            assert "after/val_loss" in summary and (folder / "final" / "adapter" / "adapter_config.json").is_file()
+        else:
+            assert "stopped by the sweep's scheduler" in summary and row["steps"] < 16
+
+    # a completed pack member, trained again alone from its run.yaml, gives its metric
+    member = next(r for r in members if r["status"] == "completed")
+    rerun = cli("train", out / "trials" / member["trial"] / "run.yaml", "--no-ray", f"output.dir={tmp_path / 'again'}")
+    assert rerun.code == 0, rerun
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["after"]["val_loss"] == pytest.approx(member["metric"], rel=1e-4)
+    assert (out / "best.yaml").is_file()
+
+
+def test_shared_base_refuses_what_it_cannot_do(sweep_job, cli, tmp_path):  # noqa: F811
+    job, space = sweep_job(training={"checkpoint_every": 4})
+    result = cli("tune", job, space, "--shared-base", "4", "--scheduler", "pbt", "--out", tmp_path / "s")
+    assert result.code != 0 and "--shared-base: pbt copies checkpoints" in result.err
+    result = cli("tune", job, space, "--shared-base", "0", "--out", tmp_path / "s")
+    assert result.code != 0 and "--shared-base: must be at least 1" in result.err
