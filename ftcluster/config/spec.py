@@ -352,6 +352,13 @@ class TrainingSpec(Section):
         description="A step whose loss or gradient norm is NaN/inf stops training as diverged; allow this many such "
         "steps to be skipped (no update) first, as fp16 recipes do. The count is logged. Example: 3",
     )
+    max_weight_growth: float | None = Field(
+        100.0, gt=1,
+        description="Silent collapse stops training as divergence does: the trainable weights' RMS growing past this "
+        "many times its value at the start (checked at each log step, checkpoint and the end), or, for next-token "
+        "and classification losses, a logged training loss back at or above a uniform guess's (ln of the vocabulary "
+        "or label count) after warmup_steps, once it had been well below (under 90% of it). None: neither check.",
+    )
 
 
 class GenerationEvalSpec(Section):

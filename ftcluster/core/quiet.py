@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 
@@ -39,8 +40,33 @@ TRANSIENT_RAY_WARNINGS = ("ray.train.v2._internal.execution.scaling_policy.autos
 RAY_PROCESS_SETUP_HOOK = f"{__name__}.quiet_ray_process"
 
 
+# Ray Train loggers that print a worker's exception with its traceback: the worker's own ("Error in training
+# function"), and the controller's failure policy (the worker's traceback again, then its own).
+RAY_WORKER_ERROR_LOGGERS = ("ray.train.v2._internal.util", "ray.train.v2._internal.execution.failure_handling.default")
+# The exception classes that ftcluster's CLI prints as one line: FtError and its subclasses, and Interrupted
+# (a signal). tests/test_collapse.py checks this list against the package's classes.
+USER_ERRORS = ("FtError", "SpecError", "DataError", "ModelError", "CollectiveError", "DivergedError", "CollapsedError",
+               "Interrupted")
+USER_ERROR = re.compile(rf"\bftcluster\.[\w.]+\.({'|'.join(USER_ERRORS)}): ")
+
+
+class UserErrorsOnce(logging.Filter):
+    """Drop Ray's log records of an ftcluster user error: the driver prints it as one line, and these
+    would print it again, inside tracebacks (a real crash still shows: its class is not ftcluster's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f"\n{record.exc_info[1]}"
+        return USER_ERROR.search(text) is None
+
+
 def quiet_ray_process() -> None:
     """Ray's worker_process_setup_hook for ftcluster's Ray jobs: runs in each of their processes,
     the Train controller's included, before any task or actor code."""
     for name in TRANSIENT_RAY_WARNINGS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in RAY_WORKER_ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, UserErrorsOnce) for existing in logger.filters):
+            logger.addFilter(UserErrorsOnce())

@@ -29,6 +29,9 @@ class Objective(Protocol):
 
     name: str
     scores_answer_choices: bool  # held-out prompts with a closed set of answers are also scored by choice
+    # The per-unit training loss of a uniform guess (ln of the classes a cross-entropy loss picks among), or
+    # None where the loss has no such level: a run back at it after warmup has collapsed (training/health.py).
+    chance_loss: float | None
 
     def data_step(self, step: int) -> int:
         """Which step's examples optimizer step `step` trains on."""
@@ -65,6 +68,7 @@ class FixedDataObjective:
 
     name = ""
     scores_answer_choices = False
+    chance_loss: float | None = None
 
     def collate(self, items: list[Encoded], pad_id: int) -> Batch:
         raise NotImplementedError

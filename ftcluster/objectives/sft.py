@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ftcluster.config.registry import METHODS
@@ -18,9 +20,10 @@ class SFTObjective(FixedDataObjective):
     name = "sft"
     scores_answer_choices = True
 
-    def __init__(self, head: torch.nn.Linear | None = None, chunk_tokens: int = 2048):
+    def __init__(self, head: torch.nn.Linear | None = None, chunk_tokens: int = 2048, classes: int | None = None):
         self.head = head
         self.chunk_tokens = chunk_tokens
+        self.chance_loss = math.log(classes) if classes and classes > 1 else None
 
     def collate(self, items: list[Encoded], pad_id: int) -> Batch:
         return collate(items, pad_id)
@@ -54,4 +57,10 @@ def use_chunked_loss(spec) -> bool:
 
 def build(spec, model: torch.nn.Module, is_peft: bool, base_model=None, context=None) -> SFTObjective:
     head = output_head(model) if use_chunked_loss(spec) else None
-    return SFTObjective(head, spec.training.loss_chunk_tokens)
+    return SFTObjective(head, spec.training.loss_chunk_tokens, output_classes(model, spec.model.task))
+
+
+def output_classes(model: torch.nn.Module, task: str) -> int | None:
+    """How many classes the loss picks among: the vocabulary (next token) or the labels (classification)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size" if task == "causal_lm" else "num_labels", None)

@@ -40,7 +40,7 @@ from ftcluster.runs.paths import RunPaths
 from ftcluster.track.cost import device_kind, run_cost
 from ftcluster.track.flops import flops_per_token, model_flops_utilization, peak_flops
 from ftcluster.track.wandb_run import make_tracker
-from ftcluster.training.health import DivergedError, DivergenceGuard, check_weights_finite
+from ftcluster.training.health import CollapsedError, CollapseGuard, DivergedError, DivergenceGuard
 from ftcluster.training.held_memory import worker_memory
 from ftcluster.training.monitor import EarlyStopper, OverfitDetector
 from ftcluster.training.optim import keep_spec_learning_rates
@@ -64,6 +64,7 @@ class RunState:
     stopper: EarlyStopper
     overfit: OverfitDetector
     guard: DivergenceGuard
+    collapse: CollapseGuard
     flops: Any  # FlopsPerToken of the trained model
     device_flops: float | None
     kind: str  # "cpu" or the GPU's accelerator name (prices)
@@ -193,7 +194,7 @@ def start_run(setup: Setup, resume: bool) -> RunState:
     train = setup.bundle.train
     kind = device_kind(setup.device)
     per_worker = spec.scaling.gpus_per_worker if kind != "cpu" else spec.scaling.cpus_per_worker
-    return RunState(
+    state = RunState(
         step=start_step, start_step=start_step, resumed=resume,
         log=MetricsLog(setup.paths.metrics, ctx.is_main, start_step if resume else None),
         tracker=make_tracker(spec, setup.paths.local, ctx.is_main, resume),
@@ -203,9 +204,13 @@ def start_run(setup: Setup, resume: bool) -> RunState:
                              checkpoint_state.get("stopper"), spec.eval.min_delta),
         overfit=OverfitDetector(spec.eval.overfit_evals, checkpoint_state.get("overfit")),
         guard=DivergenceGuard(spec.training.skip_nonfinite_steps, checkpoint_state.get("skipped_nonfinite_steps", 0)),
+        collapse=CollapseGuard(spec.training.max_weight_growth, spec.training.warmup_steps, setup.objective.chance_loss,
+                               checkpoint_state.get("collapse")),
         flops=flops_per_token(setup.module, round(sum(len(item.input_ids) for item in train) / len(train))),
         device_flops=peak_flops(setup.device), kind=kind, devices=ctx.world_size * per_worker,
     )
+    state.collapse.check_weights(setup.module, start_step, setup.device, ctx.world_size)  # the start's RMS
+    return state
 
 
 def resume_from_checkpoint(setup: Setup) -> dict[str, Any]:
@@ -299,6 +304,8 @@ def log_window(setup: Setup, state: RunState) -> None:
             torch.distributed.all_reduce(tensor)
 
     numbers = window.close(ctx.world_size, all_reduce)
+    state.collapse.check_loss(step, numbers["train_loss"])  # the same numbers on every worker
+    state.collapse.check_weights(setup.module, step, setup.device, ctx.world_size)
     elapsed, tokens_per_s = numbers["elapsed"], numbers["tokens_per_s"]
     record = {
         "step": step, "time": time.time(), "epoch": round(setup.order.epoch_of(step), 4),
@@ -341,7 +348,7 @@ def evaluate_during_training(setup: Setup, state: RunState) -> None:
 
 def checkpoint(setup: Setup, state: RunState) -> Path:
     """A resumable checkpoint of this step (every worker calls this), unless it exists already."""
-    check_weights_finite(setup.module, state.step, setup.device, setup.ctx.world_size)  # never checkpoint divergence
+    state.collapse.check_weights(setup.module, state.step, setup.device, setup.ctx.world_size)  # never checkpoint divergence
     latest = latest_checkpoint(setup.paths.checkpoints)
     if latest is not None and latest.name == checkpoint_name(state.step):
         return latest
@@ -351,6 +358,7 @@ def checkpoint(setup: Setup, state: RunState) -> Path:
         "train_seconds": state.window.train_seconds,
         "stopper": state.stopper.state(),
         "overfit": state.overfit.state(),
+        "collapse": state.collapse.state(),
         "launch": setup.ctx.launch,
     }
     saved = save_checkpoint(setup.paths.checkpoints, state.step, setup.module, setup.optimizer, setup.scheduler,
@@ -363,7 +371,7 @@ def checkpoint(setup: Setup, state: RunState) -> Path:
 def wrap_up(setup: Setup, state: RunState) -> dict[str, Any]:
     """Final evaluation, the fine-tuned weights (atomically), the summary; then the last report."""
     ctx, paths = setup.ctx, setup.paths
-    check_weights_finite(setup.module, state.step, setup.device, ctx.world_size)  # never save a diverged model
+    state.collapse.check_weights(setup.module, state.step, setup.device, ctx.world_size)  # never save a diverged model
     with state.evaluating():
         after = setup.evaluate()
     final_scores = scalar_metrics(after)
@@ -413,5 +421,7 @@ def diverged(spec: JobSpec, ctx: WorkerContext, exc: DivergedError) -> DivergedE
     if ctx.is_main:
         push_run_files(spec)
     where = f"last good checkpoint: {display_checkpoint(spec, checkpoint_path)}" if checkpoint_path else "no checkpoint was written before it"
+    other = ("or set training.max_weight_growth: null to train on regardless" if isinstance(exc, CollapsedError)
+             else "or allow training.skip_nonfinite_steps")
     return DivergedError(f"{exc}; no final weights were saved ({where}). Lower training.lr (now {spec.training.lr:g}) "
-                         "or set training.max_grad_norm, then resume with --resume, or allow training.skip_nonfinite_steps")
+                         f"or set training.max_grad_norm, then resume with --resume, {other}")

@@ -96,6 +96,7 @@ class GRPOObjective:
 
     name = "grpo"
     scores_answer_choices = False
+    chance_loss = None  # a policy-gradient loss: no uniform-guess level
 
     def __init__(self, settings, model: torch.nn.Module, context: PolicyContext, scorer: RewardScorer,
                  reference: ReferenceFn | None):
