@@ -110,18 +110,20 @@ def train(
         return
     from ftcluster.launch.launcher import run_in_process, run_with_ray
     from ftcluster.runs.folder import check_output, replacing_earlier_run
+    from ftcluster.runs.lock import run_lock
     from ftcluster.track.tables import print_run_tables
 
-    out = check_output(spec, resume, force)
-    where = RunPaths.of(spec).location
-    console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {where}")
     if no_ray and spec.scaling.num_workers > 1:
         raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
-    try:
-        with replacing_earlier_run(spec, resume):
-            summary = run_in_process(spec, resume) if no_ray else run_with_ray(spec, resume, address)
-    except KeyboardInterrupt as exc:
-        interrupted_run(exc, spec, out)
+    with run_lock(spec):  # one train per output.dir: another one is refused in one line
+        out = check_output(spec, resume, force)
+        where = RunPaths.of(spec).location
+        console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {where}")
+        try:
+            with replacing_earlier_run(spec, resume):
+                summary = run_in_process(spec, resume) if no_ray else run_with_ray(spec, resume, address)
+        except KeyboardInterrupt as exc:
+            interrupted_run(exc, spec, out)
     show = samples if samples >= 0 else (spec.eval.generation.show if spec.eval.generation else 0)
     print_run_tables(summary, show, console)
     print_summary_marker(summary)

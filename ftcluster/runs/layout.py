@@ -11,6 +11,7 @@ EVAL_AFTER = "eval_after.json"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"  # adapter/ or model/, tokenizer/, labels.json
 LABELS = "labels.json"  # class names of a classification run, in head order
+RUN_LOCK = ".lock"  # held by the one `train` writing the run (runs/lock.py)
 
 # Inside OUTPUT/checkpoints: step-0000120/ folders and a `latest` file naming the newest complete one.
 LATEST = "latest"

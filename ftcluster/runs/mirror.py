@@ -20,7 +20,7 @@ from ftcluster.config.spec import JobSpec
 from ftcluster.core.errors import FtError
 from ftcluster.core.storage import RemoteFolder, is_uri, local_path, staging_dir
 from ftcluster.core.worker import WorkerContext
-from ftcluster.runs.layout import CHECKPOINTS, LATEST, SUMMARY, TRAINER_STATE
+from ftcluster.runs.layout import CHECKPOINTS, LATEST, RUN_LOCK, SUMMARY, TRAINER_STATE
 from ftcluster.runs.paths import RunPaths
 
 # Not mirrored with the run files: checkpoints go by push_checkpoint; Ray's own storage, a replaced
@@ -117,7 +117,7 @@ def clear_remote_run(spec: JobSpec) -> None:
         del _pushed[file]  # deleted there: send them again
     remote.delete(SUMMARY)
     for name in remote.names():
-        if name != "ray":
+        if name not in ("ray", RUN_LOCK):  # (the lock is this run's own)
             remote.delete(name)
 
 
