@@ -47,13 +47,13 @@ def test_the_folder_lock_is_held_for_the_block_and_released_after(tmp_path):
     with folder_lock(tmp_path / "run", "runs/run"):
         holder = json.loads((tmp_path / "run" / ".lock").read_text())
         assert holder["pid"] == os.getpid()
-        probe = subprocess.run([sys.executable, "-c", "from pathlib import Path; from ftcluster.runs.lock import "
-                                f"folder_lock\nwith folder_lock(Path({str(tmp_path / 'run')!r}), 'runs/run'): pass"],
+        code = ("from pathlib import Path; from ftcluster.runs.lock import folder_lock\n"
+                f"with folder_lock(Path({str(tmp_path / 'run')!r}), 'runs/run'): pass")
+        probe = subprocess.run([sys.executable, "-c", code],
                                env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
         assert probe.returncode == 1 and "runs/run is in use by pid" in probe.stderr, probe.stderr[-2000:]
-        with pytest.raises(FtError, match="is in use"):  # (flock is per open file: this process too)
-            with folder_lock(tmp_path / "run", "runs/run"):
-                pass
+        with pytest.raises(FtError, match="is in use"), folder_lock(tmp_path / "run", "runs/run"):
+            pass  # (flock is per open file: this process is refused too)
     assert not (tmp_path / "run" / ".lock").exists()
     with folder_lock(tmp_path / "run", "runs/run"):
         pass
@@ -72,10 +72,10 @@ def test_a_run_in_a_store_is_held_by_a_lease(monkeypatch, tmp_path):
         remote = RemoteFolder(store.uri("leased"))
         with lock.store_lease(remote):
             assert json.loads(store.read("leased/.lock"))["pid"] == os.getpid()
-            with pytest.raises(FtError, match=f"output.dir: {store.uri('leased')} is in use by pid {os.getpid()}"):
-                with lock.store_lease(remote):
-                    pass
-        assert "leased/.lock" not in store.keys()
+            refused = f"output.dir: {store.uri('leased')} is in use by pid {os.getpid()}"
+            with pytest.raises(FtError, match=refused), lock.store_lease(remote):
+                pass
+        assert "leased/.lock" not in store.keys("leased/")
         # A holder that died leaves its lease; once it has run out the run can be taken.
         remote.write_text(json.dumps({**lock.holder_record(time.time() - 1), "pid": 1}), ".lock")
         with lock.store_lease(remote):
