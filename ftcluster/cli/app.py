@@ -111,14 +111,18 @@ def train(
     from ftcluster.launch.launcher import run_in_process, run_with_ray
     from ftcluster.runs.folder import check_output, replacing_earlier_run
     from ftcluster.runs.lock import run_lock
+    from ftcluster.runs.resume_spec import check_resume_spec
     from ftcluster.track.tables import print_run_tables
 
     if no_ray and spec.scaling.num_workers > 1:
         raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
     with run_lock(spec):  # one train per output.dir: another one is refused in one line
         out = check_output(spec, resume, force)
+        changed = check_resume_spec(spec) if resume else None  # a change the checkpoint cannot take is refused
         where = RunPaths.of(spec).location
         console.print(f"[bold]ftcluster[/] {spec.name}: {spec.method.name} on {spec.model.path} → {where}")
+        if changed:
+            console.print(changed, soft_wrap=True, highlight=False, markup=False)
         try:
             with replacing_earlier_run(spec, resume):
                 summary = run_in_process(spec, resume) if no_ray else run_with_ray(spec, resume, address)
