@@ -75,6 +75,7 @@ class DataBundle:
     answer_counts: dict[str, int] | None = None
     cache: Path | None = None  # the tokenized data's cache entry
     from_cache: bool = False  # whether it was there already (nothing was tokenized)
+    repaired: list[str] = field(default_factory=list)  # the cache entry's files found damaged (it was rebuilt)
 
 
 def split_indices(count: int, fraction: float, seed: int) -> set[int]:
@@ -211,10 +212,13 @@ def build_data(
         val = Source(spec.validation, spec.validation_split)
     key = cache_key(spec, tokenizer, train, val)
     root = tokenized_root(spec)
-    with building(root, key) as fresh:
+    damage: list[str] = []
+    with building(root, key, damage) as fresh:
         if fresh is not None:
             _tokenize(spec, tokenizer, train, val, fresh)
-    return open_tokenized(root / key, from_cache=fresh is None)
+    bundle = open_tokenized(root / key, from_cache=fresh is None)
+    bundle.repaired = damage
+    return bundle
 
 
 def tokenized_root(spec: DataSpec) -> Path:

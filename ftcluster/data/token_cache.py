@@ -2,8 +2,10 @@
 
     CACHE/<key>/train.arrow    one row per training sequence: input_ids, trained, label, ...
     CACHE/<key>/val.arrow      the same for validation, plus each example as JSON (for generation)
-    CACHE/<key>/meta.json      label names, the data report, few-shot examples, answer counts;
-                               written last, so a folder with it is complete
+    CACHE/<key>/meta.json      label names, the data report, few-shot examples, answer counts, the
+                               files' checksums; written last, so a folder with it is complete
+
+An entry whose files no longer match their checksums (truncated, overwritten, deleted) is rebuilt.
 
 The key hashes what the tokens depend on (see `dataset.cache_key`). A process reads a sequence
 only when the training loop asks for it, with positional reads of just its bytes (see `_Column`):
@@ -24,10 +26,12 @@ from typing import Any, overload
 
 import numpy as np
 
+from ftcluster.core.checksums import damaged, digests
 from ftcluster.data.formats import Example
 from ftcluster.data.render import Encoded
 
 TRAIN_FILE, VAL_FILE, META_FILE = "train.arrow", "val.arrow", "meta.json"
+CHECKSUMS = "checksums"  # meta.json: each file's digest when written
 EXAMPLE = "example"  # val.arrow: each validation example, as JSON
 BATCH_ROWS = 8192  # sequences per Arrow record batch on write
 
@@ -237,8 +241,15 @@ class ExampleSequence(Sequence[Example]):
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    """meta.json last: the entry is complete."""
-    (folder / META_FILE).write_text(json.dumps(meta))
+    """meta.json last: the entry is complete. It records the digests of the files it describes."""
+    names = [name for name in (TRAIN_FILE, VAL_FILE) if (folder / name).is_file()]
+    (folder / META_FILE).write_text(json.dumps({**meta, CHECKSUMS: digests(folder, names)}))
+
+
+def damaged_files(folder: Path, meta: dict[str, Any]) -> list[str]:
+    """The entry's files that are missing or changed since it was written (all of them if unrecorded)."""
+    recorded = meta.get(CHECKSUMS)
+    return damaged(folder, recorded) if isinstance(recorded, dict) and recorded else [TRAIN_FILE, VAL_FILE]
 
 
 def read_meta(folder: Path) -> dict[str, Any] | None:
@@ -249,16 +260,21 @@ def read_meta(folder: Path) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def building(root: Path, key: str) -> Iterator[Path | None]:
-    """Hold the key's lock; yields a fresh folder to build in, or None when the entry is complete
-    (another process may have built it while this one waited). The built folder is moved into
-    place atomically, so a crash leaves no half entry."""
+def building(root: Path, key: str, damage: list[str] | None = None) -> Iterator[Path | None]:
+    """Hold the key's lock; yields a fresh folder to build in, or None when the entry is complete and
+    intact (another process may have built it while this one waited). A damaged entry is built again,
+    its damaged files added to ``damage``. The built folder is moved into place atomically, so a crash
+    leaves no half entry."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if read_meta(root / key) is not None:
+        meta = read_meta(root / key)
+        bad = damaged_files(root / key, meta) if meta is not None else []
+        if meta is not None and not bad:
             yield None
             return
+        if damage is not None:
+            damage += bad
         incoming = root / f".incoming-{key}-{os.getpid()}"
         shutil.rmtree(incoming, ignore_errors=True)
         incoming.mkdir()

@@ -21,10 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftcluster.core.atomic import fsync_directory, fsync_tree, write_text_atomic
+from ftcluster.core.checksums import damaged, digests
 from ftcluster.core.errors import FtError
 from ftcluster.runs.layout import LATEST, TRAINER_STATE, checkpoint_name, checkpoint_step
 
 DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's ZeRO shards
+CHECKSUMS = "checksums"  # trainer_state.json: each safetensors file's digest when saved
 UPLOAD_PREFIX = ".upload-"  # OUTPUT/checkpoints/.upload-step-N-*: a checkpoint's copy that Ray is still copying
 
 
@@ -130,6 +132,7 @@ def save_checkpoint(
                 "optimizer": optim_meta,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_meta,
+                CHECKSUMS: digests(staging, sorted(p.name for p in staging.glob("*.safetensors"))),
             }
             (staging / TRAINER_STATE).write_text(json.dumps(meta, default=_jsonable))
             fsync_tree(staging)  # the files are on disk before any name points at them
@@ -192,8 +195,14 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     engine=None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG; return the trainer state (step, ...)."""
+    """Restore weights, optimizer, scheduler and RNG; return the trainer state (step, ...).
+
+    A file that differs from when the checkpoint was saved (its checksum) is refused in one line."""
     meta = json.loads((path / TRAINER_STATE).read_text())
+    bad = damaged(path, meta.get(CHECKSUMS) or {})
+    if bad:
+        raise FtError(f"{path}: {', '.join(bad)} missing or changed since the checkpoint was saved (checksum); "
+                      f"resume from an earlier checkpoint (name it in {path.parent / LATEST}) or start the run again")
     if engine is not None:
         engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
     else:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ftcluster.config.spec import JobSpec, dump_spec, load_spec
 from ftcluster.core.atomic import write_text_atomic
+from ftcluster.core.checksums import safetensors_problem
 from ftcluster.core.errors import FtError
 from ftcluster.runs.layout import (
     CHECKPOINTS,
@@ -193,9 +194,15 @@ def final_weights(run: Path) -> tuple[Path, bool]:
 
 
 def _require_weights(folder: Path, config: str, weights: str) -> None:
-    """A weights folder with its files missing is an error here, not a hub lookup of the folder's name."""
-    has_weights = (folder / weights).is_file() or any(folder.glob(weights.replace(".safetensors", "*.safetensors")))
-    for name, present in ((config, (folder / config).is_file()), (weights, has_weights)):
+    """A weights folder with its files missing or damaged is an error here, not a hub lookup of the folder's
+    name or a safetensors traceback."""
+    files = sorted(folder.glob(weights.replace(".safetensors", "*.safetensors")))
+    for name, present in ((config, (folder / config).is_file()), (weights, bool(files))):
         if not present:
             raise FtError(f"{folder}: {name} is missing; the run's weights are incomplete "
                           f"(re-run it, or export a checkpoint with --checkpoint)")
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise FtError(f"{file}: damaged, {problem}; the run's weights cannot be read "
+                          "(re-run it, or export a checkpoint with --checkpoint)")

@@ -160,6 +160,9 @@ def build_setup(spec: JobSpec, ctx: WorkerContext, *, train_records=None, val_re
     for line in bundle.report.lines():
         say(line)
     say(f"tokenized data: {bundle.cache} ({'from the cache' if bundle.from_cache else 'tokenized now'})")
+    if bundle.repaired:
+        say(f"the tokenized data cache entry {bundle.cache} was damaged ({', '.join(bundle.repaired)} missing or "
+            "changed since written); it was rebuilt")
     order = StepOrder(len(bundle.train), cfg.batch_size, cfg.grad_accum, ctx.world_size, cfg.seed)
     if order.steps_per_epoch == 0:
         raise FtError(f"data.train: {len(bundle.train)} training examples cannot fill one step of {order.per_step} "
