@@ -141,3 +141,17 @@ def test_eval_speed_benchmark_smoke(tmp_path):
     row = json.loads(out.read_text())["comparison"]
     assert row["ftcluster_s"] > 0 and row["plain_s"] > 0
     assert row["same_answers"] == row["prompts"] and row["val_loss"]["ftcluster"] == pytest.approx(row["val_loss"]["plain"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_gpu_shared_base_script_smoke(tmp_path):
+    """bench/gpu/shared_base.sh --smoke: packs against separate trials in processes of their own, without
+    Ray (as on the GPU machine); the pack holds the base once, so it needs less memory than the two alone."""
+    done, result = run_gpu_script("shared_base", tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    steps = {step["name"]: step for step in result["steps"]}
+    assert {name: step["status"] for name, step in steps.items()} == {"wheels": "skipped", "shared_base_1b": "ok"}
+    measured = steps["shared_base_1b"]["result"]["2"]
+    assert measured["memory_pack_mb"] < measured["memory_separate_mb"] and measured["tokens"] > 0
+    assert measured["largest_rel_loss_diff"] < 1e-4  # same threads in both arms here: the same losses
+    assert result["no_ray"]["violations"] == []

@@ -130,3 +130,23 @@ def test_an_interrupted_pack_resumes_every_trial_exactly(make_job, tmp_path):
 
 def latest_step(folder: Path) -> int:
     return int((folder / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+
+
+def test_the_planner_counts_the_shared_base_once(cli):
+    """`ftcluster plan` says how many trials fit a device either way; a pack too big for one is refused."""
+    from conftest import REPO
+
+    from ftcluster.planning.shared_base import pack_memory, pack_problem
+
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml",
+                     ["scaling.use_gpu=true", "scaling.gpu_type=H100", "scaling.gpu_memory_gb=4"])
+    memory = pack_memory(spec)
+    assert memory is not None and memory.shared + memory.per_trial == pytest.approx(memory.separate)
+    assert memory.fit_separate() == 1 and memory.fit_shared() > 50  # the base (and one step's activations) once
+    assert pack_problem([spec] * 8) is None
+    problem = pack_problem([spec] * (memory.fit_shared() + 1))
+    assert problem is not None and problem.startswith("--shared-base: a pack of") and "fit" in problem
+    assert pack_memory(load_spec(REPO / "jobs" / "quickstart.yaml", ["method.name=full"])) is None
+    result = cli("plan", REPO / "jobs" / "quickstart.yaml", "scaling.use_gpu=true", "scaling.gpu_type=H100",
+                 "scaling.gpu_memory_gb=4")
+    assert result.code == 0 and "1 as separate trials" in result.out and f"{memory.fit_shared()} sharing one base" in result.out

@@ -423,6 +423,7 @@ def plan(
 
 def show_plan(spec, mfu: float, suggest: bool = False, top: int = 10) -> None:
     from ftcluster.planning import plan as planner
+    from ftcluster.planning.shared_base import trials_per_device_line
     from ftcluster.track.tables import plan_tables, suggestions_table
 
     if not 0 < mfu <= 1:
@@ -430,6 +431,9 @@ def show_plan(spec, mfu: float, suggest: bool = False, top: int = 10) -> None:
     result = planner.plan_job(spec, mfu)
     for table in plan_tables(result):
         console.print(table)
+    trials_line = trials_per_device_line(spec, result)
+    if trials_line is not None:
+        console.print(trials_line, soft_wrap=True, highlight=False)
     if suggest:
         console.print(suggestions_table(planner.suggest(spec, mfu), top))
 

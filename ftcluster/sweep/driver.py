@@ -255,6 +255,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     # Trials report the metric only at evaluations; checkpoints and progress reports come without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if sweep.options.shared_base > 1:  # the packs (and whether each fits a device) before Ray starts
+        sweep_packs(sweep.setup, sweep.options, sweep.folder, sweep.trials)
     init_ray(address)
     check_sweep_reaches_every_node(sweep)
     _tuner(sweep, resume).fit()

@@ -14,9 +14,12 @@ from typing import Any, Protocol
 from rich.console import Console
 
 from ftcluster.config.spec import JobSpec
+from ftcluster.core.errors import FtError
 from ftcluster.core.storage import is_uri
+from ftcluster.planning.shared_base import pack_problem
 from ftcluster.sweep.pack_trial import AshaSettings, run_pack
 from ftcluster.sweep.packs import Pack, draw_trials, make_packs, read_packs, write_packs
+from ftcluster.sweep.space import trial_spec
 from ftcluster.sweep.trial import SweepSetup, trial_trainable
 
 
@@ -69,6 +72,10 @@ def sweep_packs(setup: SweepSetup, options: SweepOptions, folder: Path, trials: 
         return packs
     drawn = draw_trials(setup.space, options.searcher, trials, options.seed)
     packs, lines = make_packs(setup.space, setup.base, drawn, options.shared_base)
+    for pack in (pack for pack in packs if pack.shared):
+        problem = pack_problem([trial_spec(setup.space, setup.base, chosen) for chosen in pack.members])
+        if problem is not None:
+            raise FtError(problem)
     for line in lines:
         Console(highlight=False).print(line, soft_wrap=True)
     write_packs(folder, packs)
