@@ -192,6 +192,10 @@ class GrpoSpec(Section):
     steps_per_rollout: int = Field(1, ge=1, description="Optimizer steps on each batch of rollouts (the ratio to the "
                                    "sampling policy matters from the second on). Example: 2")
     rewards: list[RewardFunctionSpec] = Field(default_factory=list, description="Reward functions, summed with weights.")
+    reward_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for one reward function call: one that takes longer ends the run in one "
+        "line naming the function and the prompt (a hung reward would hang training, deaf to signals). Example: 5",
+    )
     reward_model: RewardModelSpec | None = Field(None, description="A trained reward model, added to the rewards.")
     eval_prompts: int = Field(32, ge=1, description="Held-out prompts answered (greedily) for val_reward, the mean "
                               "reward that evaluation, early stopping and sweeps read.")

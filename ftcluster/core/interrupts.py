@@ -66,6 +66,13 @@ class StopRequests:
         raise Interrupted(self.signum, step, save_checkpoint())
 
 
+    def raise_while_waiting(self) -> None:
+        """Inside a wait on code that may never return (a user's reward function): a signal stops at once,
+        since the step boundary it would wait for may never come."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
 STOP = StopRequests()
 
 

@@ -1,8 +1,9 @@
 """Scoring completions for online RL: the job's reward functions (imported by name, never evaluated from
 text) and, optionally, a trained reward model; each source's raw scores, and their weighted sum.
 
-A function that raises, or returns anything but a finite number, ends the run with one line naming
-the function and the prompt: a reward that silently became 0 would train the wrong thing.
+A function that raises, returns anything but a finite number, or does not return within
+method.grpo.reward_timeout_s, ends the run with one line naming the function and the prompt: a reward
+that silently became 0 would train the wrong thing, and one that hangs would hang the run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ftcluster.core.bounded import call_bounded
 from ftcluster.core.errors import FtError, first_line
 
 RewardFn = Callable[[str, str, str | None], Any]
@@ -75,10 +77,15 @@ def checked_reward(value: Any, source: str, prompt_index: int) -> float:
     return number
 
 
-def called(function: RewardFn, name: str, prompt_index: int, prompt: str, completion: str, reference: str | None) -> Any:
-    """The function's value for one completion; what it raises becomes a one-line error naming it."""
+def called(function: RewardFn, name: str, prompt_index: int, prompt: str, completion: str, reference: str | None,
+           timeout_s: float) -> Any:
+    """The function's value for one completion, within ``timeout_s``; what it raises, or a call that does
+    not return in time, becomes a one-line error naming it and the prompt. A signal stops the wait."""
     try:
-        return function(prompt, completion, reference)
+        return call_bounded(lambda: function(prompt, completion, reference), timeout_s)
+    except TimeoutError:
+        raise FtError(f"reward {name} did not return within method.grpo.reward_timeout_s={timeout_s:g} s "
+                      f"(prompt {prompt_index}: {prompt[:60]!r}); fix the function or raise the limit") from None
     except Exception as exc:  # the user's code may raise anything
         raise FtError(f"reward {name} raised {type(exc).__name__}: {first_line(exc)} (prompt {prompt_index})") from None
 
@@ -117,6 +124,7 @@ class RewardScorer:
 
     def __init__(self, settings, device, autocast):
         self.functions = [(spec.function, load_reward_function(spec.function)) for spec in settings.rewards]
+        self.timeout_s = settings.reward_timeout_s
         self.names = [name.partition(":")[2] for name, _ in self.functions]  # metric names: reward/exact_answer
         weights = [spec.weight for spec in settings.rewards]
         self.model = None
@@ -129,7 +137,7 @@ class RewardScorer:
     def score(self, prompts: list[str], completions: list[str], references: list[str | None],
               prompt_indices: list[int]) -> torch.Tensor:
         """(completions, sources) raw scores; prompts, references and indices are per completion."""
-        rows = [[checked_reward(called(function, name, index, prompt, completion, reference), name, index)
+        rows = [[checked_reward(called(function, name, index, prompt, completion, reference, self.timeout_s), name, index)
                  for name, function in self.functions]
                 for prompt, completion, reference, index in zip(prompts, completions, references, prompt_indices)]
         scores = torch.tensor(rows, dtype=torch.float32).reshape(len(completions), len(self.functions))
