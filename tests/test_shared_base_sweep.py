@@ -4,6 +4,12 @@ its own folder, metrics, checkpoints, W&B run, leaderboard row; trials that cann
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -65,3 +71,42 @@ def test_shared_base_refuses_what_it_cannot_do(sweep_job, cli, tmp_path):  # noq
     assert result.code != 0 and "--shared-base: pbt copies checkpoints" in result.err
     result = cli("tune", job, space, "--shared-base", "0", "--out", tmp_path / "s")
     assert result.code != 0 and "--shared-base: must be at least 1" in result.err
+
+
+def test_interrupted_shared_base_sweep_resumes_every_trial_exactly(sweep_job, tmp_path):  # noqa: F811
+    """Ctrl+C while a pack trains, then `tune --resume`: the pack restarts from its trials' checkpoints and
+    each trial's losses are those of the same trial trained alone, uninterrupted."""
+    from conftest import read_metrics
+
+    from ftcluster.config.spec import load_spec
+    from ftcluster.core.worker import WorkerContext
+    from ftcluster.training.loop import train
+
+    job, space = sweep_job(training={"max_steps": 24, "log_every": 2, "checkpoint_every": 4})
+    out = tmp_path / "sweep"
+    ftcluster = Path(sys.executable).with_name("ftcluster")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [str(ftcluster), "tune", str(job), str(space), "--trials", "3", "--concurrent", "1",
+               "--scheduler", "none", "--shared-base", "3", "--out", str(out)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "trials").glob("*/checkpoints/step-0000008")):
+        time.sleep(0.3)
+    assert list((out / "trials").glob("*/checkpoints/step-0000008")), "no pack trial reached step 8 in time"
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode == 130, output[-3000:]
+    assert not list((out / "trials").glob("*/summary.json"))  # stopped mid-pack
+    resumed = subprocess.run([str(ftcluster), "tune", "--resume", str(out)], env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert len(rows) == 3 and all(r["status"] == "completed" and r["steps"] == 24 for r in rows)
+    for row in rows:
+        folder = out / "trials" / row["trial"]
+        spec = load_spec(folder / "run.yaml", [f"output.dir={tmp_path / 'alone' / row['trial']}"])
+        train(spec, WorkerContext(), verbose=False)
+        got = [(r["step"], r["train_loss"]) for r in read_metrics(folder) if "train_loss" in r]
+        want = [(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / "alone" / row["trial"]) if "train_loss" in r]
+        assert [s for s, _ in got] == [s for s, _ in want] == list(range(2, 25, 2))
+        assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-4)
