@@ -190,7 +190,9 @@ def tune(
         options = SweepOptions(trials, concurrent, scheduler, searcher, grace_steps, reduction_factor,
                                max_gpu_hours, max_cost_usd, seed, shared_base)
         sweep = prepare_sweep(spec, space, options, out, force)
-    console.print(f"[bold]ftcluster tune[/] {sweep.setup.name}: {sweep.trials} trials, {sweep.options.concurrent} at once, "
+    packs = f" in packs of up to {sweep.options.shared_base} per base" if sweep.options.shared_base > 1 else ""
+    console.print(f"[bold]ftcluster tune[/] {sweep.setup.name}: {sweep.trials} trials{packs}, "
+                  f"{sweep.options.concurrent} {'packs' if packs else 'trials'} at once, "
                   f"{sweep.options.searcher} search, scheduler {sweep.options.scheduler}, "
                   f"{sweep.metric} ({sweep.mode}) → {sweep.location}", soft_wrap=True, highlight=False)
     outcome = run_sweep(sweep, resume=resume is not None, address=address)
