@@ -1,16 +1,16 @@
 """Shared-base sweeps (`ftcluster tune --shared-base N`) against the same trials as separate Tune trials.
 
 One invocation runs, for each N in --trials, the same LoRA sweep twice with `ftcluster tune`
-(same job, space and searcher seed, so the same N trials): as N separate Ray Tune trials, two at
-a time with one core and one torch thread each, and as one pack of N over one base with the same
-two cores (two threads). Reported per sweep, from the trials' folders:
+(same job, space and searcher seed, so the same N trials): as N separate Ray Tune trials, one at a
+time, and as one pack of N over one base; both on one core with one torch thread (on a shared
+2-core machine a second thread in one process is what other processes slow down most). Reported
+per sweep, from the trials' folders:
 
   memory    separate: the sum of each trial's process peak RSS (what N trials held at once would
             need); pack: the pack process's peak RSS. Target at N=8: pack <= 0.4 x separate.
   tokens/s  every trial's trained tokens over the `ftcluster tune` command's wall time (Ray's
             start-up included, the same for both). Target: pack >= separate.
-  loss      the largest relative difference of a trial's last training loss, pack vs separate
-            (one vs two torch threads: reduction order differs, so not bit-equal).
+  loss      the largest relative difference of a trial's last training loss, pack vs separate.
 
     .venv/bin/python bench/shared_base.py                       # SmolLM2-135M, 4 and 8 trials
     .venv/bin/python bench/shared_base.py --trials 2 --steps 2 --model tiny   # quick smoke run
@@ -67,9 +67,8 @@ def job_for(model: str, steps: int, cores: int, folder: Path, max_length: int) -
 
 def run_sweep(job: Path, space: Path, out: Path, trials: int, shared: int) -> dict:
     """One `ftcluster tune`; its wall time and, per trial, params, tokens, peak memory, last loss."""
-    concurrent = "1" if shared > 1 else "2"
     command = [str(REPO / ".venv" / "bin" / "ftcluster"), "tune", str(job), str(space), "--trials", str(trials),
-               "--concurrent", concurrent, "--scheduler", "none", "--shared-base", str(shared), "--out", str(out)]
+               "--concurrent", "1", "--scheduler", "none", "--shared-base", str(shared), "--out", str(out)]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     wall = time.perf_counter() - started
@@ -91,8 +90,8 @@ def run_sweep(job: Path, space: Path, out: Path, trials: int, shared: int) -> di
 def in_process_job(model: str, steps: int, folder: Path, seq: int, gpu: bool) -> dict:
     """The in-process job: the quickstart's data, LoRA on every linear layer, no evaluation."""
     spec = yaml.safe_load(job_for(model, steps, 1, folder, seq).read_text())
-    spec["scaling"] = {"use_gpu": gpu, "cpus_per_worker": 2}
-    spec["training"] |= {"threads": 2, "precision": "bf16" if gpu else "fp32"}
+    spec["scaling"] = {"use_gpu": gpu, "cpus_per_worker": 1}
+    spec["training"] |= {"precision": "bf16" if gpu else "fp32"}
     return spec
 
 
@@ -210,7 +209,7 @@ def main() -> None:
         max_length = args.seq or (1024 if byte_tokens else 128)  # (a byte tokenizer needs longer sequences)
         space = folder / "space.yaml"
         space.write_text(yaml.safe_dump(SPACE))
-        one, two = job_for(model, args.steps, 1, folder, max_length), job_for(model, args.steps, 2, folder, max_length)
+        job = job_for(model, args.steps, 1, folder, max_length)
         for count in (int(n) for n in args.trials.split(",")):
             if args.in_process:
                 import torch
@@ -218,13 +217,13 @@ def main() -> None:
                 base = in_process_job(model, args.steps, folder, max_length, torch.cuda.is_available())
                 results[count] = in_process(count, base, folder / f"n{count}")
             else:
-                separate = run_sweep(one, space, folder / f"separate-{count}", count, 1)
-                pack = run_sweep(two, space, folder / f"pack-{count}", count, count)
+                separate = run_sweep(job, space, folder / f"separate-{count}", count, 1)
+                pack = run_sweep(job, space, folder / f"pack-{count}", count, count)
                 results[count] = summarize(separate, pack) | {"separate": separate["command"], "pack": pack["command"]}
             print(json.dumps({count: {k: v for k, v in results[count].items() if k not in ("separate", "pack")}}),
                   flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+            if args.json:  # after each count: a later one that fails keeps the earlier ones
+                args.json.write_text(json.dumps(results, indent=1))
 
 
 def model_for(name: str, folder: Path) -> tuple[str, bool]:
