@@ -226,7 +226,7 @@ def estimate(model_path: str, case: Case, seq: int, setting: Setting | None = No
         "scaling": {"use_gpu": setting.device.type == "cuda", "num_workers": 1},
     })
     parts = dict(plan_job(spec).gpu_bytes)
-    parts.pop("runtime")  # the CUDA context and kernels: the allocator does not count them (nor does CPU)
+    parts.pop("runtime", None)  # the CUDA context and kernels (GPU plans): the allocator does not count them
     return parts
 
 

@@ -24,6 +24,7 @@ from ftcluster.core.locations import is_remote
 from ftcluster.core.quiet import RAY_PROCESS_SETUP_HOOK, quiet_libraries, quiet_ray_train_worker
 from ftcluster.core.storage import forwarded_settings
 from ftcluster.core.worker import WorkerContext
+from ftcluster.launch.worker_deaths import worker_death
 from ftcluster.models.load import ALIASES
 from ftcluster.objectives.grpo.rewards import share_reward_code
 from ftcluster.planning.capacity import worker_resources
@@ -394,7 +395,7 @@ def fit(trainer, spec: JobSpec) -> dict[str, Any]:
         with placement_deadline(spec):
             fit_interruptibly(trainer)
     except Exception as exc:
-        user_error = user_error_in(exc) or unplaced_workers(exc, spec)
+        user_error = user_error_in(exc) or unplaced_workers(exc, spec) or worker_death(exc, spec)
         if user_error is not None:
             raise FtError(str(user_error)) from None
         raise

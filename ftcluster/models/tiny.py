@@ -56,10 +56,12 @@ def make_tiny_llama(
     intermediate_size: int = 128,
     max_positions: int = 2048,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> Path:
-    """Write a random-init Llama (default 2 layers, 64 wide) and its tokenizer to ``directory``."""
+    """Write a random-init Llama (default 2 layers, 64 wide) and its tokenizer to ``directory``, its
+    weights stored in ``dtype`` (built in it too: a 1B model in bfloat16 never needs 4 GB here)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     directory = Path(directory)
     tokenizer = byte_tokenizer()
@@ -77,7 +79,7 @@ def make_tiny_llama(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -5,6 +5,8 @@ meet is refused with the numbers instead of waiting PENDING forever.
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 
@@ -134,7 +136,7 @@ def capacity_problems(spec: JobSpec, view: ClusterView, driver_cpus: float = 0.0
         f"scaling: the job needs {amount:g} {kind} ({scaling.num_workers} workers"
         + (f" + {driver_cpus:g} for the job's driver" if kind == "CPU" and driver_cpus else "")
         + (f" + {actors} rollout actors" if actors else "")
-        + f"), the Ray cluster has {have.get(kind, 0):g}"
+        + f"), the Ray cluster has {have.get(kind, 0):g}" + (_fewer_cpus_hint(spec, have, needs) if kind == "CPU" else "")
         for kind, amount in needs.items() if amount > have.get(kind, 0) + 1e-9
     ]
     one_worker = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
@@ -151,7 +153,43 @@ def capacity_problems(spec: JobSpec, view: ClusterView, driver_cpus: float = 0.0
                             "lower scaling.cpus_per_worker or num_workers, or add nodes")
     if scaling.use_gpu and not problems:
         problems += _plan_problems(spec, view)
+    elif not problems:
+        problems += _cpu_memory_problems(spec, view)
     return problems
+
+
+def _fewer_cpus_hint(spec: JobSpec, have: dict[str, float], needs: dict[str, float]) -> str:
+    """What to set so the workers' CPUs fit what the cluster has beside the driver's and actors' (in quarters)."""
+    scaling = spec.scaling
+    spare = have.get("CPU", 0.0) - (needs["CPU"] - scaling.num_workers * scaling.cpus_per_worker)
+    fitting = math.floor(4 * spare / scaling.num_workers + 1e-9) / 4
+    return f"; set scaling.cpus_per_worker={fitting:g} or fewer, or add nodes" if fitting > 0 else ""
+
+
+def _cpu_memory_problems(spec: JobSpec, view: ClusterView) -> list[str]:
+    """CPU workers hold their weights, gradients, optimizer states and activations in host RAM: one
+    worker's planned memory against the `memory` the nodes that can run it offer to Ray. (Ray does not
+    reserve memory for Train workers: a worker that outgrows its node is killed, without a word from us.)"""
+    from ftcluster.core.errors import FtError
+    from ftcluster.planning.plan import GB, memory_plan
+
+    bundle = worker_resources(spec)
+    offers = [node["memory"] for node in view.nodes if node.get("memory") and _fits(node, bundle)]
+    if not offers:
+        return []
+    try:
+        plan = memory_plan(spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"gpus_per_node": 1})}))
+    except (FtError, OSError, ValueError):
+        return []  # no config to plan from here (the workers will say what is wrong with the model)
+    if plan.host_total <= max(offers):
+        return []
+    sharded = spec.distributed.backend == "deepspeed" and spec.distributed.zero_stage == 3
+    advice = ("more workers (scaling.num_workers)" if sharded else
+              "workers with distributed.backend=deepspeed, zero_stage=3 (more of them: less each)")
+    return [f"plan: one CPU worker needs {plan.host_total / GB:.1f} GB of host RAM (model states "
+            f"{plan.model_states / GB:.1f} GB, activations, runtime), the largest node that can run it offers "
+            f"{max(offers) / GB:.1f} GB to Ray; shard the model states over {advice}, or use larger nodes "
+            "(see `ftcluster plan`)"]
 
 
 def _plan_problems(spec: JobSpec, view: ClusterView) -> list[str]:

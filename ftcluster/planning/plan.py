@@ -28,9 +28,11 @@ from ftcluster.track.flops import flops_per_token, peak_flops_of
 GB = 1e9
 RUNTIME_GPU_BYTES = 1.5 * GB  # CUDA context, NCCL buffers, allocator slack
 RUNTIME_HOST_BYTES_PER_WORKER = 3 * GB  # Python, torch, Ray worker
+RUNTIME_CPU_WORKER_BYTES = 1.0 * GB  # the same on a CPU worker (no CUDA libraries): measured 0.8-0.9 GB
 CHECKPOINT_SHARD_BYTES = 5 * GB  # transformers loads one safetensors shard at a time
 OFFLOAD_SPEED = {"none": 1.0, "optimizer": 0.7, "optimizer+params": 0.45}  # assumed MFU multipliers
 DS_HOST_BUFFER = 1.5  # DeepSpeed estimators' additional_buffer_factor
+DS_MAX_LIVE_PARAMETERS = 1e9  # ZeRO-3's stage3_max_live_parameters default: gathered weights it may keep
 
 
 @dataclass
@@ -78,10 +80,17 @@ class Plan:
     mfu: float
     hours_per_epoch: float | None
     cost_per_epoch: float | None
+    cpu: bool = False  # CPU workers: the "GPU" figures are each worker's share of host RAM
 
     @property
     def gpu_total(self) -> float:
         return sum(self.gpu_bytes.values())
+
+    @property
+    def model_states(self) -> float:
+        """Per device: weights, gradients and optimizer states (what `held_memory` counts in a worker)."""
+        return sum(value for key, value in self.gpu_bytes.items()
+                   if key not in ("activations", "logits", "runtime", "optimizer step"))
 
     @property
     def host_total(self) -> float:
@@ -162,7 +171,8 @@ def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, pr
 
     DeepSpeed (mixed precision): 16-bit weights, and per trained parameter 18 bytes of 16-bit and
     32-bit gradients, 32-bit master weights and two Adam moments, partitioned by ZeRO stage; ZeRO-3
-    also holds the largest layer gathered in 32 bits. torch (DDP): weights, gradients and both
+    also holds the largest layer gathered in 32 bits, and keeps its weights in the training precision
+    (32-bit ones when training in fp32, as CPU workers do by default). torch (DDP): weights, gradients and both
     AdamW moments in the weights' dtype. QLoRA's `quantized` weights cost about half a byte each.
     """
     w = setup.world
@@ -176,7 +186,7 @@ def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, pr
         }
     stage = setup.zero_stage
     if stage == 3:
-        weights = (frozen_bytes + trainable * 2) / w if not setup.offload_params else 0.0
+        weights = (frozen_bytes + trainable * weight) / w if not setup.offload_params else 0.0
         return {
             "weights": weights,
             "gathered layer": 4 * largest,
@@ -188,6 +198,21 @@ def model_state_bytes(setup: Setup, total: int, trainable: int, largest: int, pr
     if stage == 2:
         return {"weights": weights, "gradients + optimizer": 18 * trainable / w}
     return {"weights": weights, "gradients": 2 * trainable + 4 * trainable / w, "optimizer": 12 * trainable / w}
+
+
+def zero3_working_bytes(setup: Setup, total: int, trainable: int, precision: str, fused_adam: bool) -> dict[str, float]:
+    """What ZeRO-3 holds beyond its partitioned states, measured on CPU (bench/zero3_scale.py): the
+    gathered 16-bit weights it keeps between uses (up to stage3_max_live_parameters: a whole model
+    below 1B parameters), and during the optimizer step a 32-bit copy of the gradient partition plus,
+    unless AdamW is fused (ftcluster fuses it on GPUs), torch AdamW's two 32-bit temporaries per
+    trained parameter of the partition. Nothing here when the optimizer is offloaded (its step runs in
+    DeepSpeed's CPU Adam, in host RAM)."""
+    if setup.backend != "deepspeed" or setup.zero_stage != 3:
+        return {}
+    out = {"live gathered weights": min(total, DS_MAX_LIVE_PARAMETERS) * _bytes_per_weight(precision)}
+    if not setup.offload_optimizer:
+        out["optimizer step"] = trainable / setup.world * (4 + (0 if fused_adam else 8))
+    return out
 
 
 def chunked_loss_for(spec: JobSpec, setup: Setup) -> bool:
@@ -220,13 +245,18 @@ def activation_bytes(spec: JobSpec, config, context: int, precision: str, chunke
 
 
 def host_bytes(setup: Setup, total: int, trainable: int, largest: int, precision: str,
-               quantized: int = 0, double_quant: bool = True) -> dict[str, float]:
-    """Host RAM per node: workers' runtime, loading, and what CPU offload keeps there."""
+               quantized: int = 0, double_quant: bool = True, cpu_workers: bool = False) -> dict[str, float]:
+    """Host RAM per node: workers' runtime, loading, saving, and what CPU offload keeps there.
+    ``cpu_workers``: the workers train on the CPU (no CUDA runtime in their processes)."""
     per_node = setup.gpus_per_node
     weight = _bytes_per_weight(precision)
-    out = {"runtime": per_node * RUNTIME_HOST_BYTES_PER_WORKER}
+    out = {"runtime": per_node * (RUNTIME_CPU_WORKER_BYTES if cpu_workers else RUNTIME_HOST_BYTES_PER_WORKER)}
     if setup.backend == "deepspeed" and setup.zero_stage == 3:
         out["loading"] = 2 * 4 * largest  # rank 0 streams one tensor at a time (zero3_load)
+        # At the end rank 0 gathers the whole model in host memory to save it (DeepSpeed's
+        # 16-bit consolidated state dict), while every worker still holds its states.
+        out["saving (rank 0's node)"] = frozen_weight_bytes(total - trainable, quantized, precision,
+                                                           double_quant) + trainable * weight
     else:
         out["loading"] = per_node * min(total * weight, CHECKPOINT_SHARD_BYTES)
     if setup.offload_optimizer:
@@ -283,18 +313,39 @@ def model_facts(spec: JobSpec, method: str, meta=None) -> ModelFacts:
                       quantized_weights(model) if METHODS[method].quantized_base else 0)
 
 
+def training_precision(spec: JobSpec) -> str:
+    """The precision the loop trains in: `auto` is bf16 on GPUs and fp32 on CPU workers."""
+    if spec.training.precision != "auto":
+        return spec.training.precision
+    return "bf16" if spec.scaling.use_gpu else "fp32"
+
+
 def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bool], facts: ModelFacts) -> Plan:
-    precision = spec.training.precision if spec.training.precision != "auto" else "bf16"
+    """The setup's memory, time and cost. CPU workers (scaling.use_gpu false) hold their model states
+    and activations in host RAM: the per-device figures are then part of each node's host RAM."""
+    precision = training_precision(spec)
+    cpu = not spec.scaling.use_gpu
     double_quant = spec.method.quant.double_quant
     gpu = model_state_bytes(setup, facts.total, facts.trainable, facts.largest, precision, facts.quantized, double_quant)
+    gpu.update(zero3_working_bytes(setup, facts.total, facts.trainable, precision, fused_adam=not cpu))
     gpu.update(activation_bytes(spec, facts.config, spec.data.max_length, precision, chunked_loss_for(spec, setup)))
-    gpu["runtime"] = RUNTIME_GPU_BYTES
-    capacity_gb = spec.scaling.gpu_memory_gb
-    if not capacity_gb:
-        accelerator = find_accelerator(spec.scaling.gpu_type)
-        assert accelerator is not None, "ScalingSpec validates gpu_type"
-        capacity_gb = accelerator.memory_gb
-    capacity = capacity_gb * GB
+    host = host_bytes(setup, facts.total, facts.trainable, facts.largest, precision, facts.quantized, double_quant,
+                      cpu_workers=cpu)
+    if cpu:
+        # The final save comes after the last optimizer step: rank 0 needs the larger of the two, not both.
+        saving = "saving (rank 0's node)"
+        if saving in host:
+            host[saving] = max(0.0, host[saving] - gpu.get("optimizer step", 0.0))
+        host = {f"training ({setup.gpus_per_node} workers)": setup.gpus_per_node * sum(gpu.values()), **host}
+        capacity = spec.scaling.node_ram_gb * GB / setup.gpus_per_node
+    else:
+        gpu["runtime"] = RUNTIME_GPU_BYTES
+        capacity_gb = spec.scaling.gpu_memory_gb
+        if not capacity_gb:
+            accelerator = find_accelerator(spec.scaling.gpu_type)
+            assert accelerator is not None, "ScalingSpec validates gpu_type"
+            capacity_gb = accelerator.memory_gb
+        capacity = capacity_gb * GB
     peak = peak_flops_of(spec.scaling.gpu_type)
     effective = mfu * OFFLOAD_SPEED[setup.offload]
     hours = tokens[0] * facts.flops_per_token / (effective * peak * setup.world) / 3600 if peak else None
@@ -302,11 +353,10 @@ def plan_setup(spec: JobSpec, setup: Setup, *, mfu: float, tokens: tuple[int, bo
     cost = hours * setup.world * price if hours is not None and price is not None else None
     return Plan(
         setup=setup, gpu_type=spec.scaling.gpu_type, total_params=facts.total, trainable_params=facts.trainable,
-        largest_tensor=facts.largest, gpu_bytes=gpu, gpu_capacity=capacity,
-        host_bytes_per_node=host_bytes(setup, facts.total, facts.trainable, facts.largest, precision, facts.quantized,
-                                       double_quant),
+        largest_tensor=facts.largest, gpu_bytes=gpu, gpu_capacity=capacity, host_bytes_per_node=host,
         host_capacity=spec.scaling.node_ram_gb * GB, tokens_per_epoch=tokens[0], tokens_estimated=tokens[1],
         flops_per_token=facts.flops_per_token, mfu=effective, hours_per_epoch=hours, cost_per_epoch=cost,
+        cpu=cpu,
     )
 
 
@@ -327,6 +377,12 @@ def setup_of(spec: JobSpec) -> Setup:
 def plan_job(spec: JobSpec, mfu: float = 0.4) -> Plan:
     setup = setup_of(spec)
     return plan_setup(spec, setup, mfu=mfu, tokens=count_tokens(spec), facts=model_facts(spec, setup.method))
+
+
+def memory_plan(spec: JobSpec) -> Plan:
+    """The job's memory alone (its time and cost left out: no data is read): what a capacity check needs."""
+    setup = setup_of(spec)
+    return plan_setup(spec, setup, mfu=0.4, tokens=(0, True), facts=model_facts(spec, setup.method))
 
 
 def suggest(spec: JobSpec, mfu: float = 0.4, max_nodes: int = 8) -> list[Plan]:

@@ -174,8 +174,9 @@ def _gb(value: float) -> str:
 def plan_tables(plan) -> list[Table]:
     """The planner's per-GPU and per-node memory, and time and cost per epoch."""
     verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-    memory = Table(title=f"Plan: {plan.setup.label()} on {plan.gpu_type} — {verdict}")
-    memory.add_column("per GPU", style="bold")
+    device = "CPU worker" if plan.cpu else "GPU"
+    memory = Table(title=f"Plan: {plan.setup.label()} on {'CPU' if plan.cpu else plan.gpu_type} — {verdict}")
+    memory.add_column(f"per {device}", style="bold")
     memory.add_column("bytes", justify="right")
     for key, value in plan.gpu_bytes.items():
         memory.add_row(key, _gb(value))

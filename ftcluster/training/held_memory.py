@@ -65,6 +65,9 @@ def held_bytes(module: torch.nn.Module, optimizer) -> dict[str, int]:
     wrapper = vars(optimizer) if inner is not optimizer else {}
     count("gradients", (t for name, value in wrapper.items() if "grad" in name for t in _tensors_in(value)))
     count("master weights", iter(masters))
+    # DeepSpeed keeps the 32-bit master copy in flat buffers of its own (the inner optimizer's groups
+    # may be empty between steps): every other 32-bit tensor on the wrapper is that copy.
+    count("master weights", (t for value in wrapper.values() for t in _tensors_in(value) if t.dtype == torch.float32))
     count("optimizer states", (t for state in inner.state.values() for t in state.values()
                                if isinstance(t, torch.Tensor)))
     return held
@@ -72,8 +75,9 @@ def held_bytes(module: torch.nn.Module, optimizer) -> dict[str, int]:
 
 def worker_memory(setup: Setup) -> list[dict[str, Any]]:
     """Every worker's held bytes and peak RSS so far, gathered to every worker (a collective)."""
+    optimizer = getattr(setup.stepper, "optimizer", None) or setup.optimizer  # DeepSpeed's wrapper, if any
     own = {"rank": setup.ctx.rank, "peak_rss_mb": round(peak_memory_mb(torch.device("cpu")), 1),
-           "held_bytes": held_bytes(setup.module, setup.optimizer)}
+           "held_bytes": held_bytes(setup.module, optimizer)}
     return gather(setup.ctx, own)
 
 
