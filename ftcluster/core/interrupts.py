@@ -9,9 +9,10 @@ or on a second signal, `Interrupted` is raised at once. The CLI prints one line 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -26,6 +27,8 @@ class Interrupted(KeyboardInterrupt):
         self.step = step
         self.checkpoint = checkpoint
 
+    def __reduce__(self):  # a Ray worker's interrupt reaches the driver pickled, with its step and checkpoint
+        return (Interrupted, (self.signum, self.step, self.checkpoint))
 
 
 class StopRequests:
@@ -34,6 +37,7 @@ class StopRequests:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.deferring = False
+        self.record_only = False  # a Ray worker: its main thread runs Ray's task loop, never raise there
 
     def install(self) -> None:
         """Route SIGINT and SIGTERM here (again after libraries such as Ray set their own handlers)."""
@@ -45,8 +49,19 @@ class StopRequests:
     def _handle(self, signum: int, frame) -> None:
         first = self.signum is None
         self.signum = signum
+        if self.record_only:
+            if not first:  # a second signal stops at once
+                os._exit(128 + signum)
+            return
         if not (first and self.deferring):
             raise Interrupted(signum)
+
+    def install_in_worker(self) -> None:
+        """In a Ray worker's main thread: a signal is recorded for the training thread, which stops at its next
+        step boundary (the main thread runs Ray's task loop, where an exception would kill the worker)."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        self.record_only = True
+        self.install()
 
     @contextlib.contextmanager
     def at_step_boundaries(self) -> Iterator[None]:
@@ -57,13 +72,16 @@ class StopRequests:
         finally:
             self.deferring = False
 
-    def raise_if_requested(self, step: int, save_checkpoint) -> None:
+    def raise_if_requested(self, step: int, save_checkpoint, agree: Callable[[int], int] = lambda signum: signum) -> None:
         """At a step boundary: if a signal came, save a checkpoint (``save_checkpoint()`` → its path or None)
-        and raise `Interrupted`."""
-        if self.signum is None:
+        and raise `Interrupted`. ``agree(signum or 0)``: the signal any worker of the group got (a collective
+        every worker calls at every boundary), so that all of them checkpoint and stop together."""
+        signum = agree(self.signum or 0)
+        if not signum:
             return
+        self.signum = signum
         self.deferring = False  # a second signal while saving stops at once
-        raise Interrupted(self.signum, step, save_checkpoint())
+        raise Interrupted(signum, step, save_checkpoint())
 
 
     def raise_while_waiting(self) -> None:

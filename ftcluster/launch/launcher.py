@@ -14,12 +14,13 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ftcluster.config.spec import JobSpec
 from ftcluster.core.errors import FtError, io_error_line, storage_errno
-from ftcluster.core.interrupts import STOP
+from ftcluster.core.interrupts import STOP, Interrupted
 from ftcluster.core.locations import is_remote
 from ftcluster.core.quiet import RAY_PROCESS_SETUP_HOOK, quiet_libraries, quiet_ray_train_worker
 from ftcluster.core.storage import forwarded_settings
@@ -108,9 +109,23 @@ def ray_context(checkpoint_root: Path, checkpoints_to_ray: bool = True) -> Worke
     )
 
 
+def _install_worker_signals(_actor) -> None:
+    STOP.install_in_worker()
+
+
+def handle_signals_in_this_worker() -> None:
+    """SIGTERM/SIGINT to a Ray Train worker (a node drained, a pod evicted, a kill) checkpoints the group at the
+    next step boundary and stops it (`Interrupted`), instead of Ray's handler ending the worker mid-step.
+    Handlers can only be set from a process's main thread, which runs Ray's task loop: it is asked to."""
+    import ray
+
+    ray.get(ray.get_runtime_context().current_actor.__ray_call__.remote(_install_worker_signals))
+
+
 def _ray_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
     quiet_ray_train_worker()
+    handle_signals_in_this_worker()
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray_context(RunPaths.of(spec).local / CHECKPOINTS, checkpoints_to_ray=RunPaths.of(spec).uri is None)
     ctx.launch = config["launch"]
@@ -153,8 +168,8 @@ def init_ray(address: str | None) -> None:
              log_to_driver=True, runtime_env=RAY_JOB_ENV)
 
 
-def user_error_in(exc: BaseException) -> FtError | None:
-    """The FtError a worker raised, if that is what ended training (Ray wraps worker errors)."""
+def wrapped(exc: BaseException) -> Iterator[BaseException]:
+    """An exception and every one it wraps (Ray wraps worker errors: causes, worker failures, user errors)."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -162,13 +177,25 @@ def user_error_in(exc: BaseException) -> FtError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        yield current
+        pending += [getattr(current, "cause", None), getattr(current, "_base_exc", None), current.__cause__,
+                    current.__context__]
+        pending += list(getattr(current, "worker_failures", {}).values())
+
+
+def user_error_in(exc: BaseException) -> FtError | None:
+    """The FtError a worker raised, if that is what ended training (Ray wraps worker errors)."""
+    for current in wrapped(exc):
         if isinstance(current, FtError):
             return current
         if storage_errno(current) is not None:
             return FtError(io_error_line(current))
-        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
-        pending += list(getattr(current, "worker_failures", {}).values())
     return None
+
+
+def interrupt_in(exc: BaseException) -> Interrupted | None:
+    """The Interrupted that stopped the workers (a signal to one of them), with its step and checkpoint."""
+    return next((current for current in wrapped(exc) if isinstance(current, Interrupted)), None)
 
 
 def check_cluster_capacity(spec: JobSpec) -> None:
@@ -395,6 +422,9 @@ def fit(trainer, spec: JobSpec) -> dict[str, Any]:
         with placement_deadline(spec):
             fit_interruptibly(trainer)
     except Exception as exc:
+        interrupt = interrupt_in(exc)
+        if interrupt is not None:
+            raise interrupt from None
         user_error = user_error_in(exc) or unplaced_workers(exc, spec) or worker_death(exc, spec)
         if user_error is not None:
             raise FtError(str(user_error)) from None

@@ -155,8 +155,7 @@ def advance(setup: Setup, state: RunState) -> bool:
         if setup.ctx.is_main:
             state.progress.message(f"step {step}: a node of this run is being preempted; checkpoint saved "
                                    f"({display_checkpoint(setup.spec, saved)}), training goes on until it goes")
-    STOP.raise_if_requested(step, lambda: checkpoint(setup, state) if cfg.checkpoint_on_preempt
-                            else latest_checkpoint(setup.paths.checkpoints))
+    STOP.raise_if_requested(step, lambda: checkpoint_to_stop(setup, state), lambda signum: group_signal(setup, step, signum))
     if state.stop_reason != "completed":
         state.progress.message(f"Stopping at step {step}: {state.stop_reason}")
         return False
@@ -170,6 +169,25 @@ def checkpoint_and_report(setup: Setup, state: RunState) -> Path:
                      saved if setup.ctx.is_main else None)
     state.window.restart_clock()
     return saved
+
+
+def checkpoint_to_stop(setup: Setup, state: RunState) -> Path | None:
+    """On a signal: this step's checkpoint (handed to the launcher too, which restarts a Ray worker group
+    from it), unless training.checkpoint_on_preempt is off; else the latest one."""
+    latest = latest_checkpoint(setup.paths.checkpoints)
+    if not setup.spec.training.checkpoint_on_preempt or (latest is not None and latest.name == checkpoint_name(state.step)):
+        return latest
+    return checkpoint_and_report(setup, state)
+
+
+def group_signal(setup: Setup, step: int, signum: int) -> int:
+    """The signal any worker of the group got (0: none); every worker asks at every step boundary."""
+    if setup.ctx.world_size == 1:
+        return signum
+    value = torch.tensor(float(signum), device=setup.device)
+    with setup.ctx.collective("signal check", step, setup.spec.distributed.timeout_s):
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return int(value.item())
 
 
 def preemption_notice_arrived(setup: Setup, state: RunState) -> bool:
