@@ -252,14 +252,20 @@ def _bounded(operation, left: Any, right: Any) -> Any:
 _FUNCTIONS: dict[str, Callable[..., Any]] = {"min": min, "max": max, "int": int, "float": float, "round": round, "sqrt": math.sqrt}
 
 
+MAX_EXPRESSION_CHARS = 500  # longer expressions are refused before Python parses them
+
+
 def evaluate_expression(text: str, values: dict[str, Any], base: dict[str, Any], where: str) -> Any:
     """Arithmetic over numbers and dotted spec keys (this trial's values first, then the base spec).
 
     Only + - * / // % **, unary minus and min/max/int/float/round/sqrt: a space file cannot run code.
     """
+    if len(text) > MAX_EXPRESSION_CHARS:  # (Python's parser runs out of memory on deep nesting: 100,000 minus signs)
+        raise SpecError(f"{where}: expression {text[:40]!r}... is {len(text):,} characters long; an expression may "
+                        f"have at most {MAX_EXPRESSION_CHARS}")
     try:
         tree = ast.parse(text, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, MemoryError, RecursionError):
         raise SpecError(f"{where}: expression {text!r} is not valid arithmetic") from None
 
     def lookup(name: str) -> Any:
@@ -300,5 +306,5 @@ def evaluate_expression(text: str, values: dict[str, Any], base: dict[str, Any],
 
     try:
         return walk(tree)
-    except (TypeError, ZeroDivisionError, ValueError, OverflowError) as exc:
-        raise SpecError(f"{where}: expression {text!r} failed: {exc}") from None
+    except (TypeError, ZeroDivisionError, ValueError, OverflowError, RecursionError) as exc:
+        raise SpecError(f"{where}: expression {text!r} failed: {type(exc).__name__ if isinstance(exc, RecursionError) else exc}") from None
