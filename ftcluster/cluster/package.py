@@ -40,7 +40,8 @@ def looks_secret(path: Path) -> bool:
 
 def _copy_data(location: str, target: Path, key: str) -> list[Path]:
     """A data file (to ``target``), or a folder of shards, a glob's files or a save_to_disk folder
-    (into the folder ``target``); a file that looks like a credential is refused."""
+    (into the folder ``target``); a file that looks like a credential, or a link inside a folder that
+    leads out of it (a shard linked to ~/.aws/credentials), is refused."""
     source, data = Path(location), Source(location)
     if source.is_file():
         copies, files = [target], [source]
@@ -51,8 +52,11 @@ def _copy_data(location: str, target: Path, key: str) -> list[Path]:
         files = [p for p in source.rglob("*") if p.is_file()]
         copies = [target / file.relative_to(source) for file in files]
     for file in files:
-        if looks_secret(file):
+        if looks_secret(file) or looks_secret(file.resolve()):
             raise FtError(f"data.{key}: {file.name} looks like a credentials file; it is never uploaded")
+        if source.is_dir() and not file.resolve().is_relative_to(source.resolve()):
+            raise FtError(f"data.{key}: {file} is a link to {file.resolve()}, outside {source}; links that leave the "
+                          "data folder are never uploaded (copy the file into the folder if it belongs there)")
     for file, copy in zip(files, copies):
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, copy)
