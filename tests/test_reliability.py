@@ -199,7 +199,7 @@ def test_full_disk_mid_run(make_job, cli, mount_tmpfs):
     out = small / "run"
     result = cli("train", make_job("full", training={"max_steps": 4, "checkpoint_every": 2},
                                    output={"dir": str(out)}), "--no-ray")
-    one_line_error(result, "No space left on device", "--resume")
+    one_line_error(result, "No space left on device", "--resume", str(out))  # the line names where
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written checkpoint was removed
 
 

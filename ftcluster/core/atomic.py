@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ftcluster.core.errors import naming
+
 
 def _umask() -> int:
     current = os.umask(0)
@@ -63,6 +65,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             shutil.rmtree(target)
         os.replace(staging, target)
         fsync_directory(target.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        named = naming(exc, target)
+        if named is exc:
+            raise
+        raise named from exc

@@ -19,6 +19,15 @@ def storage_errno(exc: BaseException) -> int | None:
     return number if number in IO_ERRNOS else None
 
 
+def naming(exc: BaseException, path: object) -> BaseException:
+    """A storage failure that does not say where (safetensors' "(os error 28)", a bare ENOSPC) as an OSError
+    naming ``path``, what was being written; any other exception as it is."""
+    number = storage_errno(exc)
+    if number is None or getattr(exc, "filename", None):
+        return exc
+    return OSError(number, os.strerror(number), str(path))
+
+
 def io_error_line(exc: BaseException) -> str:
     """One line for a storage error, naming the file where known."""
     number = storage_errno(exc)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ftcluster.core.atomic import fsync_directory, fsync_tree, write_text_atomic
 from ftcluster.core.checksums import damaged, digests
-from ftcluster.core.errors import FtError
+from ftcluster.core.errors import FtError, naming
 from ftcluster.runs.layout import LATEST, TRAINER_STATE, checkpoint_name, checkpoint_step
 
 DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's ZeRO shards
@@ -140,10 +140,13 @@ def save_checkpoint(
                 shutil.rmtree(final)
             os.replace(staging, final)
             fsync_directory(root)
-    except BaseException:
+    except BaseException as exc:
         if is_main:
             shutil.rmtree(staging, ignore_errors=True)
-        raise
+        named = naming(exc, final)  # a full disk's line names the checkpoint being written
+        if named is exc:
+            raise
+        raise named from exc
     if is_main:
         write_text_atomic(root / LATEST, final.name + "\n")
         _prune(root, keep)
