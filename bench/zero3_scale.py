@@ -18,9 +18,9 @@ peak RSS over each launch (VmHWM of every process in the node's cgroup, polled),
 weights, gradients, master weights and optimizer states it holds at the end (summary.json's
 `workers`, counted from the tensors), the cap's OOM kills (must be 0).
 
-    .venv/bin/python bench/zero3_scale.py                      # ~1B, nodes of 10 GB (needs ~22 GB free)
-    .venv/bin/python bench/zero3_scale.py --size 500m --cap-gb 6.5
-    .venv/bin/python bench/zero3_scale.py --size tiny --cap-gb 2 --steps 2   # the plumbing, in a minute
+    .venv/bin/python bench/zero3_scale.py --size 300m --cap-gb 8 --steps 4 --store folder   # RESULTS.md
+    .venv/bin/python bench/zero3_scale.py --size tiny --cap-gb 3 --steps 2   # the plumbing, S3 store, a minute
+    # --size 1b: the plan gives it 17.9 GB per worker over two workers: a machine with ~40 GB free
 """
 
 from __future__ import annotations
@@ -286,8 +286,8 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=list(SIZES), default="1b")
-    parser.add_argument("--cap-gb", type=float, default=10.0, help="memory of each node (cgroup and Ray's memory)")
+    parser.add_argument("--size", choices=list(SIZES), default="300m")
+    parser.add_argument("--cap-gb", type=float, default=8.0, help="memory of each node (cgroup and Ray's memory)")
     parser.add_argument("--steps", type=int, default=4, help="training steps; a checkpoint at half, then --resume")
     parser.add_argument("--store", choices=["s3", "folder"], default="s3",
                         help="run storage: the loopback S3 server, or a folder all nodes see (large sizes)")
