@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from storage_server import loopback_store
 
 from ftcluster.cluster.package import build_package
@@ -313,3 +314,17 @@ def test_the_entrypoint_names_what_the_clusters_python_lacks(tmp_path):
     full = subprocess.run([sys.executable, "-m", "ftcluster", "--help"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert full.returncode == 0 and "submit" in full.stdout
+
+
+def test_the_shipped_local_cluster_config_submits_and_a_short_head_says_what_to_set(on_cluster, cli):
+    """cluster/local.yaml lists fixed machines (no node types to scale): the job is checked against the nodes
+    up now. The quickstart's 2 CPUs per worker and the entrypoint's 0.25 do not fit this 2-CPU head: the
+    refusal says what to set, and with it the job is submitted."""
+    quickstart, config = REPO / "jobs" / "quickstart.yaml", REPO / "cluster" / "local.yaml"
+    refused = cli("submit", quickstart, "--address", on_cluster, "--cluster-config", config)
+    assert refused.code == 2 and "no head_node_type" not in refused.err, refused
+    assert "the job needs 2.25 CPU" in refused.err and "set scaling.cpus_per_worker=1.75 or fewer" in refused.err
+    accepted = cli("submit", quickstart, "scaling.cpus_per_worker=1.75", "--address", on_cluster,
+                   "--cluster-config", config)
+    assert accepted.code == 0, accepted
+    assert cli("stop", accepted.out.strip().splitlines()[-1], "--address", on_cluster).code == 0

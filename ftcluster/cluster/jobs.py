@@ -69,15 +69,21 @@ def cluster_view(target: ClusterTarget) -> ClusterView:
     return ClusterView.from_state_api(reply["data"]["result"]["result"])
 
 
+def autoscales(config: dict) -> bool:
+    """Whether a `ray up` config describes node types the autoscaler starts (else: fixed machines, as
+    cluster/local.yaml lists them, whose resources are what the nodes up now report)."""
+    return bool(config.get("available_node_types")) or config.get("provider", {}).get("type") != "local"
+
+
 def check_capacity(target: ClusterTarget, spec: JobSpec, options: SubmitOptions) -> None:
     """Refuse a job the cluster can never hold: against its nodes alive now, or, for an autoscaling
     cluster, against the most its `ray up` config lets the autoscaler start."""
     if not options.capacity_check:
         return
-    if options.cluster_config is not None:
-        config = read_yaml(options.cluster_config)
+    config = read_yaml(options.cluster_config) if options.cluster_config is not None else None
+    if config is not None and autoscales(config):
         view, where = ClusterView.at_most(config, str(options.cluster_config)), f"{options.cluster_config} (at most)"
-    else:
+    else:  # the nodes up now: no config, or one of fixed machines (`provider: local` with head_ip / worker_ips)
         view, where = cluster_view(target), target.address
     problems = capacity_problems(spec, view, driver_cpus=ENTRYPOINT_CPUS)
     if problems:
