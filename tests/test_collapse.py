@@ -9,17 +9,8 @@ import math
 import pytest
 import torch
 from conftest import read_metrics
-
-TRACEBACK = "Traceback"
-
-
-def one_line(result, *needles: str) -> None:
-    assert result.code == 2, result
-    assert TRACEBACK not in result.err + result.out, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    for needle in needles:
-        assert needle in result.err, (needle, result.err)
+from test_reliability import TRACEBACK
+from test_reliability import one_line_error as one_line
 
 
 def test_exploding_weights_stop_the_run_in_one_line(make_job, cli, tmp_path):

@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import train_losses
-
-TRACEBACK = "Traceback"
-
-
-def one_line(result, *needles: str) -> None:
-    assert result.code == 2, result
-    assert TRACEBACK not in result.err + result.out, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+from test_reliability import TRACEBACK
+from test_reliability import one_line_error as one_line
 
 
 def zero_bytes_mid_file(path: Path, count: int = 4) -> None:

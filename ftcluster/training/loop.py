@@ -252,7 +252,7 @@ def evaluate_base_model(setup: Setup, state: RunState) -> None:
     if spec.eval.before_after:
         if state.resumed and before_path.is_file():
             state.before = json.loads(before_path.read_text())
-        else:  # every worker evaluates its share of the examples (see eval_shard.py)
+        else:  # every worker evaluates its share of the examples (see evaluation/shard.py)
             setup.say("Evaluating the base model ...")
             with base_model_view(setup.module), state.evaluating():
                 state.before = setup.evaluate()
