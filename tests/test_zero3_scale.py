@@ -39,6 +39,9 @@ def test_a_model_too_big_for_one_node_trains_sharded_over_two_and_one_worker_is_
     if psutil.virtual_memory().available < (2 * CAP_GB + 4) * 1e9:
         pytest.skip("needs two 4 GB nodes' worth of free memory")
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.shutdown()  # an earlier module's in-process `ftcluster train` (same test process) leaves its local Ray running
     result = zero3_bench().run(SIZE, CAP_GB, STEPS, tmp_path, "folder")
 
     one, two = result["plan"]["1"]["per_worker_gb"], result["plan"]["2"]["per_worker_gb"]

@@ -291,10 +291,11 @@ def train_step(setup: Setup, state: RunState) -> None:
     step_loss = torch.zeros((), device=device)
     for index, batch in enumerate(micro):
         with stepper.micro_context(last=index == len(micro) - 1):
-            with setup.autocast():
-                loss = objective.loss_sum(setup.forward_model, batch) / targets
-            # Workers' gradients are averaged; scale so the step sees the global sum / targets.
-            with ctx.collective("gradient all-reduce (backward)", number, timeout):
+            # DDP's forward broadcasts buffers and its backward all-reduces gradients: both wait on every peer.
+            with ctx.collective("forward and backward (gradient all-reduce)", number, timeout):
+                with setup.autocast():
+                    loss = objective.loss_sum(setup.forward_model, batch) / targets
+                # Workers' gradients are averaged; scale so the step sees the global sum / targets.
                 stepper.backward(loss * ctx.world_size)
         step_loss += loss.detach() * ctx.world_size
     grad_norm = stepper.clip_gradients()
@@ -323,7 +324,8 @@ def log_window(setup: Setup, state: RunState) -> None:
 
     numbers = window.close(ctx.world_size, all_reduce)
     state.collapse.check_loss(step, numbers["train_loss"])  # the same numbers on every worker
-    state.collapse.check_weights(setup.module, step, setup.device, ctx.world_size)
+    with ctx.collective("all_reduce of the weights' health check", step, setup.spec.distributed.timeout_s):
+        state.collapse.check_weights(setup.module, step, setup.device, ctx.world_size)
     elapsed, tokens_per_s = numbers["elapsed"], numbers["tokens_per_s"]
     record = {
         "step": step, "time": time.time(), "epoch": round(setup.order.epoch_of(step), 4),
