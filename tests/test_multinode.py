@@ -198,7 +198,7 @@ def test_a_preemption_notice_saves_a_checkpoint_in_time_and_the_run_resumes_ther
     fresh one joins; the group resumes from that checkpoint and ends with the uninterrupted losses."""
     # (max_failures: the surviving worker's collective fails as the node goes, which Ray may count as a failure)
     name, training = "preempted", {**TRAINING, "max_steps": 300, "checkpoint_every": 1000}
-    run = BackgroundRun(lambda: run_on_nodes(make_job, store, name, training=training))
+    run = BackgroundRun(lambda: run_on_nodes(make_job, store, name, method={"name": "full"}, training=training))
     deadline = time.monotonic() + 300
     while (rank0 := nodes.holding(name)) is None or "train_loss" not in working_copy(rank0, name).read_text():
         assert run.thread.is_alive() and time.monotonic() < deadline, run.outcome  # until a step is logged
