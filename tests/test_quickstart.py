@@ -8,6 +8,7 @@ from conftest import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.timed  # "in minutes" is measured alone: beside another test on 2 cores it took 839 s
 def test_quickstart_learns_the_format(cli, tmp_path):
     started = time.perf_counter()
     result = cli("train", REPO / "jobs" / "quickstart.yaml", f"output.dir={tmp_path / 'qs'}")
