@@ -38,12 +38,13 @@ def test_resume_matches_uninterrupted_run(method, make_job, cli, tmp_path):
     out = tmp_path / "runs" / "whole"
     uninterrupted = read_metrics(out)
     final_weights = {p.name: load_file(str(p)) for p in (out / "final").rglob("*.safetensors")}
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000006"]
 
     # Simulate a crash after step 3: drop everything the run wrote after its checkpoint.
-    for leftover in ("final", "summary.json", "eval_after.json"):
+    for leftover in ("final", "summary.json", "eval_after.json", "checkpoints/step-0000006"):
         target = out / leftover
         shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (out / "checkpoints" / "latest").write_text("step-0000003\n")
     result = run(cli, job, "--resume")
     assert "Resumed from" in result.out and "at step 3" in result.out
     resumed = read_metrics(out)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, train_losses, write_jsonl
+from conftest import REPO, read_metrics, train_losses, write_jsonl
 
 TRACEBACK = "Traceback"
 
@@ -216,7 +216,9 @@ def test_resume_of_a_finished_run_needs_force_or_more_steps(make_job, cli, tmp_p
     assert cli("train", job, "--no-ray").code == 0
     one_line_error(cli("train", job, "--no-ray", "--resume"), "holds a finished run", "--force")
     longer = cli("train", job, "--no-ray", "--resume", "training.max_steps=6")
-    assert longer.code == 0 and "at step 2" in longer.out, longer  # last checkpoint (step 2) kept by keep=2
+    assert longer.code == 0 and "at step 4" in longer.out, longer  # the run's end was checkpointed: no step redone
+    steps = [record["step"] for record in read_metrics(tmp_path / "runs" / "finished") if "train_loss" in record]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_expression_bombs_are_refused_at_once():

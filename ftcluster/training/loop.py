@@ -148,7 +148,9 @@ def advance(setup: Setup, state: RunState) -> bool:
         log_window(setup, state)
     if eval_every is not None and step % eval_every == 0 and not last:
         evaluate_during_training(setup, state)
-    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
+    if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
+        # The last step too (as HF's Trainer does): `--resume training.max_steps=MORE` continues from
+        # the end, and a failure in the final evaluation restarts there, with no step trained twice.
         checkpoint_and_report(setup, state)
     elif cfg.checkpoint_on_preempt and not last and preemption_notice_arrived(setup, state):
         saved = checkpoint_and_report(setup, state)  # just in time: a restart loses no step
