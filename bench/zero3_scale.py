@@ -256,8 +256,8 @@ def table(result: dict[str, Any]) -> str:
     plan2, plan1 = result["plan"]["2"], result["plan"]["1"]
     peak = max(max(x["peak_rss_gb"].values()) for x in result["launches"])
     rows = [
-        f"model: random Llama, {result['params']:,} parameters, bf16 weights, full fine-tuning (AdamW), "
-        f"ZeRO-3 over 2 nodes of {result['cap_gb']:g} GB (cgroup), {result['steps']} steps",
+        (f"model: random Llama, {result['params']:,} parameters, bf16 weights, full fine-tuning (AdamW), "
+        f"ZeRO-3 over 2 nodes of {result['cap_gb']:g} GB (cgroup), {result['steps']} steps"),
         "",
         "| per worker | planner (GB) | measured (GB) | measured / planner |",
         "|---|---|---|---|",
@@ -277,8 +277,8 @@ def table(result: dict[str, Any]) -> str:
         f"{result['cap_gb']:g} GB; exit {result['refusal']['code']}: "
         + " / ".join(line for line in result["refusal"]["stderr"] if line.startswith("error:")),
         f"largest peak RSS {peak:.2f} GB of the {result['cap_gb']:g} GB cap; cgroup OOM kills {result['oom_kills']}",
-        f"losses {', '.join(f'{step}: {loss:.3f}' for step, loss in result['losses'])}; resumed from step "
-        f"{result['resumed_from_step']} (store: {len(result['stored_optimizer_shards'])} optimizer shards)",
+        (f"losses {', '.join(f'{step}: {loss:.3f}' for step, loss in result['losses'])}; resumed from step "
+        f"{result['resumed_from_step']} (store: {len(result['stored_optimizer_shards'])} optimizer shards)"),
         f"launch times: {', '.join(str(x['seconds']) + ' s' for x in result['launches'])}",
     ]
     return "\n".join(rows)

@@ -53,7 +53,7 @@ def test_a_run_trained_into_s3_is_read_exported_and_loaded_from_there(store, nod
     keys = store.keys("team/stored/")
     for key in ("summary.json", "metrics.jsonl", "run.yaml", "eval_before.json", "eval_after.json",
                 "final/adapter/adapter_model.safetensors", "final/tokenizer/tokenizer.json",
-                "checkpoints/latest", "checkpoints/step-0000002/trainer_state.json"):
+                "checkpoints/latest", "checkpoints/step-0000004/trainer_state.json"):
         assert f"team/stored/{key}" in keys, key
     assert json.loads(store.read("team/stored/summary.json"))["steps"] == 4
 
@@ -64,7 +64,9 @@ def test_a_run_trained_into_s3_is_read_exported_and_loaded_from_there(store, nod
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
-    assert cli("report", run).code == 0
+    reported = cli("report", run)  # stored beside the run; the line names the URI, then the copy to open
+    assert reported.code == 0 and f"wrote {run}/report.html (open the copy here: " in reported.out, reported
+    assert "<html>" in store.read("team/stored/report.html").decode()
     assert cli("eval", run).code == 0
     node_cache()
     fetched = cli("fetch", run, "--out", tmp_path / "here")  # by its URI: no cluster involved
@@ -207,6 +209,7 @@ def test_a_sweep_into_the_store_lands_there_and_is_reported_and_resumed_from_ano
     result = cli("tune", job, space, "--searcher", "grid", "--concurrent", "2", "--scheduler", "none", "--out", sweep)
     assert result.code == 0, result
     assert f"→ {sweep}" in result.out and f"ftcluster report {sweep}" in result.out
+    assert f"Best spec: {sweep}/best.yaml (copy here: " in result.out and f"Leaderboard: {sweep}/leaderboard.csv" in result.out
     keys = store.keys("sweeps/lr/")
     board = json.loads(store.read("sweeps/lr/leaderboard.json"))
     rows = board["rows"]
@@ -226,7 +229,8 @@ def test_a_sweep_into_the_store_lands_there_and_is_reported_and_resumed_from_ano
 
     laptop = node_cache()  # a machine that never saw the sweep
     reported = cli("report", sweep)
-    assert reported.code == 0, reported
+    assert reported.code == 0 and f"wrote {sweep}/report.html" in reported.out, reported
+    assert "sweeps/lr/report.html" in store.keys("sweeps/lr/")
     page = (laptop / "runs" / "s3" / store.bucket / "sweeps" / "lr" / "report.html").read_text()
     assert all(row["trial"] in page for row in rows) and page.count("data:image/png;base64,") == 2
 

@@ -205,8 +205,10 @@ def tune(
     if outcome.budget_reached:
         console.print("[yellow]Budget reached:[/] no new trials were started after it.")
     if outcome.best_spec:
-        console.print(f"Best spec: {outcome.best_spec} (run it: ftcluster train {outcome.best_spec}). "
-                      f"Leaderboard: {sweep.folder}/leaderboard.csv; report: ftcluster report {sweep.location}",
+        stored = f"{sweep.location}/{outcome.best_spec.name}"  # the sweep's own location, a URI as given
+        copy = f" (copy here: {outcome.best_spec})" if stored != str(outcome.best_spec) else ""
+        console.print(f"Best spec: {stored}{copy}; run it: ftcluster train {outcome.best_spec}. "
+                      f"Leaderboard: {sweep.location}/leaderboard.csv; report: ftcluster report {sweep.location}",
                       soft_wrap=True, highlight=False)
     if outcome.interrupted:
         err_console.print(f"interrupted; continue with `ftcluster tune --resume {sweep.location}`", soft_wrap=True,
@@ -542,11 +544,11 @@ def report(run: Annotated[str, typer.Argument(help="A run, or a sweep written by
                                               "storage URI).", show_default=False)]) -> None:
     """Write report.html: for a run, overview, base-vs-fine-tuned and plots of loss, throughput, memory, cost;
     for a sweep, the leaderboard, metric vs dollars with the Pareto front, and every trial's curve."""
-    from ftcluster.results.report import write_run_report, write_sweep_report
-    from ftcluster.sweep.stored import is_sweep, open_sweep
+    from ftcluster.results.report import write_report
 
-    path = write_sweep_report(open_sweep(run)) if is_sweep(run) else write_run_report(run)
-    console.print(f"[green]✓[/] wrote {path}")
+    stored, here = write_report(run)
+    copy = f" (open the copy here: {here})" if stored != str(here) else ""
+    console.print(f"[green]✓[/] wrote {stored}{copy}", soft_wrap=True, highlight=False)
 
 
 render_app = typer.Typer(help="Render deployment manifests for a job spec.", no_args_is_help=True)

@@ -6,7 +6,6 @@ meet is refused with the numbers instead of waiting PENDING forever.
 from __future__ import annotations
 
 import math
-
 import os
 from dataclasses import dataclass
 
@@ -186,10 +185,10 @@ def _cpu_memory_problems(spec: JobSpec, view: ClusterView) -> list[str]:
     sharded = spec.distributed.backend == "deepspeed" and spec.distributed.zero_stage == 3
     advice = ("more workers (scaling.num_workers)" if sharded else
               "workers with distributed.backend=deepspeed, zero_stage=3 (more of them: less each)")
-    return [f"plan: one CPU worker needs {plan.host_total / GB:.1f} GB of host RAM (model states "
+    return [(f"plan: one CPU worker needs {plan.host_total / GB:.1f} GB of host RAM (model states "
             f"{plan.model_states / GB:.1f} GB, activations, runtime), the largest node that can run it offers "
             f"{max(offers) / GB:.1f} GB to Ray; shard the model states over {advice}, or use larger nodes "
-            "(see `ftcluster plan`)"]
+            "(see `ftcluster plan`)")]
 
 
 def _plan_problems(spec: JobSpec, view: ClusterView) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ftcluster.core.atomic import write_text_atomic
 from ftcluster.core.errors import FtError
+from ftcluster.core.storage import RemoteFolder, is_uri
 from ftcluster.runs.layout import METRICS, SUMMARY
 from ftcluster.runs.mirror import open_run
 from ftcluster.track.tables import searched_keys
@@ -77,6 +78,22 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.4g}"
     return str(value)
+
+
+def write_report(location: str) -> tuple[str, Path]:
+    """report.html for a run or a sweep (a folder or a storage URI): where it is stored, and the file here.
+
+    A URI's report goes into the store beside the run's other files, and the copy it was written in
+    stays on this machine: a browser opens a file, not an s3:// URI.
+    """
+    from ftcluster.sweep.stored import is_sweep, open_sweep
+
+    local = write_sweep_report(open_sweep(location)) if is_sweep(location) else write_run_report(location)
+    if not is_uri(location):
+        return str(local), local
+    remote = RemoteFolder(location.rstrip("/"))
+    remote.upload(local, REPORT)
+    return remote.child(REPORT), local
 
 
 def write_run_report(run_dir: str | Path) -> Path:

@@ -175,7 +175,7 @@ def write_best_spec(sweep_dir: Path, rows: list[TrialRow], sweep_name: str, run_
     spec["name"] = f"{sweep_name}-best"
     spec["output"] = {"dir": run_location, "overwrite": False}
     header = (f"# Best trial {best.trial} of sweep {sweep_name}: {best.metric} ({best.status}).\n"
-              f"# Run it: ftcluster train {sweep_dir / BEST_SPEC}\n")
+              f"# Run it: ftcluster train {BEST_SPEC} (this file; its run goes to {run_location})\n")
     path = sweep_dir / BEST_SPEC
     write_text_atomic(path, header + yaml.safe_dump(spec, sort_keys=False))
     return path

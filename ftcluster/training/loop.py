@@ -292,13 +292,13 @@ def train_step(setup: Setup, state: RunState) -> None:
             torch.distributed.all_reduce(targets)
     step_loss = torch.zeros((), device=device)
     for index, batch in enumerate(micro):
-        with stepper.micro_context(last=index == len(micro) - 1):
-            # DDP's forward broadcasts buffers and its backward all-reduces gradients: both wait on every peer.
-            with ctx.collective("forward and backward (gradient all-reduce)", number, timeout):
-                with setup.autocast():
-                    loss = objective.loss_sum(setup.forward_model, batch) / targets
-                # Workers' gradients are averaged; scale so the step sees the global sum / targets.
-                stepper.backward(loss * ctx.world_size)
+        # DDP's forward broadcasts buffers and its backward all-reduces gradients: both wait on every peer.
+        with (stepper.micro_context(last=index == len(micro) - 1),
+              ctx.collective("forward and backward (gradient all-reduce)", number, timeout)):
+            with setup.autocast():
+                loss = objective.loss_sum(setup.forward_model, batch) / targets
+            # Workers' gradients are averaged; scale so the step sees the global sum / targets.
+            stepper.backward(loss * ctx.world_size)
         step_loss += loss.detach() * ctx.world_size
     grad_norm = stepper.clip_gradients()
     with ctx.collective("divergence check", number, timeout):
