@@ -3,7 +3,9 @@ s3://, read back, exported, resumed on a machine that never saw it, and refused 
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 from conftest import train_losses
@@ -43,7 +45,8 @@ def test_storage_uris_are_told_from_paths():
     assert copy.is_relative_to(cache_root()) and copy.parts[-5:] == ("s3", "bucket", "a", "b", "run")
 
 
-def test_a_run_trained_into_s3_is_read_exported_and_loaded_from_there(store, node_cache, make_job, cli, tmp_path):
+def test_a_run_trained_into_s3_is_read_exported_and_loaded_from_there(store, node_cache, make_job, cli, tmp_path,
+                                                                      monkeypatch):
     job = make_job("stored", training={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 1},
                    eval={"before_after": True})
     run = store.uri("team", "stored")
@@ -68,6 +71,9 @@ def test_a_run_trained_into_s3_is_read_exported_and_loaded_from_there(store, nod
     assert reported.code == 0 and f"wrote {run}/report.html (open the copy here: " in reported.out, reported
     assert "<html>" in store.read("team/stored/report.html").decode()
     assert cli("eval", run).code == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("add 2 and 3\n"))
+    chatted = cli("chat", run, "--compare", "--max-new-tokens", "4")  # the stored run, talked to from here
+    assert chatted.code == 0 and "you> add 2 and 3" in chatted.out and "fine-tuned" in chatted.out, chatted
     node_cache()
     fetched = cli("fetch", run, "--out", tmp_path / "here")  # by its URI: no cluster involved
     assert fetched.code == 0, fetched

@@ -484,6 +484,61 @@ def eval_run(
         console.print(line)
 
 
+@app.command(epilog="Examples:\n\n  ftcluster chat runs/quickstart\n\n"
+             "  ftcluster chat runs/quickstart --compare   # the base model answers beside the fine-tuned one\n\n"
+             "  ftcluster chat s3://my-bucket/runs/quickstart --temperature 0.7 --max-new-tokens 64\n\n"
+             "  echo 'Extract: Emma moved to Lima.' | ftcluster chat runs/quickstart --single-turn   # scripted")
+def chat(
+    run: RunArg,
+    compare: Annotated[bool, typer.Option("--compare", help="Also answer with the base model (before fine-tuning), "
+                                          "side by side.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="The longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy, as evaluation generates; above 0: "
+                                               "sampling (with --top-p).")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature).")] = 1.0,
+    system: Annotated[str | None, typer.Option(help="A system prompt instead of the run's data.system_prompt "
+                                               "('' for none).")] = None,
+    single_turn: Annotated[bool, typer.Option("--single-turn", help="Every message starts a new conversation "
+                                              "(what single-turn training data taught).")] = False,
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Talk to a finished run's fine-tuned model (a folder or a storage URI), prompted exactly as it was
+    trained: its chat template and system prompt. Type a message and press Enter; /reset forgets the
+    conversation, /exit or Ctrl-D quits. Piped input is read a message per line."""
+    from ftcluster.results.chat import COMMANDS, ChatOptions, chat_loop, open_chat
+
+    options = ChatOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system,
+                          single_turn=single_turn, compare=compare)
+    with console.status(f"Loading {run} ..."):
+        chats = open_chat(run, options, device)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print(f"Chatting with {run} ({' and '.join(c.name for c in chats)}); {COMMANDS}.", highlight=False)
+
+    def messages():
+        while True:
+            try:
+                yield input("you> ") if interactive else next(sys.stdin)
+            except (EOFError, StopIteration):
+                return
+
+    for exchange in chat_loop(chats, messages(), lambda line: console.print(line, highlight=False)):
+        if not interactive:
+            console.print(f"you> {exchange.message}", markup=False, highlight=False, soft_wrap=True)
+        if len(exchange.answers) == 1:  # (markup off: a model's "[...]" is text, not a rich style)
+            console.print(f"{exchange.answers[0][0]}> {exchange.answers[0][1]}", markup=False, highlight=False,
+                          soft_wrap=True)
+            continue
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table()
+        for name, _ in exchange.answers:
+            table.add_column(name, overflow="fold")
+        table.add_row(*(Text(answer) for _, answer in exchange.answers))
+        console.print(table)
+
+
 @app.command(epilog="Examples:\n\n  ftcluster export runs/quickstart --out exported/adapter\n\n"
              "  ftcluster export runs/quickstart --merge --out exported/merged\n\n"
              "  ftcluster export s3://my-bucket/runs/quickstart --merge --out merged   # a run in object storage\n\n"
