@@ -216,13 +216,18 @@ def test_the_demo_reward_pays_the_answer_alone_and_not_the_answer_glued_to_other
 
 # --- real runs -----------------------------------------------------------------------------------------
 
-@pytest.fixture
-def prompts(tmp_path):
+def prompt_files(folder) -> dict[str, str]:
+    """The data section of a GRPO job: 40 training prompts and 8 held-out ones, written to `folder`."""
     words = ["apple", "river", "cloud", "stone", "music", "light", "green", "table", "dream", "ocean"]
     rows = [{"prompt": f"write {word}", "reference": word} for word in words * 4]
     held_out = [{"prompt": f"write {word}s", "reference": f"{word}s"} for word in words[:8]]
-    return {"train": str(write_jsonl(tmp_path / "prompts-train.jsonl", rows)),
-            "validation": str(write_jsonl(tmp_path / "prompts-val.jsonl", held_out)), "format": "prompts"}
+    return {"train": str(write_jsonl(folder / "prompts-train.jsonl", rows)),
+            "validation": str(write_jsonl(folder / "prompts-val.jsonl", held_out)), "format": "prompts"}
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return prompt_files(tmp_path)
 
 
 def grpo_job(make_job, name: str, prompts: dict, rewards: list[dict], grpo: dict | None = None, **sections):

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, read_metrics
 from kube_schema import KUBERAY, core_errors, load_documents, manifest_errors
+from test_grpo import grpo_job, prompt_files
 
+from ftcluster.cluster.kuberay import JOB_MOUNT
 from ftcluster.config.spec import build_spec, load_spec
 
 needs_crds = pytest.mark.skipif(not KUBERAY.is_dir(), reason=f"KubeRay CRD schemas not found at {KUBERAY}")
@@ -363,3 +368,64 @@ def test_the_wandb_secret_makes_runs_track(cli, tmp_path):
                  "--out", out)
     assert result.code == 0 and "W&B" not in result.err
     assert build_spec(yaml.safe_load(load_documents(out)[0]["data"]["job.yaml"])).tracking.wandb.project == "mine"
+
+
+def kubelet_mount(configmap: dict, pod: dict, mount: Path) -> None:
+    """What the kubelet does with the pod's `job` volume: each listed key written to its path under the
+    mount (a ConfigMap is flat; `items` rebuild folders), the manifest's JOB_MOUNT read as `mount`."""
+    volume = next(v["configMap"] for v in pod["volumes"] if v["name"] == "job")
+    values = {**configmap["data"], **{key: base64.b64decode(value) for key, value in configmap.get("binaryData", {}).items()}}
+    assert sorted(item["key"] for item in volume["items"]) == sorted(values)  # with items, every key is listed
+    for item in volume["items"]:
+        target, value = mount / item["path"], values[item["key"]]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(value, str):
+            target.write_text(value.replace(JOB_MOUNT, str(mount)))
+        else:
+            target.write_bytes(value)
+
+
+@needs_crds
+def test_a_local_reward_package_travels_in_the_configmap_and_imports_in_the_pods(cli, make_job, tmp_path, monkeypatch):
+    """A reward package of nested folders, rendered, mounted as the kubelet would, and the rendered entrypoint
+    run from another folder with the containers' PYTHONPATH: the reward imports from the mount alone."""
+    package = tmp_path / "project" / "k8s_rewards"
+    (package / "scoring").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "scoring" / "__init__.py").write_text("from .lengths import short\n")
+    (package / "scoring" / "lengths.py").write_text("def short(prompt, completion, reference):\n"
+                                                    "    return -len(completion) / 8\n")
+    (package / "scoring" / "table.bin").write_bytes(bytes(range(256)))  # not text: binaryData
+    monkeypatch.chdir(package.parent)
+    job = grpo_job(make_job, "k8s-reward", prompt_files(tmp_path), [{"function": "k8s_rewards.scoring:short"}],
+                   training={"max_steps": 2})
+    configmap, rayjob = render(cli, tmp_path, str(job), "--workers", "1", "--ephemeral-outputs", "--wandb-secret", "")
+    for document in (configmap, rayjob):
+        assert manifest_errors(document) == [], document["kind"]
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    head, worker = cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]
+    for pod in (head, worker):
+        assert {"name": "PYTHONPATH", "value": JOB_MOUNT} in pod["containers"][0]["env"]
+    mount = tmp_path / "mount"
+    kubelet_mount(configmap, head, mount)
+    assert sorted(p.relative_to(mount).as_posix() for p in (mount / "k8s_rewards").rglob("*") if p.is_file()) == [
+        "k8s_rewards/__init__.py", "k8s_rewards/scoring/__init__.py", "k8s_rewards/scoring/lengths.py",
+        "k8s_rewards/scoring/table.bin"]
+    assert (mount / "k8s_rewards" / "scoring" / "table.bin").read_bytes() == bytes(range(256))
+
+    command = rayjob["spec"]["entrypoint"].replace(JOB_MOUNT, str(mount)).split()
+    assert command[:2] == ["ftcluster", "train"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "FTCLUSTER_CODE_PATH"}
+    env["PYTHONPATH"] = str(mount)
+    done = subprocess.run([sys.executable, "-m", "ftcluster", *command[1:], "--no-ray"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r for r in read_metrics(tmp_path / "runs" / "k8s-reward") if "reward/short" in r]
+
+    (package / "scoring" / "big.txt").write_text("x" * 2**20)
+    refused = cli("render", "k8s", str(job), "--image", IMAGE, "--workers", "1", "--ephemeral-outputs")
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused
+    assert "code: your modules (k8s_rewards) and the job's files come to" in refused.err
+    assert "build the code into the image" in refused.err

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, read_metrics
 from storage_server import loopback_store
+from test_grpo import grpo_job, prompt_files
 
 from ftcluster.cluster.package import build_package
 from ftcluster.cluster.target import resolve_target
@@ -328,3 +329,87 @@ def test_the_shipped_local_cluster_config_submits_and_a_short_head_says_what_to_
                    "--cluster-config", config)
     assert accepted.code == 0, accepted
     assert cli("stop", accepted.out.strip().splitlines()[-1], "--address", on_cluster).code == 0
+
+
+# --- the user's own code the spec names travels with the job ------------------------------------------
+
+def write_module(path: Path, function: str = "x_share") -> Path:
+    """A reward module: how much of a completion is the letter x."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"def {function}(prompt, completion, reference):\n"
+                    "    return completion.count('x') / max(len(completion), 1)\n")
+    return path
+
+
+def test_a_reward_module_in_the_submitting_folder_runs_on_the_cluster(on_cluster, make_job, cli, tmp_path, monkeypatch):
+    """my_rewards.py beside the user travels in the job's working directory: the run imports it there (the
+    local file is deleted once submitted) and logs its reward."""
+    from ftcluster.cluster.jobs import job_logs, wait
+
+    module = write_module(tmp_path / "project" / "cluster_rewards.py")
+    monkeypatch.chdir(module.parent)
+    monkeypatch.delenv("FTCLUSTER_CODE_PATH", raising=False)  # no folder of this machine is named to the job
+    job = grpo_job(make_job, "own-reward", prompt_files(tmp_path), [{"function": "cluster_rewards:x_share"}],
+                   training={"max_steps": 2})
+    result = cli("submit", job, "--address", on_cluster)
+    assert result.code == 0, result
+    assert "code: cluster_rewards (cluster_rewards.py) shipped with the job" in result.out
+    module.unlink()
+    target = resolve_target(on_cluster, None)
+    job_id = result.out.strip().splitlines()[-1]
+    assert wait(target, job_id, 300) == "SUCCEEDED", job_logs(target, job_id)[-3000:]
+    logged = [record for record in read_metrics(tmp_path / "runs" / "own-reward") if "reward/x_share" in record]
+    assert len(logged) == 2
+
+
+def test_a_reward_module_not_here_is_refused_before_any_upload(on_cluster, make_job, cli, tmp_path, monkeypatch):
+    from ftcluster.cluster.jobs import list_jobs
+
+    monkeypatch.chdir(tmp_path)
+    rewards = [{"function": "ftcluster.rewards:exact_answer"}, {"function": "absent_rewards:f"}]
+    job = grpo_job(make_job, "absent-reward", prompt_files(tmp_path), rewards)
+    result = cli("submit", job, "--address", on_cluster)
+    assert result.code == 2 and result.err.count("\n") == 1 and "Traceback" not in result.err, result
+    assert ("method.grpo.rewards[1].function: module absent_rewards is not importable from here; run ftcluster from "
+            "the folder that holds absent_rewards.py") in result.err
+    assert not any(row["name"] == "absent-reward" for row in list_jobs(resolve_target(on_cluster, None)))
+
+
+def test_a_reward_package_travels_without_caches_secrets_or_links_out(make_job, tmp_path, monkeypatch):
+    """A package folder travels whole at the upload's root (no __pycache__ or dot-folders), counted against
+    the upload limit; installed modules are noted for the image; credentials-like files, links out of the
+    folder and a package named like the upload's own data/ are refused, naming the spec key."""
+    package = tmp_path / "project" / "team_rewards"
+    write_module(package / "scoring.py")
+    (package / "__init__.py").write_text("")
+    (package / "__pycache__" / "scoring.cpython-311.pyc").parent.mkdir()
+    (package / "__pycache__" / "scoring.cpython-311.pyc").write_bytes(b"\0")
+    (package / ".git").mkdir()
+    (package / ".git" / "config").write_text("[core]\n")
+    monkeypatch.chdir(package.parent)
+    rewards = [{"function": "team_rewards.scoring:x_share"}, {"function": "yaml:safe_load"},
+               {"function": "ftcluster.rewards:exact_answer"}, {"function": "math:fabs"}]
+    spec = load_spec(grpo_job(make_job, "pkg", prompt_files(tmp_path), rewards))
+    built = build_package(spec, tmp_path / "out", None, max_upload_mb=10)
+    names = sorted(p.relative_to(built.folder).as_posix() for p in built.folder.rglob("*") if p.is_file())
+    assert [name for name in names if name.startswith("team_rewards")] == ["team_rewards/__init__.py",
+                                                                           "team_rewards/scoring.py"]
+    assert any(note.startswith("method.grpo.rewards[1].function: yaml is installed here") for note in built.notes)
+    assert "code: team_rewards (2 files) shipped with the job" in " ".join(built.notes)
+
+    (package / "weights.txt").write_text("x" * 2**20)
+    with pytest.raises(FtError, match=r"over the 0.5 MB limit \(largest: weights.txt.*install big code in the"):
+        build_package(spec, tmp_path / "big", None, max_upload_mb=0.5)
+    (package / "weights.txt").unlink()
+    (package / "deploy.pem").write_text("-----BEGIN PRIVATE KEY-----")
+    with pytest.raises(FtError, match=r"method\.grpo\.rewards\[0\]\.function: .*deploy\.pem looks like a credentials"):
+        build_package(spec, tmp_path / "leak", None, max_upload_mb=10)
+    (package / "deploy.pem").unlink()
+    (tmp_path / "aws_keys").write_text("AKIA...")
+    (package / "keys.txt").symlink_to(tmp_path / "aws_keys")
+    with pytest.raises(FtError, match=r"keys\.txt is a link to .*aws_keys, outside .*team_rewards"):
+        build_package(spec, tmp_path / "link", None, max_upload_mb=10)
+    write_module(tmp_path / "project" / "data" / "__init__.py")
+    clash = load_spec(grpo_job(make_job, "clash", prompt_files(tmp_path), [{"function": "data:x_share"}]))
+    with pytest.raises(FtError, match=r"rewards\[0\]\.function: the package data/ has the name of the upload's own"):
+        build_package(clash, tmp_path / "clash", None, max_upload_mb=10)

@@ -5,7 +5,9 @@ The job spec (and small data files) travel in a ConfigMap mounted into every pod
 outputs belong on a shared volume (`--pvc`) or in run storage (`output.dir: s3://...`): a pod's own
 disk goes with the cluster, so a job that would write there is refused unless asked for. ftcluster
 and its dependencies come from the image (see k8s/Dockerfile), or from a remote `working_dir` URI;
-a local path would not exist in a pod.
+a local path would not exist in a pod. The user's own modules the spec names (a reward's
+my_rewards.py, a package folder) travel in the ConfigMap too: its keys are flat, so the volume's
+`items` rebuild their folders in the mount, which PYTHONPATH names in every container.
 
 Resources add up by construction: the head runs the driver, which reserves no CPU, and schedules no
 training (`num-gpus` 0; `num-cpus` 0, or for a sweep whose trials start worker groups the CPUs their
@@ -16,6 +18,7 @@ holds one Ray Train worker per GPU, and their CPUs split the pod's.
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
 import json
 import math
@@ -26,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from ftcluster.cluster.user_code import find_user_code
 from ftcluster.config.spec import JobSpec, WandbSpec, dump_spec
 from ftcluster.core.errors import FtError
 from ftcluster.core.locations import is_remote
@@ -187,17 +191,74 @@ def job_files(spec: JobSpec, options: K8sOptions, space: Path | None) -> dict[st
     return files
 
 
-def _env(options: K8sOptions) -> list[dict[str, Any]]:
+@dataclass
+class CodeFile:
+    """A file of the user's modules in the ConfigMap: `key` is flat, `path` (my_pkg/scoring.py) where
+    the pods see it under the mount."""
+
+    key: str
+    path: str
+    content: bytes
+
+
+def code_files(spec: JobSpec) -> list[CodeFile]:
+    """The files of the local modules the spec names (user_code), keyed by their place in the list
+    (code-3-scoring.py: keys are unique, paths are free)."""
+    shipped = [pair for module in find_user_code(spec).local for pair in module.files()]
+    return [CodeFile(f"code-{index}-{re.sub(r'[^-._a-zA-Z0-9]', '_', path.name)[:200]}", path.as_posix(),
+                     source.read_bytes()) for index, (source, path) in enumerate(shipped)]
+
+
+def configmap_content(files: dict[str, str], code: list[CodeFile]) -> dict[str, dict[str, str]]:
+    """The ConfigMap's `data` (text) and, for code files that are not UTF-8 text, `binaryData` (base64);
+    all of it within a ConfigMap's size."""
+    data, binary = dict(files), {}
+    for file in code:
+        try:
+            data[file.key] = file.content.decode()
+        except UnicodeDecodeError:
+            binary[file.key] = base64.b64encode(file.content).decode()
+    size = sum(len(value.encode()) for value in [*data.values(), *binary.values()])
+    if size > CONFIGMAP_LIMIT:
+        modules = sorted({file.path.split("/")[0] for file in code})
+        raise FtError(f"code: your modules ({', '.join(modules)}) and the job's files come to {size / 1024:.0f} KiB, "
+                      "too big for a ConfigMap (1 MiB); build the code into the image (pip install it in "
+                      "k8s/Dockerfile, and here, so it is not shipped)")
+    return {"data": data, **({"binaryData": binary} if binary else {})}
+
+
+@dataclass
+class JobVolume:
+    """The ConfigMap every pod mounts at JOB_MOUNT; with the user's code, the `items` that rebuild its
+    folders (every key must then be listed) and the mount on PYTHONPATH."""
+
+    configmap: str
+    items: list[dict[str, str]] | None = None
+
+    @classmethod
+    def of(cls, configmap: str, files: dict[str, str], code: list[CodeFile]) -> JobVolume:
+        if not code:
+            return cls(configmap)
+        return cls(configmap, [{"key": key, "path": key} for key in files] +
+                   [{"key": file.key, "path": file.path} for file in code])
+
+
+def _env(options: K8sOptions, volume: JobVolume) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": "RAY_TRAIN_ENABLE_PRINT_PATCH", "value": "0"}]
+    if volume.items is not None:  # the user's modules: importable by the entrypoint and every Ray worker
+        env.append({"name": "PYTHONPATH", "value": JOB_MOUNT})
     if options.wandb_secret:
         env.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": options.wandb_secret, "key": "api-key", "optional": True}}})
     return env
 
 
-def _volumes(options: K8sOptions, configmap: str) -> tuple[list[dict], list[dict]]:
+def _volumes(options: K8sOptions, volume: JobVolume) -> tuple[list[dict], list[dict]]:
+    configmap: dict[str, Any] = {"name": volume.configmap}
+    if volume.items is not None:
+        configmap["items"] = volume.items
     volumes: list[dict] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
-                           {"name": "job", "configMap": {"name": configmap}}]
+                           {"name": "job", "configMap": configmap}]
     mounts: list[dict] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "job", "mountPath": JOB_MOUNT, "readOnly": True}]
     if options.pvc:
         volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": options.pvc}})
@@ -205,7 +266,8 @@ def _volumes(options: K8sOptions, configmap: str) -> tuple[list[dict], list[dict
     return volumes, mounts
 
 
-def _container(name: str, options: K8sOptions, cpus: int, memory: str, gpus: int, mounts: list[dict]) -> dict:
+def _container(name: str, options: K8sOptions, cpus: int, memory: str, gpus: int, mounts: list[dict],
+               env: list[dict[str, Any]]) -> dict:
     resources: dict[str, Any] = {"cpu": str(cpus), "memory": memory}
     if gpus:
         resources[GPU_RESOURCE] = str(gpus)
@@ -214,7 +276,7 @@ def _container(name: str, options: K8sOptions, cpus: int, memory: str, gpus: int
         "image": options.image,
         "imagePullPolicy": "IfNotPresent",
         "resources": {"limits": dict(resources), "requests": dict(resources)},
-        "env": _env(options),
+        "env": env,
         "volumeMounts": mounts,
     }
     if options.storage_secret:  # the store's credentials, by reference: never in the manifest
@@ -225,13 +287,14 @@ def _container(name: str, options: K8sOptions, cpus: int, memory: str, gpus: int
     return container
 
 
-def cluster_spec(options: K8sOptions, configmap: str, head_cpus: int = 0) -> dict[str, Any]:
+def cluster_spec(options: K8sOptions, volume: JobVolume, head_cpus: int = 0) -> dict[str, Any]:
     """The RayCluster spec: a CPU head that runs no training (offering Ray `head_cpus`: a sweep's trial
     drivers), and one GPU (or CPU) worker group."""
-    volumes, mounts = _volumes(options, configmap)
-    head = _container("ray-head", options, options.head_cpus, options.head_memory, 0, mounts)
+    volumes, mounts = _volumes(options, volume)
+    env = _env(options, volume)
+    head = _container("ray-head", options, options.head_cpus, options.head_memory, 0, mounts, env)
     worker = _container("ray-worker", options, options.cpus_per_worker, options.memory_per_worker,
-                        options.gpus_per_worker, mounts)
+                        options.gpus_per_worker, mounts, env)
     worker_pod: dict[str, Any] = {"containers": [worker], "volumes": volumes}
     if options.node_selector:
         worker_pod["nodeSelector"] = dict(options.node_selector)
@@ -280,13 +343,13 @@ def render(spec: JobSpec, options: K8sOptions, space: Path | None = None, tune_a
     """The manifests: a ConfigMap with the job files, then a RayJob (or a RayCluster)."""
     name = options.name or re.sub(r"[^a-z0-9-]", "-", spec.name.lower()).strip("-")
     check_options(options, name)
-    files = job_files(cluster_job_spec(spec, options), options, space)
-    configmap_name = f"{name}-job"
-    configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(configmap_name, options, spec),
-                 "data": files}
+    files, code = job_files(cluster_job_spec(spec, options), options, space), code_files(spec)
+    volume = JobVolume.of(f"{name}-job", files, code)
+    configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(volume.configmap, options, spec),
+                 **configmap_content(files, code)}
     if cluster_only:
         cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _metadata(name, options, spec),
-                   "spec": cluster_spec(options, configmap_name)}
+                   "spec": cluster_spec(options, volume)}
         return [configmap, cluster]
     if space is not None:
         entrypoint = ["ftcluster", "tune", f"{JOB_MOUNT}/job.yaml", f"{JOB_MOUNT}/space.yaml", *(tune_args or [])]
@@ -308,8 +371,7 @@ def render(spec: JobSpec, options: K8sOptions, space: Path | None = None, tune_a
             "backoffLimit": options.backoff_limit,
             # The driver reserves nothing, so it runs on the head (which offers nothing) and every
             # worker CPU is left to the workers: one reserved CPU made 8-GPU pods unplaceable.
-            "rayClusterSpec": cluster_spec(options, configmap_name, trial_driver_cpus(cluster_job_spec(spec, options),
-                                                                                      space)),
+            "rayClusterSpec": cluster_spec(options, volume, trial_driver_cpus(cluster_job_spec(spec, options), space)),
         },
     }
     if options.active_deadline_s:

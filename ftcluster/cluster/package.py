@@ -1,6 +1,7 @@
-"""The folder `ftcluster submit` uploads: the job spec (data paths rewritten), its local data files
-and the tune space — built from exactly those files, so nothing else (``.git``, ``.venv``, keys)
-can travel with it.
+"""The folder `ftcluster submit` uploads: the job spec (data paths rewritten), its local data files,
+the tune space and the user's own modules the spec names (a reward's my_rewards.py, at the root: Ray
+puts the working directory on the Python path of the job and its workers) — built from exactly those
+files, so nothing else (``.git``, ``.venv``, keys) can travel with it.
 """
 
 from __future__ import annotations
@@ -8,21 +9,18 @@ from __future__ import annotations
 import hashlib
 import shutil
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 
+from ftcluster.cluster.user_code import LocalModule, find_user_code
 from ftcluster.config.spec import JobSpec, dump_spec
 from ftcluster.core.errors import FtError
-from ftcluster.core.locations import is_remote
+from ftcluster.core.locations import is_remote, looks_secret
 from ftcluster.data.sources import Source
 from ftcluster.models.load import ALIASES
 
 JOB_FILE = "job.yaml"
 SPACE_FILE = "space.yaml"
 DATA_DIR = "data"
-# Files that look like credentials are refused even when a spec names them as data.
-SECRET_PATTERNS = (".env", "*.env", ".netrc", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "credentials*",
-                   "*.p12", "auth_token", ".git-credentials")
 
 
 @dataclass
@@ -32,10 +30,6 @@ class Package:
     spec_sha256: str  # of the spec and every uploaded byte: names the exact job
     size_bytes: int
     notes: list[str]
-
-
-def looks_secret(path: Path) -> bool:
-    return any(fnmatch(path.name, pattern) for pattern in SECRET_PATTERNS)
 
 
 def _copy_data(location: str, target: Path, key: str) -> list[Path]:
@@ -63,11 +57,37 @@ def _copy_data(location: str, target: Path, key: str) -> list[Path]:
     return copies
 
 
+def _copy_code(module: LocalModule, folder: Path) -> str:
+    """Copy a local module to the package's root; what it is, for the user."""
+    if module.entry in (JOB_FILE, SPACE_FILE, DATA_DIR):
+        raise FtError(f"{module.key}: the package {module.entry}/ has the name of the upload's own {module.entry}/ "
+                      "folder; rename the package")
+    files = module.files()
+    for file, shipped in files:
+        (folder / shipped).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, folder / shipped)
+    return f"{module.name} ({module.entry})" if module.source.is_file() else f"{module.name} ({len(files)} files)"
+
+
+def _check_size(folder: Path, files: list[Path], max_upload_mb: float) -> int:
+    size = sum(p.stat().st_size for p in files)
+    if size > max_upload_mb * 2**20:
+        biggest = max(files, key=lambda p: p.stat().st_size)
+        fix = ("put the data on shared storage the cluster mounts (NFS, a PVC) and point data.train at it"
+               if biggest.relative_to(folder).parts[0] == DATA_DIR else
+               "install big code in the cluster's image (and here, so it is not shipped)")
+        raise FtError(f"upload: {size / 2**20:.1f} MB is over the {max_upload_mb:g} MB limit (largest: "
+                      f"{biggest.name}, {biggest.stat().st_size / 2**20:.1f} MB); {fix}, or raise --max-upload-mb")
+    return size
+
+
 def build_package(spec: JobSpec, folder: Path, space: Path | None, max_upload_mb: float) -> Package:
-    """Copy the spec's local data (and the space) into `folder`; refuse secrets and oversize uploads."""
+    """Copy the spec's local data, the space and the user's modules into `folder`; refuse secrets and
+    oversize uploads."""
+    code = find_user_code(spec)  # first: a module that cannot be found is refused before anything is copied
     folder.mkdir(parents=True, exist_ok=True)
     (folder / DATA_DIR).mkdir(exist_ok=True)
-    notes: list[str] = []
+    notes: list[str] = list(code.notes)
     data_update = {}
     sources = []
     for key in ("train", "validation"):
@@ -87,13 +107,12 @@ def build_package(spec: JobSpec, folder: Path, space: Path | None, max_upload_mb
     (folder / JOB_FILE).write_text(dump_spec(cluster_spec))
     if space is not None:
         shutil.copyfile(space, folder / SPACE_FILE)
+    shipped = [_copy_code(module, folder) for module in code.local]
+    if shipped:
+        notes.append(f"code: {', '.join(shipped)} shipped with the job (imported on the cluster from its working "
+                     "directory)")
     files = [p for p in folder.rglob("*") if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    if size > max_upload_mb * 2**20:
-        biggest = max(files, key=lambda p: p.stat().st_size)
-        raise FtError(f"upload: {size / 2**20:.1f} MB is over the {max_upload_mb:g} MB limit (largest: "
-                      f"{biggest.name}, {biggest.stat().st_size / 2**20:.1f} MB); put the data on shared storage the "
-                      "cluster mounts (NFS, a PVC) and point data.train at it, or raise --max-upload-mb")
+    size = _check_size(folder, files, max_upload_mb)
     digest = hashlib.sha256()
     for path in sorted(files):
         digest.update(path.relative_to(folder).as_posix().encode())

@@ -128,7 +128,7 @@ class RewardFunctionSpec(Section):
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="A Python function as module:function (imported, never evaluated from text), called as "
         "f(prompt, completion, reference) -> float for every completion. The module is found on the Python path or "
-        "in the folder ftcluster runs in. Built in: ftcluster.rewards:exact_answer, ftcluster.rewards:number_answer, "
+        "in the folder ftcluster runs in (submit and render k8s ship such a local module to the cluster). Built in: ftcluster.rewards:exact_answer, ftcluster.rewards:number_answer, "
         "ftcluster.rewards:answer_tags. Example: my_rewards:is_valid_json",
     )
     weight: float = Field(1.0, description="Its share of a completion's reward (rewards are summed with these weights).")

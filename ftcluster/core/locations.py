@@ -4,12 +4,21 @@ glob, or a path of this machine (for the spec's checks, which run before any dat
 from __future__ import annotations
 
 import glob
+from fnmatch import fnmatch
 from pathlib import Path
 
 from ftcluster.core.storage import is_uri
 
 HUB_PREFIX = "hf:"
 GLOB_CHARACTERS = frozenset("*?[")
+# Files that look like credentials: never uploaded, even when a spec names them as data or they lie in
+# a code folder that travels.
+SECRET_PATTERNS = (".env", "*.env", ".netrc", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "credentials*",
+                   "*.p12", "auth_token", ".git-credentials")
+
+
+def looks_secret(path: Path) -> bool:
+    return any(fnmatch(path.name, pattern) for pattern in SECRET_PATTERNS)
 
 
 def is_remote(location: str) -> bool:

@@ -31,11 +31,16 @@ REWARD_MODEL = "reward_model"  # the reward model's name among the sources
 CODE_PATH = "FTCLUSTER_CODE_PATH"
 
 
+def code_folders() -> list[str]:
+    """Where reward modules are looked for after the Python path: the current folder, then the folders
+    the launcher shared (FTCLUSTER_CODE_PATH)."""
+    return [os.getcwd(), *filter(None, os.environ.get(CODE_PATH, "").split(os.pathsep))]
+
+
 def load_reward_function(name: str) -> RewardFn:
-    """The function `module:function` names, imported from the Python path, the current folder or the
-    folders the launcher shared (FTCLUSTER_CODE_PATH)."""
+    """The function `module:function` names, imported from the Python path or the `code_folders`."""
     module_name, _, attribute = name.partition(":")
-    for folder in [os.getcwd(), *filter(None, os.environ.get(CODE_PATH, "").split(os.pathsep))]:
+    for folder in code_folders():
         if folder not in sys.path:
             sys.path.append(folder)
     try:
