@@ -12,8 +12,8 @@ and moments).
 
 Steps: the planner's figures for the 2-worker job and for the same job on one worker; the one-worker
 job on the cluster (refused by the capacity check, one line); the 2-worker job (a checkpoint at half
-of the steps, in the store), then `--resume --force` from the store's checkpoint to the end again: its
-losses must be the first launch's. Measured per worker:
+of the steps, in the store), rewound to that checkpoint, then `--resume` from it to the end again:
+its losses must be the first launch's. Measured per worker:
 peak RSS over each launch (VmHWM of every process in the node's cgroup, polled), the bytes of
 weights, gradients, master weights and optimizer states it holds at the end (summary.json's
 `workers`, counted from the tensors), the cap's OOM kills (must be 0).
@@ -198,6 +198,33 @@ def run_storage(kind: str, work: Path) -> Iterator[Any]:
         yield SharedFolder(work / "shared")
 
 
+def rewind(run: str, step: int) -> None:
+    """Make a stored run look as if it had stopped right after its checkpoint of `step`: later
+    checkpoints, the final weights and the summary go, and `latest` names that step, where `--resume`
+    then continues (a finished run's own last checkpoint is its end, with nothing left to train)."""
+    import shutil
+
+    from ftcluster.core.storage import RemoteFolder, is_uri
+    from ftcluster.runs.layout import CHECKPOINTS, LATEST, checkpoint_name
+
+    keep = checkpoint_name(step)
+    if is_uri(run):
+        remote = RemoteFolder(run)
+        for name in remote.names(CHECKPOINTS):
+            if name.startswith("step-") and name > keep:
+                remote.delete(CHECKPOINTS, name)
+        for name in ("final", "summary.json"):
+            remote.delete(name)
+        remote.write_text(keep + "\n", CHECKPOINTS, LATEST)
+        return
+    folder = Path(run)
+    for later in (p for p in (folder / CHECKPOINTS).glob("step-*") if p.name > keep):
+        shutil.rmtree(later)
+    shutil.rmtree(folder / "final", ignore_errors=True)
+    (folder / "summary.json").unlink(missing_ok=True)
+    (folder / CHECKPOINTS / LATEST).write_text(keep + "\n")
+
+
 def run(size: str, cap_gb: float, steps: int, work: Path, storage: str = "s3") -> dict[str, Any]:
     import ray
 
@@ -230,7 +257,8 @@ def run(size: str, cap_gb: float, steps: int, work: Path, storage: str = "s3") -
             refused = ftcluster("train", str(jobs[1]), "--address", nodes.cluster.address, timeout=300)
             first = launch(nodes, jobs[2])  # all the steps, a checkpoint at half of them
             first_losses = stored_losses(store, f"zero3-{size}-2w")
-            second = launch(nodes, jobs[2], "--resume", "--force")  # from the store's checkpoint, to the end
+            rewind(store.uri(f"zero3-{size}-2w"), max(1, steps // 2))
+            second = launch(nodes, jobs[2], "--resume")  # from the store's half-way checkpoint, to the end
             oom_kills = {ids[node]: cage.oom_kills() for node, cage in nodes.cages.items()}
         finally:
             nodes.shutdown()

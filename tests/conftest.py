@@ -115,6 +115,9 @@ class CliResult:
 def cli(capsys, monkeypatch):
     """Run the real `ftcluster` entry point in this process; returns exit code and output."""
     from ftcluster.cli.app import main
+    from ftcluster.launch.session import CHILD_ENV
+
+    monkeypatch.setenv(CHILD_ENV, "1")  # in this process, for capsys: no child in a session of its own
 
     def run(*args: str) -> CliResult:
         monkeypatch.setattr(sys, "argv", ["ftcluster", *map(str, args)])

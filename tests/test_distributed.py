@@ -182,9 +182,10 @@ def test_zero3_save_resume_export_round_trip(local_ray, make_job, cli, tmp_path)
     out = tmp_path / "runs" / "z3"
     whole = train_losses(out)
     assert (out / "checkpoints" / "step-0000002" / "deepspeed").is_dir()  # DeepSpeed's sharded form
-    for leftover in ("final", "summary.json"):
+    for leftover in ("final", "summary.json", "checkpoints/step-0000004"):  # as if it stopped after step 2
         target = out / leftover
         shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (out / "checkpoints" / "latest").write_text("step-0000002\n")
     summary = run_with_ray(load_spec(job), resume=True)
     assert summary["resumed_from_step"] == 2
     assert train_losses(out) == pytest.approx(whole, rel=1e-5)

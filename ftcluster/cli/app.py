@@ -82,6 +82,15 @@ def fields(section: Annotated[str | None, typer.Argument(help="Only keys under t
         console.print(f"    {escape(meaning)}", highlight=False)
 
 
+def exit_in_own_session_if_embedding_ray(without_embedded_ray: bool) -> None:
+    """A command that starts embedded Ray runs as a child in a session of its own (launch/session.py):
+    a signal to the whole process group then stops training at a step boundary, with a checkpoint."""
+    from ftcluster.launch.session import needs_own_session, rerun_in_own_session
+
+    if not without_embedded_ray and needs_own_session():
+        sys.exit(rerun_in_own_session())
+
+
 @app.command(epilog="Examples:\n\n  ftcluster train jobs/quickstart.yaml\n\n"
              "  ftcluster train jobs/quickstart.yaml training.max_steps=20 output.dir=runs/try\n\n"
              "  ftcluster train jobs/quickstart.yaml --resume\n\n"
@@ -116,6 +125,7 @@ def train(
 
     if no_ray and spec.scaling.num_workers > 1:
         raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
+    exit_in_own_session_if_embedding_ray(no_ray or address is not None)
     with run_lock(spec):  # one train per output.dir: another one is refused in one line
         out = check_output(spec, resume, force)
         changed = check_resume_spec(spec) if resume else None  # a change the checkpoint cannot take is refused
@@ -177,6 +187,7 @@ def tune(
     from ftcluster.sweep.driver import SweepOptions, load_sweep, prepare_sweep, run_sweep
     from ftcluster.track.tables import leaderboard_table
 
+    exit_in_own_session_if_embedding_ray(address is not None)
     if resume is not None:
         if job is not None or space is not None:
             raise FtError("--resume DIR continues a sweep with its recorded job and space; drop JOB and SPACE")

@@ -43,6 +43,9 @@ class WorkerContext:
     # Whether a node of the worker group has a preemption notice (Ray's drain of a spot node, with a
     # deadline): every worker asks at every step boundary, and gets the same answer.
     preemption_notice: Callable[[], bool] = field(default=lambda: False)
+    # The signal the launcher asked this worker group to stop for (0: none): its driver's own Ctrl+C or SIGTERM
+    # (launch/group_stop.py). Asked at every step boundary; fresh=True asks again instead of a recent answer.
+    stop_request: Callable[..., int] = field(default=lambda fresh=False: 0)
     # Online RL's sampler when the launcher runs it elsewhere (Ray rollout actors); None: this worker samples.
     sampler: Any = None
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,17 +21,18 @@ from typing import Any
 
 from ftcluster.config.spec import JobSpec
 from ftcluster.core.errors import FtError, io_error_line, storage_errno
-from ftcluster.core.interrupts import STOP, Interrupted
+from ftcluster.core.interrupts import STOP, Interrupted, signal_of
 from ftcluster.core.locations import is_remote
 from ftcluster.core.quiet import RAY_PROCESS_SETUP_HOOK, quiet_libraries, quiet_ray_train_worker
 from ftcluster.core.storage import forwarded_settings
 from ftcluster.core.worker import WorkerContext
+from ftcluster.launch.group_stop import GroupStopPoll, forget_group_stop, request_group_stop
 from ftcluster.launch.worker_deaths import worker_death
 from ftcluster.models.load import ALIASES
 from ftcluster.objectives.grpo.rewards import share_reward_code
 from ftcluster.planning.capacity import worker_resources
 from ftcluster.runs.checkpoints import drop_frozen_copies, frozen_copy, restore_checkpoint
-from ftcluster.runs.layout import CHECKPOINTS, SUMMARY
+from ftcluster.runs.layout import CHECKPOINTS, SUMMARY, checkpoint_step, latest_checkpoint
 from ftcluster.runs.mirror import pull_checkpoint, remote_summary
 from ftcluster.runs.paths import RunPaths
 from ftcluster.training.loop import train
@@ -129,6 +131,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray_context(RunPaths.of(spec).local / CHECKPOINTS, checkpoints_to_ray=RunPaths.of(spec).uri is None)
     ctx.launch = config["launch"]
+    ctx.stop_request = GroupStopPoll(ctx.launch)
     if RunPaths.of(spec).uri:
         ctx.restored = pull_checkpoint(spec, ctx, config["resume"], ctx.launch)
     verbose = config.get("verbose", True)
@@ -139,6 +142,11 @@ def _ray_worker(config: dict[str, Any]) -> None:
         ctx.sampler, owned = start_rollout_actors(spec, ctx, say=print if verbose else lambda *_: None)
     try:
         train(spec, ctx, resume=config["resume"], verbose=verbose)
+    except Interrupted as stop:
+        if stop.signum != ctx.stop_request(fresh=True):
+            raise
+        # The driver asked (its own Ctrl+C or SIGTERM): the checkpoint is saved and reported. Ending without an
+        # error keeps Ray from restarting the group (training.max_failures); the driver reports the interrupt.
     finally:
         if owned:
             from ftcluster.launch.rollout_actors import end_rollout_actors
@@ -342,36 +350,72 @@ def prune_ray_storage(spec: JobSpec, keep: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def fit_interruptibly(trainer) -> None:
+def fit_interruptibly(trainer, checkpoints: Path) -> None:
     """``trainer.fit()``, ended by Ctrl+C or SIGTERM with ftcluster's one-line handling.
 
     In the main thread Ray Train installs its own SIGINT handler (it aborts the run and exits 1);
-    running fit in a helper thread keeps ours. On a signal, every Ray process this driver started
-    (or its run on a cluster) is shut down before `Interrupted` reaches the CLI.
+    running fit in a helper thread keeps ours. A first signal asks the workers to save a checkpoint
+    at their next step boundary and stop (launch/group_stop.py), then raises `Interrupted` with it;
+    a second signal, or workers that do not stop within GROUP_STOP_GRACE_S, shut every Ray process
+    this driver started (or its run on a cluster) down at once.
     """
-    import ray
 
     if threading.current_thread() is not threading.main_thread():
         trainer.fit()  # a sweep trial: its Tune actor handles stopping
         return
-    outcome: dict[str, BaseException] = {}
+    outcome: dict[str, Any] = {}
+    # Waited on through an Event, not Thread.join: a signal interrupting join() (Python 3.11) can leave the
+    # thread marked as stopped while it still runs.
+    ended = threading.Event()
 
     def run() -> None:
         try:
-            trainer.fit()
+            outcome["result"] = trainer.fit()
         except BaseException as exc:  # handed to the main thread below
             outcome["error"] = exc
+        finally:
+            ended.set()
 
-    worker = threading.Thread(target=run, name="ray-train-fit", daemon=True)
-    worker.start()
+    threading.Thread(target=run, name="ray-train-fit", daemon=True).start()
+    launch = trainer.run_config.name
     try:
-        while worker.is_alive():
-            worker.join(0.2)
+        while not ended.wait(0.2):
+            pass
+    except KeyboardInterrupt as first:
+        stop_at_a_step_boundary(ended, launch, signal_of(first))
+        if "error" not in outcome and not outcome["result"].metrics.get("completed"):
+            raise stopped_run(signal_of(first), checkpoints) from None
+    finally:
+        forget_group_stop(launch)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+GROUP_STOP_GRACE_S = 600.0  # the longest wait for the workers to finish their step and save a checkpoint
+
+
+def stop_at_a_step_boundary(ended: threading.Event, launch: str, signum: int) -> None:
+    """Ask the workers to checkpoint and stop, and wait for them; a second signal (or the grace period
+    running out) shuts Ray down at once."""
+    import ray
+
+    print("stopping: the workers save a checkpoint at the next step boundary (a second signal stops at once)",
+          file=sys.stderr, flush=True)
+    request_group_stop(launch, signum)
+    try:
+        stopped = ended.wait(GROUP_STOP_GRACE_S)
     except KeyboardInterrupt:
         ray.shutdown()
         raise
-    if "error" in outcome:
-        raise outcome["error"]
+    if not stopped:
+        ray.shutdown()
+        raise Interrupted(signum)
+
+
+def stopped_run(signum: int, checkpoints: Path) -> Interrupted:
+    """The interrupt of a group that stopped as asked: its step and checkpoint (the latest one saved)."""
+    latest = latest_checkpoint(checkpoints)
+    return Interrupted(signum, checkpoint_step(latest) if latest else None, latest)
 
 
 @contextlib.contextmanager
@@ -420,7 +464,7 @@ def fit(trainer, spec: JobSpec) -> dict[str, Any]:
     """Run the trainer; a user error on a worker comes back as that one-line error."""
     try:
         with placement_deadline(spec):
-            fit_interruptibly(trainer)
+            fit_interruptibly(trainer, RunPaths.of(spec).checkpoints)
     except Exception as exc:
         interrupt = interrupt_in(exc)
         if interrupt is not None:

@@ -157,7 +157,8 @@ def advance(setup: Setup, state: RunState) -> bool:
         if setup.ctx.is_main:
             state.progress.message(f"step {step}: a node of this run is being preempted; checkpoint saved "
                                    f"({display_checkpoint(setup.spec, saved)}), training goes on until it goes")
-    STOP.raise_if_requested(step, lambda: checkpoint_to_stop(setup, state), lambda signum: group_signal(setup, step, signum))
+    STOP.raise_if_requested(step, lambda: checkpoint_to_stop(setup, state),
+                            lambda signum: group_signal(setup, step, signum or setup.ctx.stop_request()))
     if state.stop_reason != "completed":
         state.progress.message(f"Stopping at step {step}: {state.stop_reason}")
         return False
