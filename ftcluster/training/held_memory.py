@@ -46,7 +46,7 @@ def held_bytes(module: torch.nn.Module, optimizer) -> dict[str, int]:
     seen: set[int] = set()
     held = dict.fromkeys(ROLES, 0)
 
-    def count(role: str, tensors: Iterator[torch.Tensor]) -> None:
+    def count(role: str, tensors: Iterator[torch.Tensor | None]) -> None:
         for tensor in tensors:
             if tensor is None or tensor.device.type == "meta":
                 continue
