@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from memory_cage import MemoryCage, unavailable  # noqa: E402
 from ray_nodes import WORKER_RESOURCE, Nodes  # noqa: E402
+from run_rewind import rewind  # noqa: E402
 from storage_server import loopback_store  # noqa: E402
 
 GB = 1e9
@@ -196,33 +197,6 @@ def run_storage(kind: str, work: Path) -> Iterator[Any]:
             yield store
     else:
         yield SharedFolder(work / "shared")
-
-
-def rewind(run: str, step: int) -> None:
-    """Make a stored run look as if it had stopped right after its checkpoint of `step`: later
-    checkpoints, the final weights and the summary go, and `latest` names that step, where `--resume`
-    then continues (a finished run's own last checkpoint is its end, with nothing left to train)."""
-    import shutil
-
-    from ftcluster.core.storage import RemoteFolder, is_uri
-    from ftcluster.runs.layout import CHECKPOINTS, LATEST, checkpoint_name
-
-    keep = checkpoint_name(step)
-    if is_uri(run):
-        remote = RemoteFolder(run)
-        for name in remote.names(CHECKPOINTS):
-            if name.startswith("step-") and name > keep:
-                remote.delete(CHECKPOINTS, name)
-        for name in ("final", "summary.json"):
-            remote.delete(name)
-        remote.write_text(keep + "\n", CHECKPOINTS, LATEST)
-        return
-    folder = Path(run)
-    for later in (p for p in (folder / CHECKPOINTS).glob("step-*") if p.name > keep):
-        shutil.rmtree(later)
-    shutil.rmtree(folder / "final", ignore_errors=True)
-    (folder / "summary.json").unlink(missing_ok=True)
-    (folder / CHECKPOINTS / LATEST).write_text(keep + "\n")
 
 
 def run(size: str, cap_gb: float, steps: int, work: Path, storage: str = "s3") -> dict[str, Any]:

@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 from conftest import read_metrics, train_losses
+from run_rewind import rewind
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,6 @@ def test_stuck_peer_ends_the_attempt_with_rank_and_operation(local_ray, make_job
 def test_zero3_save_resume_export_round_trip(local_ray, make_job, cli, tmp_path):
     """ZeRO-3 sharded checkpoints: resume equals uninterrupted; a checkpoint consolidates into a
     plain transformers folder with the same logits as a run that stopped at that step."""
-    import shutil
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -182,10 +182,7 @@ def test_zero3_save_resume_export_round_trip(local_ray, make_job, cli, tmp_path)
     out = tmp_path / "runs" / "z3"
     whole = train_losses(out)
     assert (out / "checkpoints" / "step-0000002" / "deepspeed").is_dir()  # DeepSpeed's sharded form
-    for leftover in ("final", "summary.json", "checkpoints/step-0000004"):  # as if it stopped after step 2
-        target = out / leftover
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    (out / "checkpoints" / "latest").write_text("step-0000002\n")
+    rewind(str(out), 2)  # as if it had stopped after step 2's checkpoint
     summary = run_with_ray(load_spec(job), resume=True)
     assert summary["resumed_from_step"] == 2
     assert train_losses(out) == pytest.approx(whole, rel=1e-5)

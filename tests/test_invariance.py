@@ -1,11 +1,11 @@
 """Settings that must give the same training curve do: accumulation, and resume vs uninterrupted."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from conftest import read_metrics, train_losses
+from run_rewind import rewind
 from safetensors.torch import load_file
 
 
@@ -40,11 +40,7 @@ def test_resume_matches_uninterrupted_run(method, make_job, cli, tmp_path):
     final_weights = {p.name: load_file(str(p)) for p in (out / "final").rglob("*.safetensors")}
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000006"]
 
-    # Simulate a crash after step 3: drop everything the run wrote after its checkpoint.
-    for leftover in ("final", "summary.json", "eval_after.json", "checkpoints/step-0000006"):
-        target = out / leftover
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    (out / "checkpoints" / "latest").write_text("step-0000003\n")
+    rewind(str(out), 3)  # as if it had crashed after step 3's checkpoint
     result = run(cli, job, "--resume")
     assert "Resumed from" in result.out and "at step 3" in result.out
     resumed = read_metrics(out)

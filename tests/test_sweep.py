@@ -232,6 +232,28 @@ def test_budget_stops_launching_new_trials(sweep_job, cli, tmp_path):
     assert "Budget reached" in result.out
 
 
+def test_resume_loads_only_tune_state_this_machine_signed(sweep_job, cli, tmp_path, monkeypatch):
+    """Ray Tune's saved state is pickles (code runs as they load): `--resume` loads it only as this
+    machine's key signed it when the sweep ended, unless --trust-state."""
+    from test_reliability import one_line_error
+
+    monkeypatch.setenv("FTCLUSTER_STATE_KEY", str(tmp_path / "this-machine.key"))
+    job, space = sweep_job(training={"max_steps": 4})
+    out = tmp_path / "sweep"
+    assert cli("tune", job, space, "--trials", "1", "--concurrent", "1", "--scheduler", "none", "--out", out).code == 0
+    signed = json.loads((out / "tune-signature.json").read_text())["files"]
+    pickled = next((out / "tune").glob("*.pkl"))
+    assert pickled.name in signed
+    original = pickled.read_bytes()
+    pickled.write_bytes(original + b"\0")  # someone who can write to the sweep's folder
+    one_line_error(cli("tune", "--resume", out), "changed since the sweep signed it", pickled.name, "--trust-state")
+    pickled.write_bytes(original)
+    monkeypatch.setenv("FTCLUSTER_STATE_KEY", str(tmp_path / "another-machine.key"))
+    one_line_error(cli("tune", "--resume", out), "not made with this machine's key")
+    resumed = cli("tune", "--resume", out, "--trust-state")  # a finished sweep: its results, nothing rerun
+    assert resumed.code == 0 and "1 completed" in resumed.out, resumed
+
+
 @pytest.mark.slow
 def test_optuna_and_pbt_run(sweep_job, cli, tmp_path):
     job, space = sweep_job(training={"max_steps": 12, "log_every": 2, "checkpoint_every": 4})

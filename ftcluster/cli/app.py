@@ -181,6 +181,9 @@ def tune(
                                                show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
         "--address", envvar="RAY_ADDRESS", help="Ray cluster to run on; default: embedded local Ray on 127.0.0.1.")] = None,
+    trust_state: Annotated[bool, typer.Option(
+        "--trust-state", help="With --resume: load Ray Tune's saved state (pickles) even where this machine did not "
+                              "sign it (a sweep made elsewhere, or changed since).")] = False,
 ) -> None:
     """Run many fine-tunes of one job in parallel with Ray Tune; print the leaderboard; write best.yaml."""
     from ftcluster.config.spec import load_spec
@@ -206,7 +209,7 @@ def tune(
                   f"{sweep.options.concurrent} {'packs' if packs else 'trials'} at once, "
                   f"{sweep.options.searcher} search, scheduler {sweep.options.scheduler}, "
                   f"{sweep.metric} ({sweep.mode}) → {sweep.location}", soft_wrap=True, highlight=False)
-    outcome = run_sweep(sweep, resume=resume is not None, address=address)
+    outcome = run_sweep(sweep, resume=resume is not None, address=address, trust_state=trust_state)
     console.print(leaderboard_table(outcome.rows, sweep.metric, f"Sweep {sweep.setup.name}"))
     t = outcome.totals
     cost = f"${t['cost_usd']:.4f}" if t["cost_usd"] is not None else "n/a"

@@ -111,8 +111,8 @@ def locate(name: str) -> ModuleSpec | None:
 
 def module_places(found: ModuleSpec) -> list[Path]:
     """A package's folders (several for a namespace package), a module's one file, or none (built in)."""
-    if found.submodule_search_locations is not None:
-        return [Path(place) for place in found.submodule_search_locations]
+    if found.submodule_search_locations is not None:  # (the same folder may be on the path more than once)
+        return list(dict.fromkeys(Path(place).resolve() for place in found.submodule_search_locations))
     return [Path(found.origin)] if found.has_location and found.origin else []
 
 

@@ -32,6 +32,7 @@ from ftcluster.sweep.pack_tuner import (
 )
 from ftcluster.sweep.searchers import SEARCHERS, BudgetLimiter, make_searcher
 from ftcluster.sweep.space import SearchSpace, parse_space
+from ftcluster.sweep.state_signature import SIGNATURE, check_state, sign_state
 from ftcluster.sweep.stored import (
     SWEEP_FILE,
     TUNE_DIR,
@@ -205,7 +206,7 @@ def _scheduler(sweep: Sweep):
     return None
 
 
-def _tuner(sweep: Sweep, resume: bool):
+def _tuner(sweep: Sweep, resume: bool, trust_state: bool = False):
     from ray import tune
 
     options, setup = sweep.options, sweep.setup
@@ -219,6 +220,8 @@ def _tuner(sweep: Sweep, resume: bool):
     if resume:
         if not tune.Tuner.can_restore(tune_dir):
             raise FtError(f"{sweep.location}: no Ray Tune state to resume from (the sweep never started); start it again")
+        if not trust_state:
+            check_state(tune_dir, read_signature(sweep))
         return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     param_space = None
     search_alg = None
@@ -248,8 +251,10 @@ def _tuner(sweep: Sweep, resume: bool):
     )
 
 
-def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> SweepOutcome:
-    """Run (or continue) the sweep to the end, or until interrupted; then write its results."""
+def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, trust_state: bool = False) -> SweepOutcome:
+    """Run (or continue) the sweep to the end, or until interrupted; then write its results.
+
+    trust_state: resume from Ray Tune's saved state even when this machine did not sign it (state_signature.py)."""
     from ftcluster.launch.launcher import init_ray
 
     # Trials report the metric only at evaluations; checkpoints and progress reports come without it.
@@ -259,8 +264,26 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         sweep_packs(sweep.setup, sweep.options, sweep.folder, sweep.trials)
     init_ray(address)
     check_sweep_reaches_every_node(sweep)
-    _tuner(sweep, resume).fit()
+    tuner = _tuner(sweep, resume, trust_state)
+    try:
+        tuner.fit()
+    finally:  # (interrupted too: what `--resume` will load is signed by this machine)
+        write_signature(sweep, sign_state(f"{sweep.location}/{TUNE_DIR}"))
     return finish_sweep(sweep, _interrupted(sweep))
+
+
+def read_signature(sweep: Sweep) -> str | None:
+    if sweep.remote is not None:
+        return sweep.remote.read_text(SIGNATURE)
+    path = Path(sweep.location) / SIGNATURE
+    return path.read_text() if path.is_file() else None
+
+
+def write_signature(sweep: Sweep, signature: str) -> None:
+    if sweep.remote is not None:
+        sweep.remote.write_text(signature, SIGNATURE)
+    else:
+        write_text_atomic(Path(sweep.location) / SIGNATURE, signature)
 
 
 def check_sweep_reaches_every_node(sweep: Sweep) -> None:

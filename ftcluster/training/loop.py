@@ -148,10 +148,13 @@ def advance(setup: Setup, state: RunState) -> bool:
         log_window(setup, state)
     if eval_every is not None and step % eval_every == 0 and not last:
         evaluate_during_training(setup, state)
-    if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
-        # The last step too (as HF's Trainer does): `--resume training.max_steps=MORE` continues from
-        # the end, and a failure in the final evaluation restarts there, with no step trained twice.
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
         checkpoint_and_report(setup, state)
+    elif cfg.checkpoint_every and last:
+        # The end too (as HF's Trainer does), so `--resume training.max_steps=MORE` trains on from it. Not
+        # reported: a sweep's scheduler would take it for a result at max_t and stop the trial before its
+        # final evaluation, which the final report carries.
+        checkpoint(setup, state)
     elif cfg.checkpoint_on_preempt and not last and preemption_notice_arrived(setup, state):
         saved = checkpoint_and_report(setup, state)  # just in time: a restart loses no step
         if setup.ctx.is_main:
