@@ -81,9 +81,8 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_stops_in_one_line(ma
     step = stopped_by_sigterm_in_one_line(process, out)
     [last] = [record for record in read_metrics(out) if record.get("step") == step and "train_loss" in record]
     assert last["time"] - signalled_at < 5.0  # a step boundary soon after (workers ask once a second), not minutes on
-    more = {**training, "max_steps": step + 2}
     resumed = subprocess.run([sys.executable, "-m", "ftcluster.cli.app", "train", str(job), "--resume",
-                              f"training.max_steps={more['max_steps']}"], cwd=tmp_path, capture_output=True, text=True,
+                              f"training.max_steps={step + 2}"], cwd=tmp_path, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stdout and logged_steps(out) == step + 2

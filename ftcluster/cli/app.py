@@ -82,12 +82,12 @@ def fields(section: Annotated[str | None, typer.Argument(help="Only keys under t
         console.print(f"    {escape(meaning)}", highlight=False)
 
 
-def exit_in_own_session_if_embedding_ray(without_embedded_ray: bool) -> None:
+def exit_in_own_session_if(starts_embedded_ray: bool) -> None:
     """A command that starts embedded Ray runs as a child in a session of its own (launch/session.py):
     a signal to the whole process group then stops training at a step boundary, with a checkpoint."""
     from ftcluster.launch.session import needs_own_session, rerun_in_own_session
 
-    if not without_embedded_ray and needs_own_session():
+    if starts_embedded_ray and needs_own_session():
         sys.exit(rerun_in_own_session())
 
 
@@ -125,7 +125,7 @@ def train(
 
     if no_ray and spec.scaling.num_workers > 1:
         raise FtError("--no-ray runs one worker; set scaling.num_workers=1 or drop --no-ray")
-    exit_in_own_session_if_embedding_ray(no_ray or address is not None)
+    exit_in_own_session_if(starts_embedded_ray=not no_ray and address is None)
     with run_lock(spec):  # one train per output.dir: another one is refused in one line
         out = check_output(spec, resume, force)
         changed = check_resume_spec(spec) if resume else None  # a change the checkpoint cannot take is refused
@@ -152,7 +152,8 @@ def train(
              "  ftcluster tune jobs/classify-minilm.yaml tune_spaces/unfreeze.yaml --scheduler none\n\n"
              "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --out s3://bucket/sweeps/lora\n\n"
              "  ftcluster tune jobs/quickstart.yaml tune_spaces/lora.yaml --trials 8 --shared-base 8   # one base, 8 adapters\n\n"
-             "  ftcluster tune --resume runs/quickstart-sweep")
+             "  ftcluster tune --resume runs/quickstart-sweep\n\n"
+             "  ftcluster tune --resume s3://bucket/sweeps/lora --trust-state   # its state signed on another machine")
 def tune(
     job: Annotated[Path | None, typer.Argument(help="Job spec YAML every trial starts from.", show_default=False)] = None,
     space: Annotated[Path | None, typer.Argument(
@@ -190,7 +191,7 @@ def tune(
     from ftcluster.sweep.driver import SweepOptions, load_sweep, prepare_sweep, run_sweep
     from ftcluster.track.tables import leaderboard_table
 
-    exit_in_own_session_if_embedding_ray(address is not None)
+    exit_in_own_session_if(starts_embedded_ray=address is None)
     if resume is not None:
         if job is not None or space is not None:
             raise FtError("--resume DIR continues a sweep with its recorded job and space; drop JOB and SPACE")
