@@ -128,6 +128,46 @@ def test_an_interrupted_pack_resumes_every_trial_exactly(make_job, tmp_path):
         assert_close(losses(Path(trial.spec.output.dir)), losses(folder))
 
 
+def test_a_pbt_exploit_copies_one_trials_adapter_into_another(make_job, tmp_path):
+    """PBT's exploit inside a pack: at step 3 trial 0 continues from trial 2's checkpoint (its adapter, in
+    trial 2's rank, optimizer, schedule, random-number state) with a new learning rate. It then trains
+    exactly as a run of those values resumed from that checkpoint alone; the other trials are unchanged."""
+    from ftcluster.models.adapter_set import renamed_adapter
+    from ftcluster.runs.checkpoints import copy_checkpoint
+    from ftcluster.training.shared_base import Exploit
+
+    alone = run_separately(make_job, tmp_path, TRIALS[1:])
+    pack = pack_of(make_job, tmp_path)
+    explored = {**TRIALS[2], "lr": TRIALS[2]["lr"] * 0.8}
+    new_spec = trial_spec(make_job, tmp_path, "pack0", explored)  # trial 0's folder, trial 2's values explored
+    done = []
+
+    def exploits(running):
+        if done or {t.state.step for t in running} != {3}:
+            return []
+        done.append(latest_step(Path(pack[2].spec.output.dir)))
+        from ftcluster.runs.layout import latest_checkpoint
+
+        source = latest_checkpoint(Path(pack[2].spec.output.dir) / "checkpoints")
+        reference = trial_spec(make_job, tmp_path, "reference", explored)  # the same, alone
+        copy_checkpoint(source, Path(reference.output.dir) / "checkpoints", renamed_adapter("t2", "default"))
+        return [Exploit(pack[0], pack[2], new_spec, lambda: done.append("continued"))]
+
+    train_pack(pack, exploits=exploits)
+    assert done == [3, "continued"] and [t.outcome for t in pack] == [COMPLETED] * 4
+    assert pack[0].spec is new_spec
+    reference = trial_spec(make_job, tmp_path, "reference", explored)
+    train(reference, WorkerContext(), resume=True, verbose=False)
+    got = losses(Path(pack[0].spec.output.dir))
+    assert_close([entry for entry in got if entry[0] > 3], [e for e in losses(Path(reference.output.dir)) if e[0] > 3])
+    assert [entry for entry in got if entry[0] <= 3] != [entry for entry in losses(Path(pack[2].spec.output.dir))
+                                                        if entry[0] <= 3]  # (its own steps before the exploit)
+    for trial, folder in zip(pack[1:], alone):
+        assert_close(losses(Path(trial.spec.output.dir)), losses(folder))
+    adapter = json.loads((Path(pack[0].spec.output.dir) / "final" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == TRIALS[2]["rank"]
+
+
 def latest_step(folder: Path) -> int:
     return int((folder / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import read_metrics
 from test_sweep import SPACE, sweep_job  # noqa: F401  (the fixture)
 from test_tracking import wandb_inspect
 
@@ -67,10 +68,52 @@ def test_shared_base_sweep_packs_lora_trials_and_runs_full_ones_alone(sweep_job,
 
 def test_shared_base_refuses_what_it_cannot_do(sweep_job, cli, tmp_path):  # noqa: F811
     job, space = sweep_job(training={"checkpoint_every": 4})
-    result = cli("tune", job, space, "--shared-base", "4", "--scheduler", "pbt", "--out", tmp_path / "s")
-    assert result.code != 0 and "--shared-base: pbt copies checkpoints" in result.err
+    result = cli("tune", job, space, "--shared-base", "4", "--searcher", "grid", "--out", tmp_path / "s")
+    assert result.code != 0 and "--searcher grid needs at least one" in result.err
     result = cli("tune", job, space, "--shared-base", "0", "--out", tmp_path / "s")
     assert result.code != 0 and "--shared-base: must be at least 1" in result.err
+
+
+def test_pbt_inside_a_pack_copies_the_best_adapters_into_the_worst(sweep_job, cli, tmp_path):  # noqa: F811
+    """`tune --scheduler pbt --shared-base 4`: at each checkpoint the pack's worst trial continues from its best
+    one's checkpoint (its adapter copied, rank included) with that trial's values explored; every exploit is
+    logged; the trial's folder, trial.json, W&B run and final adapter follow its new values."""
+    from safetensors.torch import load_file
+
+    job, space = sweep_job(tracking={"wandb": {"project": "ftcluster-test"}},
+                           training={"checkpoint_every": 4, "keep_checkpoints": 8})
+    out = tmp_path / "sweep"
+    result = cli("tune", job, space, "--trials", "4", "--shared-base", "4", "--scheduler", "pbt", "--out", out)
+    assert result.code == 0, result
+    (pack,) = json.loads((out / "packs.json").read_text())
+    (log,) = (out / "trials").glob("*.pbt.jsonl")  # <pack id>.pbt.jsonl; its members are <pack id>-<index>
+    values = {f"{log.name.split('.')[0]}-{index}": chosen for index, chosen in enumerate(pack["members"])}
+    exploits = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["step"] for e in exploits] == [4, 8, 12]  # 4 trials: the bottom quarter (one) copies the top one
+    for exploit in exploits:
+        donor, recipient = exploit["from"], exploit["member"]
+        assert donor != recipient and exploit["chosen"]["method.lora.rank"] == values[donor]["method.lora.rank"]
+        step = f"step-{exploit['step']:07d}"  # the recipient's checkpoint of the step is the donor's adapter
+        copied = load_file(str(out / "trials" / recipient / "checkpoints" / step / "model.safetensors"))
+        original = load_file(str(out / "trials" / donor / "checkpoints" / step / "model.safetensors"))
+        shared = json.loads((out / "trials" / donor / "shared_base.json").read_text())["adapter"]
+        mine = json.loads((out / "trials" / recipient / "shared_base.json").read_text())["adapter"]
+        assert {name.replace(f".{mine}.", f".{shared}."): tensor for name, tensor in copied.items()}.keys() == original.keys()
+        assert all((copied[name.replace(f".{shared}.", f".{mine}.")] == tensor).all() for name, tensor in original.items())
+        values[recipient] = exploit["chosen"]
+    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["status"] == "completed" and r["steps"] == 16 for r in rows)
+    for row in rows:
+        chosen = values[row["trial"]]
+        assert row["params"]["training.lr"] == pytest.approx(chosen["training.lr"])
+        assert row["params"]["method.lora.alpha"] == 2 * chosen["method.lora.rank"]
+        adapter = json.loads((out / "trials" / row["trial"] / "final" / "adapter" / "adapter_config.json").read_text())
+        assert adapter["r"] == chosen["method.lora.rank"]
+    recipient = out / "trials" / exploits[-1]["member"]
+    steps = [r["step"] for r in read_metrics(recipient) if "train_loss" in r]
+    assert steps == list(range(2, 17, 2))  # one history, continued across the exploits
+    run_dir = sorted((recipient / "wandb").glob("offline-run-*"))[-1]  # its W&B run resumed, completed
+    assert "after/val_loss" in json.dumps(json.loads(wandb_inspect(run_dir, "--summary", "--json")))
 
 
 def test_interrupted_shared_base_sweep_resumes_every_trial_exactly(sweep_job, tmp_path):  # noqa: F811

@@ -172,7 +172,8 @@ def tune(
     seed: Annotated[int, typer.Option(help="Seed of the searcher (same seed, same trials).")] = 0,
     shared_base: Annotated[int, typer.Option(
         help="Train up to N LoRA/DoRA/QLoRA trials in one process over one copy of the base model, an adapter each "
-             "(same losses as separate trials); trials that cannot share run alone. E.g. --shared-base 8.")] = 1,
+             "(same losses as separate trials); trials that cannot share run alone. ASHA and PBT rank a pack's "
+             "trials inside it (a PBT exploit copies one trial's adapter into another). E.g. --shared-base 8.")] = 1,
     out: Annotated[str | None, typer.Option(
         help="Sweep folder (default: runs/NAME-sweep): a path (on a cluster, a mount every node sees) or a storage "
              "URI such as s3://bucket/sweeps/lora, where every trial's run, Tune's state and the leaderboards land.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,16 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     if others:
         activate(model, others[0])  # (PEFT warns when the active adapter is deleted)
         model.delete_adapter(name)  # type: ignore[operator]
+
+
+def renamed_adapter(old: str, new: str) -> Callable[[str], str]:
+    """Parameter names of adapter ``old`` as adapter ``new``'s (PEFT puts the adapter's name in each of
+    its parameters' names: ...q_proj.lora_A.<name>.weight)."""
+
+    def rename(parameter: str) -> str:
+        return ".".join(new if part == old else part for part in parameter.split("."))
+
+    return rename
 
 
 def save_weights(model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

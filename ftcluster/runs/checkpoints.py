@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,28 @@ def drop_frozen_copies(root: Path) -> None:
     """Remove copies that a reader of an earlier worker group (now gone) left behind."""
     for copy in root.glob(f"{UPLOAD_PREFIX}*"):
         shutil.rmtree(copy, ignore_errors=True)
+
+
+def copy_checkpoint(source: Path, root: Path, rename: Callable[[str], str]) -> Path:
+    """A copy of a one-worker checkpoint as ``root``'s newest, its weights renamed (replacing ``root``'s own
+    checkpoint of that step): a PBT exploit inside a shared-base pack, which copies one trial's adapter into
+    another's name (models/adapter_set.renamed_adapter). Written as `save_checkpoint` writes, atomically."""
+    meta = json.loads((source / TRAINER_STATE).read_text())
+    final = root / checkpoint_name(meta["step"])
+    staging = root / f".tmp-{final.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    weights = load_file(str(source / "model.safetensors"))
+    save_file({rename(name): value for name, value in weights.items()}, str(staging / "model.safetensors"))
+    meta[CHECKSUMS] = digests(staging, sorted(meta[CHECKSUMS]))
+    (staging / TRAINER_STATE).write_text(json.dumps(meta))
+    fsync_tree(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    write_text_atomic(root / LATEST, final.name + "\n")
+    fsync_directory(root)
+    return final
 
 
 def load_checkpoint(

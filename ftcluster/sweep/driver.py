@@ -27,9 +27,11 @@ from ftcluster.sweep.pack_tuner import (
     asha_settings,
     pack_space,
     pack_trainable,
+    pbt_settings,
     shared_base_problems,
     sweep_packs,
 )
+from ftcluster.sweep.pbt import pbt_mutations
 from ftcluster.sweep.searchers import SEARCHERS, BudgetLimiter, make_searcher
 from ftcluster.sweep.space import SearchSpace, parse_space
 from ftcluster.sweep.state_signature import SIGNATURE, check_state, sign_state
@@ -198,8 +200,7 @@ def _scheduler(sweep: Sweep):
         return ASHAScheduler(time_attr="step", max_t=asha.max_t, grace_period=asha.grace_period,
                              reduction_factor=asha.reduction_factor)
     if options.scheduler == "pbt":
-        mutations = {p.path: (p.args if p.kind == "grid" else p.domain()) for p in sweep.setup.space.params
-                     if p.kind != "expr"}
+        mutations = pbt_mutations(sweep.setup.space)
         assert spec.training.checkpoint_every, "check_options requires training.checkpoint_every for pbt"
         return PopulationBasedTraining(time_attr="step", perturbation_interval=spec.training.checkpoint_every,
                                        hyperparam_mutations=mutations)
@@ -213,7 +214,8 @@ def _tuner(sweep: Sweep, resume: bool, trust_state: bool = False):
     packs = sweep_packs(setup, options, sweep.folder, sweep.trials) if options.shared_base > 1 else None
     if packs is not None:
         asha = asha_settings(options, sweep.base_spec) if options.scheduler == "asha" else None
-        trainable = pack_trainable(setup, packs, asha)
+        pbt = pbt_settings(options, sweep.base_spec, setup.space) if options.scheduler == "pbt" else None
+        trainable = pack_trainable(setup, packs, asha, pbt)
     else:
         trainable = tune.with_resources(trial_trainable(setup), setup.resources)
     tune_dir = f"{sweep.location}/{TUNE_DIR}"

@@ -6,8 +6,10 @@ trial.json, metrics.jsonl, checkpoints (its adapter, optimizer and RNG state; tr
 shared base), final/ adapter, W&B run, leaderboard row, and it can be best.yaml. Tune's scheduler
 sees the pack, not the members: ASHA ranks the members with Ray's own `ASHAScheduler`, fed the
 members' reports inside the pack (members of other packs are not compared), and a member it stops
-leaves the pack while the others go on. A pack that cannot share (one ordinary trial) runs as
-`sweep/trial.run_trial` does.
+leaves the pack while the others go on. PBT runs inside the pack too (`MemberPopulation`: Ray's
+synchronous rules over the members): a member in the bottom quantile at a perturbation step
+continues from a top member's checkpoint, its adapter a copy of that member's, with that member's
+values explored. A pack that cannot share (one ordinary trial) runs as `sweep/trial.run_trial` does.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,12 @@ from ftcluster.core.worker import WorkerContext
 from ftcluster.runs.layout import CHECKPOINTS, TRAINER_STATE, latest_checkpoint
 from ftcluster.runs.paths import RunPaths
 from ftcluster.sweep.packs import Pack
+from ftcluster.sweep.pbt import explore, quantile_size
 from ftcluster.sweep.trial import TRIAL_ENDED, TRIAL_INFO, SweepSetup, finished_report, run_trial, write_trial_info
-from ftcluster.training.shared_base import COMPLETED, STOPPED, PackTrial, train_pack
+from ftcluster.training.shared_base import COMPLETED, STOPPED, Exploit, PackTrial, step_of, train_pack
 
 RANKED = "ranked.jsonl"  # SWEEP/trials/<pack>.ranked.jsonl: what the pack's ASHA was fed, in order (for --resume)
+EXPLOITS = "pbt.jsonl"  # SWEEP/trials/<pack>.pbt.jsonl: the pack's PBT exploits, in order (for --resume)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,15 @@ class AshaSettings:
     max_t: int
     grace_period: int
     reduction_factor: float
+
+
+@dataclass(frozen=True)
+class PbtSettings:
+    metric: str
+    mode: str
+    interval: int  # perturbation steps: training.checkpoint_every, as for ordinary PBT trials
+    mutations: dict[str, Any]  # sweep/pbt.pbt_mutations: Tune domains or a grid's lists
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -83,27 +97,88 @@ class MemberRanking:
 
 @dataclass
 class Member:
-    """A pack member as the sweep sees it: its id, values, spec; its run in the pack (None once it is done)."""
+    """A pack member as the sweep sees it: its id, searched values (``chosen``) and all its values, its spec;
+    its run in the pack (None once it is done)."""
 
     member_id: str
+    chosen: dict[str, Any]
     values: dict[str, Any]
     spec: JobSpec
     run: PackTrial | None
 
 
-def run_pack(config: dict[str, Any], setup: SweepSetup, packs: list[Pack], asha: AshaSettings | None) -> None:
+class MemberPopulation:
+    """Ray Tune's synchronous PBT over a pack's members. After the round in which every running member
+    reached a perturbation step, each member of the bottom quantile (by its latest metric) continues from a
+    random top member's checkpoint of that step with the top member's values explored; each exploit is
+    logged, so a resumed pack trains every member with its latest values (`latest_values`)."""
+
+    def __init__(self, settings: PbtSettings, setup: SweepSetup, pack_id: str, members: list[Member], log: Path):
+        self.settings, self.setup, self.pack_id, self.log = settings, setup, pack_id, log
+        self.by_run = {id(m.run): m for m in members if m.run is not None}
+        self.scores: dict[str, tuple[int, float]] = {}  # member id: (step, its latest metric then)
+        self.last_round = 0
+
+    def record(self, member: Member, metrics: dict[str, Any]) -> None:
+        value = metrics.get(self.settings.metric)
+        if value is not None and "step" in metrics and math.isfinite(value):
+            self.scores[member.member_id] = (int(metrics["step"]), float(value))
+
+    def exploits(self, running: list[PackTrial]) -> list[Exploit]:
+        steps = {step_of(run) for run in running}
+        step = steps.pop() if len(steps) == 1 else 0
+        if not step or step % self.settings.interval or step <= self.last_round:
+            return []
+        members = [self.by_run[id(run)] for run in running]
+        if any(self.scores.get(m.member_id, (None,))[0] != step for m in members):
+            return []  # a member without its metric at this step (the next boundary decides)
+        self.last_round = step
+        sign = -1.0 if self.settings.mode == "min" else 1.0
+        ranked = sorted(members, key=lambda m: sign * self.scores[m.member_id][1])  # worst first
+        size = quantile_size(len(ranked))
+        rng = random.Random(f"{self.settings.seed}-{self.pack_id}-{step}")
+        return [self.exploit(recipient, rng.choice(ranked[-size:]), step, rng) for recipient in ranked[:size]]
+
+    def exploit(self, recipient: Member, donor: Member, step: int, rng: random.Random) -> Exploit:
+        chosen = explore(donor.chosen, self.settings.mutations, rng)
+        spec = self.setup.spec_for(recipient.member_id, chosen)
+
+        def done() -> None:  # after the copy: a resume then trains the member with its new values
+            recipient.chosen, recipient.spec = chosen, spec
+            recipient.values = self.setup.space.resolve(chosen, self.setup.base)
+            with self.log.open("a") as handle:
+                handle.write(json.dumps({"step": step, "member": recipient.member_id, "from": donor.member_id,
+                                         "chosen": chosen}, default=str) + "\n")
+            write_trial_info(spec, recipient.member_id, recipient.values, "running")
+
+        assert recipient.run is not None and donor.run is not None
+        return Exploit(recipient.run, donor.run, spec, done)
+
+
+def latest_values(log: Path, member_id: str, chosen: dict[str, Any], until: int | None) -> dict[str, Any]:
+    """A member's searched values after the exploits logged for it up to its resume step ``until``."""
+    if until is None or not log.is_file():
+        return chosen
+    for entry in map(json.loads, log.read_text().splitlines()):
+        if entry["member"] == member_id and entry["step"] <= until:
+            chosen = entry["chosen"]
+    return chosen
+
+
+def run_pack(config: dict[str, Any], setup: SweepSetup, packs: list[Pack], asha: AshaSettings | None,
+             pbt: PbtSettings | None = None) -> None:
     """The Tune function of a shared-base sweep: the pack ``config["pack"]`` names."""
     pack = packs[config["pack"]]
     if not pack.shared:
         return run_trial(pack.members[0], setup)
     TRIAL_ENDED.clear()
     try:
-        _run_pack(pack, setup, asha)
+        _run_pack(pack, setup, asha, pbt)
     finally:
         TRIAL_ENDED.set()
 
 
-def _run_pack(pack: Pack, setup: SweepSetup, asha: AshaSettings | None) -> None:
+def _run_pack(pack: Pack, setup: SweepSetup, asha: AshaSettings | None, pbt: PbtSettings | None) -> None:
     from ray import tune
 
     from ftcluster.core.quiet import quiet_libraries
@@ -112,17 +187,19 @@ def _run_pack(pack: Pack, setup: SweepSetup, asha: AshaSettings | None) -> None:
     for key, value in setup.settings.items():
         os.environ.setdefault(key, value)
     pack_id = tune.get_context().get_trial_id()
-    members = [pack_member(setup, pack_id, index, chosen) for index, chosen in enumerate(pack.members)]
-    log = RunPaths.of(members[0].spec).local.parent / f"{pack_id}.{RANKED}"
-    ranking = MemberRanking(asha, log) if asha is not None else None
+    trials_folder = RunPaths.of(setup.spec_for(pack_id, pack.members[0])).local.parent
+    exploits_log = trials_folder / f"{pack_id}.{EXPLOITS}"
+    members = [pack_member(setup, pack_id, index, chosen, exploits_log) for index, chosen in enumerate(pack.members)]
+    ranking = MemberRanking(asha, trials_folder / f"{pack_id}.{RANKED}") if asha is not None else None
     if ranking is not None:
         for member in members:
             ranking.add(member.member_id)
         ranking.replay({m.member_id: math.inf if m.run is None else resume_step(m.spec) or 0 for m in members})
     running = [m for m in members if m.run is not None]
+    population = MemberPopulation(pbt, setup, pack_id, running, exploits_log) if pbt is not None else None
     for member in running:
         assert member.run is not None
-        member.run.ctx = WorkerContext(report=member_reporter(member, ranking))
+        member.run.ctx = WorkerContext(report=member_reporter(member, ranking, population))
         write_trial_info(member.spec, member.member_id, member.values, "running")
         write_text_atomic(RunPaths.of(member.spec).local / SHARED_BASE, json.dumps(
             {"pack": pack_id, "adapter": member.run.adapter, "base": member.spec.model.path}, indent=1))
@@ -133,7 +210,8 @@ def _run_pack(pack: Pack, setup: SweepSetup, asha: AshaSettings | None) -> None:
         write_trial_info(member.spec, member.member_id, member.values, STOPPED if run.outcome == STOPPED else COMPLETED)
 
     try:
-        train_pack([m.run for m in running if m.run is not None], on_leave)
+        train_pack([m.run for m in running if m.run is not None], on_leave,
+                   population.exploits if population is not None else lambda members: [])
     except Exception as exc:
         for member in running:
             if member.run is not None and member.run.outcome not in (COMPLETED, STOPPED):
@@ -144,16 +222,18 @@ def _run_pack(pack: Pack, setup: SweepSetup, asha: AshaSettings | None) -> None:
 SHARED_BASE = "shared_base.json"  # in a member's folder: its pack, its adapter's name, the base it trained on
 
 
-def pack_member(setup: SweepSetup, pack_id: str, index: int, chosen: dict[str, Any]) -> Member:
-    """Member ``index`` of the pack: to train (from its checkpoint, if it has one), or done already."""
+def pack_member(setup: SweepSetup, pack_id: str, index: int, drawn: dict[str, Any], exploits_log: Path) -> Member:
+    """Member ``index`` of the pack: to train (from its checkpoint, if it has one, with the values PBT
+    gave it by then), or done already."""
     member_id = f"{pack_id}-{index}"
+    step = resume_step(setup.spec_for(member_id, drawn))  # (the folder is the member's whatever its values)
+    chosen = latest_values(exploits_log, member_id, drawn, step)
     spec = setup.spec_for(member_id, chosen)
     values = setup.space.resolve(chosen, setup.base)
     folder = RunPaths.of(spec).local
     if finished_report(folder, values) is not None or _status(folder) == STOPPED:
-        return Member(member_id, values, spec, None)
-    resume = resume_step(spec) is not None
-    return Member(member_id, values, spec, PackTrial(spec, WorkerContext(), f"t{index}", resume=resume))
+        return Member(member_id, chosen, values, spec, None)
+    return Member(member_id, chosen, values, spec, PackTrial(spec, WorkerContext(), f"t{index}", resume=step is not None))
 
 
 def _status(folder: Path) -> str | None:
@@ -171,13 +251,16 @@ def resume_step(spec: JobSpec) -> int | None:
     return int(json.loads((checkpoint / TRAINER_STATE).read_text())["step"])
 
 
-def member_reporter(member: Member, ranking: MemberRanking | None):
-    """A member's reports: ranked by the pack's ASHA (a stop takes it out of the pack), passed on to Tune."""
+def member_reporter(member: Member, ranking: MemberRanking | None, population: MemberPopulation | None):
+    """A member's reports: ranked by the pack's ASHA (a stop takes it out of the pack) or scored for its PBT,
+    passed on to Tune."""
     from ray import tune
 
     def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
         if ranking is not None and member.run is not None and ranking.should_stop(member.member_id, metrics):
             member.run.stop_requested = True
+        if population is not None:
+            population.record(member, metrics)
         tune.report({**metrics, "member": member.member_id})
 
     return report

@@ -17,9 +17,10 @@ from ftcluster.config.spec import JobSpec
 from ftcluster.core.errors import FtError
 from ftcluster.core.storage import is_uri
 from ftcluster.planning.shared_base import pack_problem
-from ftcluster.sweep.pack_trial import AshaSettings, run_pack
-from ftcluster.sweep.packs import Pack, draw_trials, make_packs, read_packs, write_packs
-from ftcluster.sweep.space import trial_spec
+from ftcluster.sweep.pack_trial import AshaSettings, PbtSettings, run_pack
+from ftcluster.sweep.packs import Pack, base_key, draw_trials, make_packs, read_packs, write_packs
+from ftcluster.sweep.pbt import pbt_mutations
+from ftcluster.sweep.space import SearchSpace, trial_spec
 from ftcluster.sweep.trial import SweepSetup, trial_trainable
 
 
@@ -43,9 +44,6 @@ def shared_base_problems(options: SweepOptions, location: str) -> list[str]:
     if options.shared_base < 1:
         return ["--shared-base: must be at least 1 (1: every trial alone)"]
     problems = []
-    if options.scheduler == "pbt":
-        problems.append("--shared-base: pbt copies checkpoints between Tune trials, and a pack's trials share one; "
-                        "use --scheduler asha or none")
     if options.searcher == "optuna":
         problems.append("--shared-base: a pack's trials are drawn before it starts; use --searcher random or grid")
     if options.max_gpu_hours is not None or options.max_cost_usd is not None:
@@ -65,6 +63,14 @@ def asha_settings(options: SweepOptions, spec: JobSpec) -> AshaSettings:
                         options.reduction_factor)
 
 
+def pbt_settings(options: SweepOptions, spec: JobSpec, space: SearchSpace) -> PbtSettings:
+    """PBT inside each pack: perturbations at checkpoints, as ordinary PBT; keys the members must share
+    (what shapes the base) never perturbed."""
+    assert spec.training.checkpoint_every, "check_options requires training.checkpoint_every for pbt"
+    return PbtSettings(spec.eval.metric, spec.eval.mode, spec.training.checkpoint_every,
+                       pbt_mutations(space, held=base_key(spec)), options.seed)
+
+
 def sweep_packs(setup: SweepSetup, options: SweepOptions, folder: Path, trials: int) -> list[Pack]:
     """The sweep's packs: recorded ones (a resumed sweep), else drawn now, with one line per group."""
     packs = read_packs(folder)
@@ -82,11 +88,11 @@ def sweep_packs(setup: SweepSetup, options: SweepOptions, folder: Path, trials: 
     return packs
 
 
-def pack_trainable(setup: SweepSetup, packs: list[Pack], asha: AshaSettings | None):
+def pack_trainable(setup: SweepSetup, packs: list[Pack], asha: AshaSettings | None, pbt: PbtSettings | None = None):
     """The Tune trainable of a shared-base sweep, with each pack's resources (one trial's)."""
     from ray import tune
 
-    trainable = trial_trainable(setup, run_pack, packs=packs, asha=asha)
+    trainable = trial_trainable(setup, run_pack, packs=packs, asha=asha, pbt=pbt)
     return tune.with_resources(trainable, functools.partial(pack_resources, setup, packs))
 
 

@@ -8,7 +8,11 @@ Each trial is an ordinary run of the loop (training/loop.py): its own `Setup` (d
 optimizer over its adapter only, schedule, batch size), `RunState`, folder, metrics, checkpoints
 and W&B run. The trials take turns one step at a time; during a trial's turn only its adapter is
 active and the process's random-number state is its own (its dropout masks), so each computes
-what it would alone. The turn's wall time counts as the trial's training time.
+what it would alone. The turn's wall time counts as the trial's training time. A round gives a
+turn to the trials furthest behind, so trials resumed from checkpoints a step apart line up.
+
+Population based training inside a pack (`exploits`): after a round, a trial may continue from
+another's checkpoint of the same step with new values, its adapter replaced by a copy of the other's.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Any
 from ftcluster.config.spec import JobSpec
 from ftcluster.core.interrupts import STOP, Interrupted
 from ftcluster.core.worker import WorkerContext
-from ftcluster.models.adapter_set import activate, add_adapter_like, remove_adapter
-from ftcluster.runs.checkpoints import restore_rng, rng_state
+from ftcluster.models.adapter_set import activate, add_adapter_like, remove_adapter, renamed_adapter
+from ftcluster.runs.checkpoints import copy_checkpoint, restore_rng, rng_state
+from ftcluster.runs.layout import latest_checkpoint
 from ftcluster.training.loop import (
     RunState,
     advance,
@@ -91,8 +96,21 @@ def turn(trial: PackTrial) -> Iterator[None]:
         trial.paused_at = time.perf_counter()
 
 
-def train_pack(trials: list[PackTrial], on_leave: Callable[[PackTrial], None] = lambda trial: None) -> None:
-    """Train every trial to its end (or until its scheduler stops it); ``on_leave`` as each one leaves."""
+@dataclass(frozen=True)
+class Exploit:
+    """PBT's exploit inside a pack: ``recipient`` continues from ``donor``'s latest checkpoint as ``spec``
+    (the donor's values, explored)."""
+
+    recipient: PackTrial
+    donor: PackTrial
+    spec: JobSpec
+    done: Callable[[], None] = lambda: None  # called once the recipient continues from the copy
+
+
+def train_pack(trials: list[PackTrial], on_leave: Callable[[PackTrial], None] = lambda trial: None,
+               exploits: Callable[[list[PackTrial]], list[Exploit]] = lambda running: []) -> None:
+    """Train every trial to its end (or until its scheduler stops it); ``on_leave`` as each one leaves;
+    after each round, the ``exploits`` a population based scheduler asks for, given the running trials."""
     shared = SharedBase()
     for trial in trials:
         trial.setup = build_setup(trial.spec, trial.ctx, verbose=False, load=shared.loader(trial.adapter))
@@ -111,13 +129,45 @@ def train_pack(trials: list[PackTrial], on_leave: Callable[[PackTrial], None] = 
         with STOP.at_step_boundaries():  # a signal waits for the step in flight (one trial's)
             try:
                 while running := [trial for trial in trials if trial.outcome == RUNNING]:
-                    for trial in running:
+                    behind = min(step_of(trial) for trial in running)
+                    for trial in (trial for trial in running if step_of(trial) == behind):
                         take_turn(trial)
                         if trial.outcome != RUNNING:
                             leave(trial, on_leave)
+                    for exploit in exploits([trial for trial in trials if trial.outcome == RUNNING]):
+                        take_over(exploit, shared, open_trackers)
             except Interrupted:
                 checkpoint_the_others(trials)
                 raise
+
+
+def step_of(trial: PackTrial) -> int:
+    assert trial.state is not None
+    return trial.state.step
+
+
+def take_over(exploit: Exploit, shared: SharedBase, open_trackers: contextlib.ExitStack) -> None:
+    """The recipient's adapter, optimizer, schedule and random-number state become copies of the donor's
+    latest checkpoint (in the donor's adapter shape), with the exploit's values; its run goes on: the same
+    folder, metrics and W&B run (resumed), as Ray Tune's PBT restarts a trial from another's checkpoint."""
+    recipient, donor = exploit.recipient, exploit.donor
+    assert recipient.setup is not None and recipient.state is not None and donor.setup is not None
+    source = latest_checkpoint(donor.setup.paths.checkpoints)
+    assert source is not None, "a PBT exploit copies a checkpoint (sweeps with pbt require training.checkpoint_every)"
+    copy_checkpoint(source, recipient.setup.paths.checkpoints, renamed_adapter(donor.adapter, recipient.adapter))
+    recipient.state.tracker.end_early({"step": recipient.state.step, **recipient.state.latest_scores,
+                                       "stop_reason": f"pbt: continues from {donor.spec.name}"}, failed=False)
+    remove_adapter(shared.model, recipient.adapter)
+    recipient.spec = exploit.spec
+    recipient.setup = build_setup(exploit.spec, recipient.ctx, verbose=False, load=shared.loader(recipient.adapter))
+    recipient.state = start_run(recipient.setup, resume=True)  # (restores the donor's random-number state)
+    open_trackers.enter_context(tracker_ended_on_exit(recipient.state))
+    evaluate_base_model(recipient.setup, recipient.state)
+    recipient.setup.forward_model.train()
+    recipient.rng = rng_state()
+    recipient.paused_at = time.perf_counter()
+    recipient.state.window.restart_clock()
+    exploit.done()
 
 
 def checkpoint_the_others(trials: list[PackTrial]) -> None:
